@@ -1,0 +1,333 @@
+"""Typed view of a Baichuan-Audio `config.json` (reference-model.md §2.2).
+
+Every dimension and token id the stages use comes from here; nothing is a constant.
+Unknown fields are ignored (the real config carries training-only and vision blocks).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A config.json that cannot describe a Baichuan-Audio model."""
+
+
+def _req(d: dict, key: str, where: str) -> Any:
+    if key not in d:
+        raise ConfigError(f"config.json: field {where}.{key} is missing")
+    return d[key]
+
+
+@dataclass(frozen=True)
+class LLMConfig:
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    vocab_size: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 1_000_000.0
+    max_position_embeddings: int = 8192
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LLMConfig":
+        heads = _req(d, "num_attention_heads", "")
+        hidden = _req(d, "hidden_size", "")
+        return cls(
+            hidden_size=hidden,
+            intermediate_size=_req(d, "intermediate_size", ""),
+            num_hidden_layers=_req(d, "num_hidden_layers", ""),
+            num_attention_heads=heads,
+            num_key_value_heads=d.get("num_key_value_heads", heads),
+            head_dim=d.get("head_dim") or hidden // heads,
+            vocab_size=_req(d, "vocab_size", ""),
+            rms_norm_eps=d.get("rms_norm_eps", 1e-6),
+            rope_theta=d.get("rope_theta", 1_000_000.0),
+            max_position_embeddings=d.get("max_position_embeddings", 8192),
+        )
+
+
+@dataclass(frozen=True)
+class AudioTokenIds:
+    """The audio special-token ids of `audio_config` (§2.3); never Omni's."""
+
+    audio_start: int
+    audio_end: int
+    audio_pad: int
+    audio_delim: int
+    audiotext_start: int
+    audiotext_end: int
+    audiotext_pad: int
+    audiogen_start: int
+    audiogen_end: int
+
+    @classmethod
+    def from_audio_config(cls, a: dict) -> "AudioTokenIds":
+        names = [f.name for f in cls.__dataclass_fields__.values()]  # type: ignore[attr-defined]
+        return cls(**{n: _req(a, f"{n}_token_id", "audio_config") for n in names})
+
+
+@dataclass(frozen=True)
+class AudioConfig:
+    """`audio_config`: Whisper-style encoder, VQ bridge, RVQ, audio decoder, audio head."""
+
+    d_model: int
+    encoder_layers: int
+    encoder_attention_heads: int
+    encoder_ffn_dim: int
+    decoder_layers: int
+    decoder_attention_heads: int
+    decoder_ffn_dim: int
+    decoder_kernel_size: int
+    avg_pooler: int
+    num_mel_bins: int
+    n_fft: int
+    hop_length: int
+    sampling_rate: int
+    max_audio_seconds: int
+    split_overlap: float
+    audio_head_transformer_layers: int
+    codebook_sizes: tuple[int, ...]
+    kernel_size: int = 3
+    stride_size: int = 2
+    decoder_stride_size: int = 2
+
+    @property
+    def max_source_positions(self) -> int:
+        # encoder positional table rows: 30 s of 100 Hz mel after the stride-2 conv
+        return self.max_audio_seconds * self.sampling_rate // self.hop_length // self.stride_size
+
+    @property
+    def decoder_max_positions(self) -> int:
+        return self.max_audio_seconds * self.sampling_rate // self.hop_length
+
+    @property
+    def bridge_dim(self) -> int:
+        return self.d_model * self.avg_pooler
+
+    @property
+    def num_codebooks(self) -> int:
+        return len(self.codebook_sizes)
+
+    @classmethod
+    def from_dict(cls, a: dict) -> "AudioConfig":
+        vq = _req(a, "vq_config", "audio_config")
+        w = "audio_config"
+        return cls(
+            d_model=_req(a, "d_model", w),
+            encoder_layers=_req(a, "encoder_layers", w),
+            encoder_attention_heads=_req(a, "encoder_attention_heads", w),
+            encoder_ffn_dim=_req(a, "encoder_ffn_dim", w),
+            decoder_layers=_req(a, "decoder_layers", w),
+            decoder_attention_heads=_req(a, "decoder_attention_heads", w),
+            decoder_ffn_dim=_req(a, "decoder_ffn_dim", w),
+            decoder_kernel_size=_req(a, "decoder_kernel_size", w),
+            avg_pooler=_req(a, "avg_pooler", w),
+            num_mel_bins=_req(a, "num_mel_bins", w),
+            n_fft=_req(a, "n_fft", w),
+            hop_length=_req(a, "hop_length", w),
+            sampling_rate=_req(a, "sampling_rate", w),
+            max_audio_seconds=_req(a, "max_audio_seconds", w),
+            split_overlap=a.get("split_overlap", 0.0),
+            audio_head_transformer_layers=_req(a, "audio_head_transformer_layers", w),
+            codebook_sizes=tuple(_req(vq, "codebook_sizes", "audio_config.vq_config")),
+            kernel_size=a.get("kernel_size", 3),
+            stride_size=a.get("stride_size", 2),
+            decoder_stride_size=a.get("decoder_stride_size", 2),
+        )
+
+
+@dataclass(frozen=True)
+class CFMParams:
+    sigma_min: float = 1e-6
+    solver: str = "euler"
+    t_scheduler: str = "cosine"
+    inference_cfg_rate: float = 0.7
+
+
+@dataclass(frozen=True)
+class FlowConfig:
+    """`flow_matching_config`: Pre-Net + causal U-Net CFM estimator (§9)."""
+
+    prenet_in_dim: int
+    prenet_out_dim: int
+    prenet_d_model: int
+    prenet_attention_heads: int
+    prenet_ffn_dim: int
+    prenet_nlayers: int
+    prenet_max_source_positions: int
+    prenet_target_mel_length_scale_ratio: float
+    in_channels: int
+    spk_emb_dim: int
+    diffusion_steps: int
+    channels: tuple[int, ...]
+    attention_head_dim: int
+    n_blocks: int
+    num_mid_blocks: int
+    num_heads: int
+    sampling_rate: int
+    hop_length: int
+    cfm: CFMParams = field(default_factory=CFMParams)
+
+    @classmethod
+    def from_dict(cls, f: dict) -> "FlowConfig":
+        w = "flow_matching_config"
+        p = f.get("cfm_params", {})
+        return cls(
+            prenet_in_dim=_req(f, "prenet_in_dim", w),
+            prenet_out_dim=_req(f, "prenet_out_dim", w),
+            prenet_d_model=_req(f, "prenet_d_model", w),
+            prenet_attention_heads=_req(f, "prenet_attention_heads", w),
+            prenet_ffn_dim=_req(f, "prenet_ffn_dim", w),
+            prenet_nlayers=_req(f, "prenet_nlayers", w),
+            prenet_max_source_positions=f.get("prenet_max_source_positions", 5000),
+            prenet_target_mel_length_scale_ratio=f.get("prenet_target_mel_length_scale_ratio", 1.0),
+            in_channels=_req(f, "in_channels", w),
+            spk_emb_dim=f.get("spk_emb_dim", 0),
+            diffusion_steps=f.get("diffusion_steps", 10),
+            channels=tuple(_req(f, "channels", w)),
+            attention_head_dim=_req(f, "attention_head_dim", w),
+            n_blocks=_req(f, "n_blocks", w),
+            num_mid_blocks=_req(f, "num_mid_blocks", w),
+            num_heads=_req(f, "num_heads", w),
+            sampling_rate=f.get("sampling_rate", 24000),
+            hop_length=f.get("hop_length", 480),
+            cfm=CFMParams(
+                sigma_min=p.get("sigma_min", 1e-6),
+                solver=p.get("solver", "euler"),
+                t_scheduler=p.get("t_scheduler", "cosine"),
+                inference_cfg_rate=p.get("inference_cfg_rate", 0.7),
+            ),
+        )
+
+
+@dataclass(frozen=True)
+class LegacyVocoderConfig:
+    """`vocoder_config`: only the shapes of the unused dconv2/post_net weights depend on it."""
+
+    num_mel_bins: int
+    channels: tuple[int, ...]
+
+    @classmethod
+    def from_dict(cls, v: dict) -> "LegacyVocoderConfig":
+        return cls(
+            num_mel_bins=_req(v, "num_mel_bins", "vocoder_config"),
+            channels=tuple(_req(v, "channels", "vocoder_config")),
+        )
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    llm: LLMConfig
+    audio: AudioConfig
+    flow: FlowConfig
+    legacy_vocoder: LegacyVocoderConfig
+    audio_tokens: AudioTokenIds
+    raw: dict = field(repr=False, compare=False, default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        a = _req(d, "audio_config", "")
+        return cls(
+            llm=LLMConfig.from_dict(d),
+            audio=AudioConfig.from_dict(a),
+            flow=FlowConfig.from_dict(_req(d, "flow_matching_config", "")),
+            legacy_vocoder=LegacyVocoderConfig.from_dict(_req(d, "vocoder_config", "")),
+            audio_tokens=AudioTokenIds.from_audio_config(a),
+            raw=d,
+        )
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "ModelConfig":
+        p = Path(path)
+        if p.is_dir():
+            p = p / "config.json"
+        try:
+            d = json.loads(p.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"{p}: no config.json there") from None
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{p}: not valid JSON ({e})") from None
+        return cls.from_dict(d)
+
+
+@dataclass(frozen=True)
+class HiFTConfig:
+    """HiFT generator (CosyVoice2 24 kHz, §10.1). Defaults are the real vocoder's values;
+    a checkpoint may carry a `hift_config.json` with the constructor kwargs (fixture 05 layout)."""
+
+    in_channels: int = 80
+    base_channels: int = 512
+    nb_harmonics: int = 8
+    sampling_rate: int = 24000
+    nsf_alpha: float = 0.1
+    nsf_sigma: float = 0.003
+    nsf_voiced_threshold: float = 10.0
+    upsample_rates: tuple[int, ...] = (8, 5, 3)
+    upsample_kernel_sizes: tuple[int, ...] = (16, 11, 7)
+    istft_n_fft: int = 16
+    istft_hop_len: int = 4
+    resblock_kernel_sizes: tuple[int, ...] = (3, 7, 11)
+    resblock_dilation_sizes: tuple[tuple[int, ...], ...] = ((1, 3, 5), (1, 3, 5), (1, 3, 5))
+    source_resblock_kernel_sizes: tuple[int, ...] = (7, 7, 11)
+    source_resblock_dilation_sizes: tuple[tuple[int, ...], ...] = ((1, 3, 5), (1, 3, 5), (1, 3, 5))
+    lrelu_slope: float = 0.1
+    audio_limit: float = 0.99
+    f0_cond_channels: int = 512
+
+    @property
+    def hop_samples(self) -> int:
+        n = self.istft_hop_len
+        for r in self.upsample_rates:
+            n *= r
+        return n
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "HiFTConfig":
+        g = d.get("HiFTGenerator", d)
+        f0 = d.get("ConvRNNF0Predictor", {})
+        ist = g.get("istft_params", {})
+        kw: dict[str, Any] = {}
+        for name in ("in_channels", "base_channels", "nb_harmonics", "sampling_rate", "nsf_alpha",
+                     "nsf_sigma", "nsf_voiced_threshold", "lrelu_slope", "audio_limit"):
+            if name in g:
+                kw[name] = g[name]
+        for name in ("upsample_rates", "upsample_kernel_sizes", "resblock_kernel_sizes",
+                     "source_resblock_kernel_sizes"):
+            if name in g:
+                kw[name] = tuple(g[name])
+        for name in ("resblock_dilation_sizes", "source_resblock_dilation_sizes"):
+            if name in g:
+                kw[name] = tuple(tuple(x) for x in g[name])
+        if "n_fft" in ist:
+            kw["istft_n_fft"] = ist["n_fft"]
+        if "hop_len" in ist:
+            kw["istft_hop_len"] = ist["hop_len"]
+        if "cond_channels" in f0:
+            kw["f0_cond_channels"] = f0["cond_channels"]
+        return cls(**kw)
+
+    def to_dict(self) -> dict:
+        return {
+            "HiFTGenerator": {
+                "in_channels": self.in_channels, "base_channels": self.base_channels,
+                "nb_harmonics": self.nb_harmonics, "sampling_rate": self.sampling_rate,
+                "nsf_alpha": self.nsf_alpha, "nsf_sigma": self.nsf_sigma,
+                "nsf_voiced_threshold": self.nsf_voiced_threshold,
+                "upsample_rates": list(self.upsample_rates),
+                "upsample_kernel_sizes": list(self.upsample_kernel_sizes),
+                "istft_params": {"n_fft": self.istft_n_fft, "hop_len": self.istft_hop_len},
+                "resblock_kernel_sizes": list(self.resblock_kernel_sizes),
+                "resblock_dilation_sizes": [list(x) for x in self.resblock_dilation_sizes],
+                "source_resblock_kernel_sizes": list(self.source_resblock_kernel_sizes),
+                "source_resblock_dilation_sizes": [list(x) for x in self.source_resblock_dilation_sizes],
+                "lrelu_slope": self.lrelu_slope, "audio_limit": self.audio_limit,
+            },
+            "ConvRNNF0Predictor": {"num_class": 1, "in_channels": self.in_channels,
+                                   "cond_channels": self.f0_cond_channels},
+        }

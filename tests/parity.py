@@ -1,0 +1,73 @@
+"""Parity harness: golden tensors from the shared fixture root (see its README).
+
+The root comes from BAICHUAN_AUDIO_FIXTURES (default ../shared/fixtures beside the repo).
+Every module is built from the root's model_config.json; tolerances come from its
+tolerances.json (the replay differences of the reference on other CPU kernels), with a
+floor per dtype so a self-consistent root does not demand bit-exactness.
+"""
+from __future__ import annotations
+
+import json
+import os
+from functools import cached_property
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from services.common.model_config import HiFTConfig, ModelConfig
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_ROOT = REPO.parent / "shared" / "fixtures"
+
+# Floors (README "Suggested acceptance"): fp32 ~1e-5, front-end log-mel 1e-4, bf16 a few ulps.
+FLOOR = {"fp32": 1e-5, "frontend": 1e-4, "bf16": 0.08}
+# Margin over the largest replay difference seen on other kernels.
+MARGIN = 2.0
+
+
+def fixture_root() -> Path:
+    return Path(os.environ.get("BAICHUAN_AUDIO_FIXTURES", str(DEFAULT_ROOT)))
+
+
+class Fixtures:
+    def __init__(self, root: Path):
+        self.root = root
+
+    @cached_property
+    def model_config(self) -> ModelConfig:
+        return ModelConfig.from_file(self.root / "model_config.json")
+
+    @cached_property
+    def hift_config(self) -> HiFTConfig:
+        return HiFTConfig.from_dict(json.loads((self.root / "05_vocoder" / "config.json").read_text()))
+
+    @cached_property
+    def tolerances(self) -> dict:
+        return json.loads((self.root / "tolerances.json").read_text())["replay"]
+
+    @cached_property
+    def readme(self) -> str:
+        return (self.root / "README.md").read_text()
+
+    def has(self, fixture: str) -> bool:
+        return (self.root / fixture).is_dir()
+
+    def load(self, fixture: str, name: str) -> dict[str, torch.Tensor]:
+        return load_file(str(self.root / fixture / name))
+
+    def json(self, fixture: str, name: str) -> dict:
+        return json.loads((self.root / fixture / name).read_text())
+
+    def tol(self, check: str, kind: str) -> float:
+        """Tolerance for a check named as in tolerances.json (e.g. '02/bf16/encoder_out').
+
+        kind: 'fp32', 'bf16' or 'frontend'. Unknown checks get the floor."""
+        seen = [float(v[check]) for v in self.tolerances.values() if check in v]
+        return max([FLOOR[kind]] + [MARGIN * s for s in seen])
+
+    def assert_close(self, actual: torch.Tensor, expected: torch.Tensor, check: str, kind: str) -> None:
+        assert actual.shape == expected.shape, f"{check}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+        diff = (actual.float() - expected.float()).abs().max().item() if actual.numel() else 0.0
+        tol = self.tol(check, kind)
+        assert diff <= tol, f"{check}: max |diff| {diff:.3g} > tolerance {tol:.3g}"
