@@ -1,0 +1,111 @@
+"""`baichuan-audio`: the command-line entry point.
+
+Subcommands import their dependencies lazily so that `--help` is instant and the
+benchmarks run on machines that have only torch (no Ray, Redis or gRPC)."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _cmd_make_tiny_checkpoint(args: argparse.Namespace) -> int:
+    from services.common.checkpoint import Checkpoint
+    from services.common.tiny_checkpoint import write_tiny_checkpoint
+
+    out = write_tiny_checkpoint(args.dir, seed=args.seed)
+    ckpt = Checkpoint(out)
+    shards = sorted(set(ckpt.weight_map.values()))
+    print(f"wrote tiny checkpoint to {out}: {len(ckpt.weight_map)} tensors in {len(shards)} shards, "
+          f"tokenizer, generation_config.json, {ckpt.hift_path().name}")
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from orchestrator.bench import run_bench
+
+    return run_bench(args)
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from orchestrator.serve import serve_main
+
+    return serve_main(args)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from orchestrator.demo import demo_main
+
+    return demo_main(args)
+
+
+def _cmd_client(args: argparse.Namespace) -> int:
+    from orchestrator.client_cli import client_main
+
+    return client_main(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="baichuan-audio", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("make-tiny-checkpoint", help="write a tiny random checkpoint in the real layout")
+    s.add_argument("dir", help="output directory")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=_cmd_make_tiny_checkpoint)
+
+    s = sub.add_parser("serve", help="run the stack on a local or existing Ray cluster")
+    s.add_argument("--config", help="settings YAML (see config/example.yaml)")
+    s.add_argument("--address", default=None, help="Ray cluster address (default: start a local one)")
+    s.add_argument("--detach", action="store_true", help="return after deploying (existing cluster)")
+    s.set_defaults(func=_cmd_serve)
+
+    s = sub.add_parser("demo", help="start a local stack, run one spoken turn, write reply.wav")
+    s.add_argument("--input", help="a WAV/FLAC question (default: the bundled sample)")
+    s.add_argument("-o", "--output", default="reply.wav")
+    s.set_defaults(func=_cmd_demo)
+
+    def client_args(s: argparse.ArgumentParser) -> None:
+        s.add_argument("--address", default="127.0.0.1:9000", help="gRPC address of the server")
+        s.add_argument("--timeout", type=float, default=300.0, help="seconds")
+
+    s = sub.add_parser("converse", help="one spoken turn against a running server")
+    s.add_argument("input", help="WAV/FLAC file with the user's turn")
+    s.add_argument("-o", "--output", default="reply.wav")
+    s.add_argument("--session", help="continue this session (default: a new one)")
+    s.add_argument("--text-only", action="store_true", help="ask for a text-only reply")
+    s.add_argument("--voice", help="system prompt selecting the voice")
+    client_args(s)
+    s.set_defaults(func=_cmd_client, client="converse")
+
+    s = sub.add_parser("transcribe", help="speech recognition (base-model ASR prompt)")
+    s.add_argument("input")
+    client_args(s)
+    s.set_defaults(func=_cmd_client, client="transcribe")
+
+    s = sub.add_parser("synthesize", help="text to speech (base-model TTS prompt)")
+    s.add_argument("text")
+    s.add_argument("-o", "--output", default="tts.wav")
+    client_args(s)
+    s.set_defaults(func=_cmd_client, client="synthesize")
+
+    s = sub.add_parser("bench", help="benchmarks: tokenizer, llm, decoder, vocoder")
+    s.add_argument("stage", choices=["tokenizer", "llm", "decoder", "vocoder"])
+    s.add_argument("--size", choices=["tiny", "mid", "real"], default="mid",
+                   help="model dimensions: tiny, mid-size (CPU), real (GPU)")
+    s.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    s.add_argument("--batch-sizes", default=None, help="comma-separated, e.g. 1,16")
+    s.set_defaults(func=_cmd_bench)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

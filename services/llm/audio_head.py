@@ -1,0 +1,185 @@
+"""The audio head: a causal depth transformer over the 8 codebooks of one 80 ms frame
+(reference-model.md §7, §12 item 7).
+
+Input sequence of one frame, depth D = number of codebooks (8), width E = LLM hidden:
+    position 0:     x, the LLM's last hidden state (after the final norm)
+    position j ≥ 1: Σ_{i<j} audio_embed_layers[i](t[:, i])   (a cumsum of the *shared* LLM tables)
+Per layer (post-norm second residual, position-specific FFN without biases):
+    a = MHA(RMSNorm₁(H)), causal;  R = RMSNorm₂(H + a);  F[:, l] = W2_l · GELU(W1_l · R[:, l]);  H ← R + F
+with W1_l = linear1.weight[:, l·E:(l+1)·E] and W2_l = linear2.weight[:, l·2E:(l+1)·2E].
+Then logits_k = heads[k](headnorm(H)[:, k]); codebooks 1..7 never emit their EOS class.
+
+Two ways to run a frame:
+- `forward_full(x, t, tables)`: the reference call, all D positions at once (the reference
+  re-runs it for every codebook: D² position-passes per frame).
+- `frame(x, tables, choose)`: positions 0..D-1 one at a time with a KV cache over the depth
+  positions; position l computes only its own FFN slice. D position-passes per frame.
+Both give the same logits (the causal mask makes later positions irrelevant).
+
+Numerics follow the reference's `nn.MultiheadAttention` general path (q scaled by
+sqrt(1/head_dim) in the model dtype, scores, softmax and P·V in the model dtype) and
+`torch.cumsum` of the code embeddings (fp32 accumulation, each partial sum rounded).
+Logits stay in the model dtype (correction 15).
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from services.common.model_config import ModelConfig
+
+# The reference builds the head's attention with heads of 128 and its norms with the
+# RMSNorm default eps; neither comes from config.json.
+HEAD_DIM = 128
+NORM_EPS = 1e-6
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = NORM_EPS):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * y.to(self.weight.dtype)
+
+
+class DepthAttention(nn.Module):
+    """Packed-projection multi-head self-attention with the keys of nn.MultiheadAttention."""
+
+    def __init__(self, dim: int, n_heads: int):
+        super().__init__()
+        self.n_heads, self.head_dim = n_heads, dim // n_heads
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * dim, dim))   # [q | k | v]
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * dim))
+        self.out_proj = nn.Linear(dim, dim)
+        nn.init.xavier_uniform_(self.in_proj_weight)
+
+    def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (B, S, E) -> q, k, v (B, heads, S, hd); q already scaled like the reference."""
+        B, S, _ = x.shape
+        # bias added after the product, not fused: the reference projects a transposed
+        # (non-contiguous) input, for which F.linear rounds x·W before adding the bias
+        q, k, v = (F.linear(x, self.in_proj_weight) + self.in_proj_bias).chunk(3, dim=-1)
+        q, k, v = (t.view(B, S, self.n_heads, self.head_dim).transpose(1, 2) for t in (q, k, v))
+        return q * math.sqrt(1.0 / self.head_dim), k, v
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               mask: torch.Tensor | None) -> torch.Tensor:
+        """q (B, h, Sq, hd); k, v (B, h, Sk, hd); mask Bool[Sq, Sk] True = masked, or None."""
+        att = q @ k.transpose(-1, -2)                       # (B, h, Sq, Sk) in the model dtype
+        if mask is not None:
+            att = att.masked_fill(mask, float("-inf"))
+        y = att.softmax(dim=-1) @ v                         # (B, h, Sq, hd)
+        B, h, Sq, hd = y.shape
+        return self.out_proj(y.transpose(1, 2).reshape(B, Sq, h * hd))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Causal self-attention over all positions of x (B, S, E)."""
+        S = x.shape[1]
+        causal = torch.ones(S, S, dtype=torch.bool, device=x.device).triu(1)
+        return self.attend(*self.qkv(x), causal)
+
+
+class DepthLayer(nn.Module):
+    """The reference `CasualDepthTransformerLayer`."""
+
+    def __init__(self, dim: int, depth: int):
+        super().__init__()
+        self.dim, self.depth = dim, depth
+        self.self_attention = DepthAttention(dim, dim // HEAD_DIM)
+        self.layernorm1 = RMSNorm(dim)
+        self.layernorm2 = RMSNorm(dim)
+        # position-specific FFN; the checkpoint's linear1/linear2 biases are unused (§7.3)
+        self.linear1 = nn.Linear(depth * dim, 2 * dim, bias=False)      # (2E, D·E)
+        self.linear2 = nn.Linear(2 * dim * depth, dim, bias=False)      # (E, D·2E)
+
+    def ffn(self, r: torch.Tensor) -> torch.Tensor:
+        """All positions, r (B, D, E): position l uses its own column block of each weight."""
+        E, D = self.dim, self.depth
+        h = torch.einsum("bld,tld->blt", r, self.linear1.weight.view(2 * E, D, E))   # (B, D, 2E)
+        return torch.einsum("blt,dlt->bld", F.gelu(h), self.linear2.weight.view(E, D, 2 * E))
+
+    def ffn_at(self, r: torch.Tensor, l: int) -> torch.Tensor:
+        """One position, r (B, E): the column blocks are strided views, no copy."""
+        E = self.dim
+        h = F.linear(r, self.linear1.weight[:, l * E:(l + 1) * E])           # (B, 2E)
+        return F.linear(F.gelu(h), self.linear2.weight[:, l * 2 * E:(l + 1) * 2 * E])
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        """Full depth sequence h (B, D, E)."""
+        r = self.layernorm2(h + self.self_attention(self.layernorm1(h)))
+        return r + self.ffn(r)
+
+    def step(self, h: torch.Tensor, l: int, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+        """Position l only: h (B, E); k_cache, v_cache (B, heads, D, hd) hold positions < l
+        and receive position l."""
+        attn = self.self_attention
+        q, k, v = attn.qkv(self.layernorm1(h)[:, None])                    # (B, heads, 1, hd)
+        k_cache[:, :, l:l + 1] = k
+        v_cache[:, :, l:l + 1] = v
+        a = attn.attend(q, k_cache[:, :, :l + 1], v_cache[:, :, :l + 1], None)[:, 0]   # causal by construction
+        r = self.layernorm2(h + a)
+        return r + self.ffn_at(r, l)
+
+
+class AudioHead(nn.Module):
+    """The reference `OmniAudioHead` (prefix `audio_head.`)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        E = cfg.llm.hidden_size
+        if E % HEAD_DIM:
+            raise ValueError(f"config.json: hidden_size {E} must be a multiple of {HEAD_DIM}: the "
+                             f"audio head's attention uses heads of {HEAD_DIM}")
+        self.sizes = tuple(cfg.audio.codebook_sizes)
+        self.depth = len(self.sizes)
+        self.transformer_layers = nn.ModuleList(DepthLayer(E, self.depth)
+                                                for _ in range(cfg.audio.audio_head_transformer_layers))
+        self.headnorm = RMSNorm(E)
+        self.heads = nn.ModuleList(nn.Linear(E, K + 1) for K in self.sizes)   # last class = end of audio
+
+    def forward_full(self, x: torch.Tensor, t: torch.Tensor, audio_embed_layers: nn.ModuleList) -> list[torch.Tensor]:
+        """The reference call. x (B, E); t Long[B, D] partial codes (only t[:, :D-1] is read).
+        Returns D logits tensors (B, K_k + 1), all classes, in the model dtype."""
+        emb = torch.stack([audio_embed_layers[i](t[:, i]) for i in range(self.depth - 1)], dim=1)
+        h = torch.cat([x[:, None], torch.cumsum(emb, dim=1)], dim=1)        # (B, D, E)
+        for layer in self.transformer_layers:
+            h = layer(h)
+        g = self.headnorm(h)
+        return [head(g[:, k]) for k, head in enumerate(self.heads)]
+
+    def frame(self, x: torch.Tensor, audio_embed_layers: nn.ModuleList,
+              choose: Callable[[int, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """One frame, incrementally. x (B, E) -> codes Long[B, D].
+
+        choose(k, logits) gets codebook k's logits in the model dtype — (B, K_0 + 1) for
+        k = 0, (B, K_k) for k ≥ 1 (EOS class dropped) — and returns the codes Long[B].
+        The loop over positions is static (D iterations), nothing waits on the host."""
+        B, E = x.shape
+        n_layers = len(self.transformer_layers)
+        a = self.transformer_layers[0].self_attention if n_layers else None
+        kv_shape = (n_layers, B, a.n_heads if a else 1, self.depth, a.head_dim if a else 1)
+        k_cache = x.new_empty(kv_shape)
+        v_cache = x.new_empty(kv_shape)
+        codes = torch.zeros(B, self.depth, dtype=torch.long, device=x.device)
+        acc = torch.zeros(B, E, dtype=torch.float32, device=x.device)     # running cumsum, fp32 like torch.cumsum
+        h = x
+        for l in range(self.depth):
+            for i, layer in enumerate(self.transformer_layers):
+                h = layer.step(h, l, k_cache[i], v_cache[i])
+            logits = self.heads[l](self.headnorm(h))
+            if l > 0:
+                logits = logits[:, :-1]
+            c = choose(l, logits)
+            codes[:, l] = c
+            if l + 1 < self.depth:
+                acc = acc + audio_embed_layers[l](c).float()
+                h = acc.to(x.dtype)
+        return codes

@@ -1,0 +1,248 @@
+"""Batched, on-device logits processing and sampling (reference-model.md §11.3).
+
+One call handles a batch of sequences, each with its own parameters, in the order the
+reference's HF processors apply them (transformers 4.45):
+
+    repetition penalty -> temperature -> top-k -> top-p -> softmax -> draw   (do_sample)
+    repetition penalty -> argmax                                             (greedy)
+
+Numerics follow the reference exactly:
+- text logits are upcast to fp32 before processing; audio-head logits stay in their dtype
+  (bf16 on GPU), so every step below runs in that dtype, as HF does (correction 15);
+- penalties and temperatures are applied as `x * p` / `x / p` with p in fp32, which rounds
+  like HF's tensor-by-Python-scalar ops (checked bit-exact over all bf16 values);
+- the top-p threshold `1 - top_p` is cast to the logits dtype, as HF's comparison with a
+  Python float does (0.15 becomes 0.150390625 in bf16).
+
+Draws are counter-based: a per-sequence seed and a per-draw counter are hashed into
+uniforms on the device, and an exponential race picks the token. A sequence therefore
+draws the same tokens alone or in any batch, with no per-row generator objects and no
+host synchronisation.
+
+Histories (what the repetition penalty looks at) live on the device too:
+- `TokenCounts`: per slot, a count of every id in the whole text sequence (prompt, pads and
+  all); counts, not flags, because the protocol overwrites tokens (§11.2 host writes).
+- `CodeHistory`: per slot and codebook, which codes this audio segment has produced;
+  cleared at each segment start (the reference's history is the segment only).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """One phase's sampling parameters (a row of §11.3's table).
+
+    greedy=True is `do_sample=False`: only the repetition penalty applies, then argmax."""
+
+    temperature: float = 1.0
+    top_k: int = 0            # 0: off
+    top_p: float = 1.0        # 1.0: off
+    repetition_penalty: float = 1.0
+    greedy: bool = False
+
+    def __post_init__(self):
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0 (got {self.temperature}); use greedy=True instead")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (got {self.top_k})")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1] (got {self.top_p})")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0 (got {self.repetition_penalty})")
+
+    def as_greedy(self) -> "SamplingParams":
+        return SamplingParams(self.temperature, self.top_k, self.top_p, self.repetition_penalty, True)
+
+
+@dataclass
+class SamplingBatch:
+    """Per-row parameters of one batched call, as device tensors (built once per step)."""
+
+    penalty: torch.Tensor      # [B] f32
+    temperature: torch.Tensor  # [B] f32
+    top_k: torch.Tensor        # [B] i64, 0 = off
+    top_p_cut: torch.Tensor    # [B] f32, 1 - top_p (cast to the logits dtype at use)
+    top_p_on: torch.Tensor     # [B] bool
+    greedy: torch.Tensor       # [B] bool
+    seed: torch.Tensor         # [B] i64
+    counter: torch.Tensor      # [B] i64, index of this draw in the sequence's stream
+    all_greedy: bool = False   # host-side copy, so the fast path needs no device read
+
+    @classmethod
+    def build(cls, params: Sequence[SamplingParams], seeds: Sequence[int], counters: Sequence[int],
+              device: torch.device | str) -> "SamplingBatch":
+        f32 = dict(dtype=torch.float32, device=device)
+        return cls(
+            penalty=torch.tensor([p.repetition_penalty for p in params], **f32),
+            temperature=torch.tensor([p.temperature for p in params], **f32),
+            top_k=torch.tensor([p.top_k for p in params], dtype=torch.int64, device=device),
+            # 1 - top_p in Python double, then float: what HF's comparison with a Python float sees
+            top_p_cut=torch.tensor([1.0 - p.top_p for p in params], **f32),
+            top_p_on=torch.tensor([p.top_p < 1.0 for p in params], dtype=torch.bool, device=device),
+            greedy=torch.tensor([p.greedy for p in params], dtype=torch.bool, device=device),
+            seed=torch.tensor([s & 0xFFFFFFFFFFFF for s in seeds], dtype=torch.int64, device=device),
+            counter=torch.tensor(list(counters), dtype=torch.int64, device=device),
+            all_greedy=all(p.greedy for p in params),
+        )
+
+    def offset(self, k: int) -> "SamplingBatch":
+        """The same rows with the draw counter advanced by k (the 8 codebooks of one frame)."""
+        return SamplingBatch(self.penalty, self.temperature, self.top_k, self.top_p_cut, self.top_p_on,
+                             self.greedy, self.seed, self.counter + k, self.all_greedy)
+
+
+# ---------------------------------------------------------------------------- processors
+
+def apply_repetition_penalty(scores: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
+    """HF RepetitionPenaltyLogitsProcessor with a presence mask instead of an id list.
+
+    scores [B, V] (any float dtype), seen [B, V] bool, penalty [B] f32 -> [B, V] same dtype.
+    For seen ids: s*p if s < 0 else s/p, computed in fp32 and rounded once (= HF's op)."""
+    p = penalty[:, None]
+    s32 = scores.float()
+    pen = torch.where(s32 < 0, s32 * p, s32 / p).to(scores.dtype)
+    return torch.where(seen, pen, scores)
+
+
+def apply_temperature(scores: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
+    return (scores.float() / temperature[:, None]).to(scores.dtype)
+
+
+def apply_top_k(scores: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
+    """Keep scores >= the k-th largest of their row (ties kept, as HF); k = 0: row untouched."""
+    V = scores.shape[-1]
+    k = top_k.clamp(max=V)
+    desc = scores.sort(dim=-1, descending=True).values                 # [B, V]
+    kth = desc.gather(1, (k - 1).clamp(min=0)[:, None])                  # [B, 1]
+    remove = (scores < kth) & (k > 0)[:, None]
+    return scores.masked_fill(remove, float("-inf"))
+
+
+def apply_top_p(scores: torch.Tensor, cut: torch.Tensor, on: torch.Tensor) -> torch.Tensor:
+    """HF TopPLogitsWarper: drop tokens whose ascending cumulative probability is <= 1 - p,
+    always keeping the most likely one. Softmax and cumsum run in the scores' dtype."""
+    asc, idx = scores.sort(dim=-1, descending=False)                     # [B, V]
+    cum = asc.softmax(dim=-1).cumsum(dim=-1)
+    drop_sorted = cum <= cut.to(scores.dtype)[:, None]
+    drop_sorted[:, -1] = False
+    drop = drop_sorted.scatter(1, idx, drop_sorted)
+    return scores.masked_fill(drop & on[:, None], float("-inf"))
+
+
+def process(scores: torch.Tensor, seen: torch.Tensor | None, batch: SamplingBatch) -> torch.Tensor:
+    """Repetition penalty for every row; the warpers only matter for sampled rows (a greedy
+    row's argmax is taken before them, as HF adds no warpers when do_sample=False)."""
+    if seen is not None:
+        scores = apply_repetition_penalty(scores, seen, batch.penalty)
+    return scores
+
+
+def warp(scores: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    scores = apply_temperature(scores, batch.temperature)
+    scores = apply_top_k(scores, batch.top_k)
+    return apply_top_p(scores, batch.top_p_cut, batch.top_p_on)
+
+
+# ---------------------------------------------------------------------------- draws
+
+_M32 = 0xFFFFFFFF
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """murmur3 fmix32 on int64 tensors holding uint32 values (products wrap mod 2^64,
+    the low 32 bits are exact)."""
+    x = x & _M32
+    x = x ^ (x >> 16)
+    x = (x * 0x85EBCA6B) & _M32
+    x = x ^ (x >> 13)
+    x = (x * 0xC2B2AE35) & _M32
+    return x ^ (x >> 16)
+
+
+def uniforms(seed: torch.Tensor, counter: torch.Tensor, n: int) -> torch.Tensor:
+    """[B] seeds, [B] counters -> [B, n] f32 uniforms in (0, 1), a pure function of
+    (seed, counter, column)."""
+    col = torch.arange(n, device=seed.device, dtype=torch.int64)[None, :]
+    h = _mix32(seed[:, None] ^ 0x9E3779B9)
+    h = _mix32(h ^ (seed[:, None] >> 32))
+    h = _mix32(h ^ counter[:, None])
+    h = _mix32(h ^ (counter[:, None] >> 32) ^ 0x7F4A7C15)
+    h = _mix32(h + col * 0x27D4EB2F)
+    return ((h >> 8).float() + 0.5) * (1.0 / (1 << 24))
+
+
+def draw(probs: torch.Tensor, seed: torch.Tensor, counter: torch.Tensor) -> torch.Tensor:
+    """One categorical draw per row: argmax p_i / E_i with E_i ~ Exp(1) (exponential race).
+    probs [B, V] -> Long[B]; a zero-probability id is never chosen."""
+    e = -torch.log(uniforms(seed, counter, probs.shape[-1]))             # [B, V] Exp(1)
+    return (probs.float() / e).argmax(dim=-1)
+
+
+def choose(scores: torch.Tensor, seen: torch.Tensor | None, batch: SamplingBatch) -> torch.Tensor:
+    """Full pipeline for one batched decision: scores [B, V] -> Long[B].
+
+    Text callers pass fp32 scores (upcast logits); audio callers pass the head's dtype."""
+    scores = process(scores, seen, batch)
+    greedy_ids = scores.argmax(dim=-1)
+    if batch.all_greedy:
+        return greedy_ids
+    probs = warp(scores, batch).softmax(dim=-1)
+    return torch.where(batch.greedy, greedy_ids, draw(probs, batch.seed, batch.counter))
+
+
+# ---------------------------------------------------------------------------- histories
+
+class TokenCounts:
+    """Per-slot count of every token id in the sequence: the text repetition-penalty history.
+
+    counts [num_slots, vocab] int32 on the device."""
+
+    def __init__(self, num_slots: int, vocab_size: int, device: torch.device | str = "cpu"):
+        self.vocab_size = vocab_size
+        self.counts = torch.zeros(num_slots, vocab_size, dtype=torch.int32, device=device)
+
+    def reset(self, slot: int, ids: torch.Tensor | Sequence[int]) -> None:
+        ids = torch.as_tensor(ids, dtype=torch.int64, device=self.counts.device)
+        row = torch.zeros(self.vocab_size, dtype=torch.int32, device=self.counts.device)
+        row.scatter_add_(0, ids, torch.ones_like(ids, dtype=torch.int32))
+        self.counts[slot] = row
+
+    def add(self, slots: torch.Tensor, ids: torch.Tensor) -> None:
+        """slots [N], ids [N]: one more occurrence each (N may repeat a slot)."""
+        self.counts.index_put_((slots, ids), torch.ones_like(ids, dtype=torch.int32), accumulate=True)
+
+    def replace(self, slot: int, old: int, new: int) -> None:
+        """A host write turned one `old` token of the sequence into `new`."""
+        if old != new:
+            self.counts[slot, old] -= 1
+            self.counts[slot, new] += 1
+
+    def seen(self, slots: torch.Tensor) -> torch.Tensor:
+        return self.counts.index_select(0, slots) > 0                     # [B, V] bool
+
+
+class CodeHistory:
+    """Per-slot, per-codebook presence of the codes of the current audio segment.
+
+    seen [num_slots, C, Kmax + 1] bool; codebook k uses its first K_k (+1 for k = 0) columns."""
+
+    def __init__(self, num_slots: int, codebook_sizes: Sequence[int], device: torch.device | str = "cpu"):
+        self.sizes = tuple(codebook_sizes)
+        self.mask = torch.zeros(num_slots, len(self.sizes), max(self.sizes) + 1, dtype=torch.bool, device=device)
+
+    def clear(self, slots: torch.Tensor) -> None:
+        self.mask[slots] = False
+
+    def add(self, slots: torch.Tensor, codes: torch.Tensor) -> None:
+        """slots [B], codes [B, C] (one frame each)."""
+        C = codes.shape[1]
+        cb = torch.arange(C, device=codes.device)[None, :].expand_as(codes)
+        self.mask[slots[:, None].expand_as(codes), cb, codes] = True
+
+    def seen(self, slots: torch.Tensor, k: int, n_classes: int) -> torch.Tensor:
+        return self.mask[slots, k, :n_classes]                             # [B, n_classes] bool
