@@ -37,3 +37,64 @@ def redis_url():
             yield url
     except RuntimeError as e:
         pytest.fail(str(e))
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """A tiny random checkpoint written by the project's own writer (real layout)."""
+    from services.common.tiny_checkpoint import write_tiny_checkpoint
+
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny-ckpt"), seed=0)
+
+
+TEST_SETTINGS = """
+stages:
+  tokenizer:    {num_cpus: 0.1, max_batch_size: 8}
+  llm:          {num_cpus: 0.1}
+  decoder:      {num_cpus: 0.1}
+  vocoder:      {num_cpus: 0.1}
+  orchestrator: {num_cpus: 0.1}
+bus:
+  visibility_timeout_ms: 3000
+  reclaim_interval_ms: 500
+  block_ms: 200
+"""
+
+
+@pytest.fixture(scope="session")
+def serve_stack(tmp_path_factory, redis_url, tiny_checkpoint):
+    """A real local Ray cluster with Serve's gRPC proxy on a free loopback port.
+
+    `stack.deploy(name)` deploys one of the Serve applications (once per session) with the
+    test settings: tiny checkpoint, this session's redis-server, small CPU shares."""
+    import types
+
+    import ray
+    from ray import serve
+    from ray.serve.config import gRPCOptions
+
+    from orchestrator.app import BUILDERS, SERVICER_FUNCTIONS
+    from services.common.redis_server import free_port
+    from tests.parity import REPO
+
+    cfg = tmp_path_factory.mktemp("settings") / "settings.yaml"
+    cfg.write_text(TEST_SETTINGS)
+    env = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "MODEL_PATH": str(tiny_checkpoint),
+           "REDIS_URL": redis_url, "BAICHUAN_AUDIO_CONFIG": str(cfg),
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    os.environ.update(env)
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 1024 * 1024,
+             runtime_env={"env_vars": env}, log_to_driver=False)
+    port = free_port()
+    serve.start(grpc_options=gRPCOptions(port=port, grpc_servicer_functions=SERVICER_FUNCTIONS),
+                http_options={"host": "127.0.0.1", "port": free_port()})
+    deployed: set[str] = set()
+
+    def deploy(name: str) -> None:
+        if name not in deployed:
+            serve.run(BUILDERS[name]({"config": str(cfg)}), name=name, route_prefix=f"/{name}")
+            deployed.add(name)
+
+    yield types.SimpleNamespace(address=f"127.0.0.1:{port}", deploy=deploy, settings_path=cfg,
+                                checkpoint=tiny_checkpoint, redis_url=redis_url)
+    ray.shutdown()

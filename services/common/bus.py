@@ -136,13 +136,13 @@ def decode_entry(fields: Mapping[bytes | str, bytes | str]) -> Entry:
     ignored (a newer writer may add some); a missing field without a default is an error."""
     raw = {(k.decode() if isinstance(k, bytes) else k): (v.encode() if isinstance(v, str) else v)
            for k, v in fields.items()}
-    type_name = raw.get("type", b"").decode()
+    type_name = raw.get("type", b"").decode("utf-8", "replace")
     cls = _ENTRY_TYPES.get(type_name)
     if cls is None:
         raise BusError(f"stream entry has unknown type {type_name!r} (known: {', '.join(_ENTRY_TYPES)})")
-    version = int(raw.get("v", b"0"))
-    if version != SCHEMA_VERSION:
-        raise BusError(f"{type_name} entry has schema version {version}; this code reads {SCHEMA_VERSION}")
+    version = raw.get("v", b"").decode("utf-8", "replace")
+    if version != str(SCHEMA_VERSION):
+        raise BusError(f"{type_name} entry has schema version {version!r}; this code reads {SCHEMA_VERSION}")
     kwargs = {}
     defaults = {f.name for f in dataclasses.fields(cls)
                 if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING}
@@ -163,7 +163,11 @@ def decode_entry(fields: Mapping[bytes | str, bytes | str]) -> Entry:
 
 def _pack(array: Any, dtype: str) -> tuple[bytes, tuple[int, ...]]:
     """Raw little-endian bytes and shape of `array` (numpy, CPU torch tensor or nested lists)."""
-    a = np.ascontiguousarray(np.asarray(array), dtype=np.dtype(dtype))
+    src = np.asarray(array)
+    dt = np.dtype(dtype)
+    if dt.kind == "i" and src.size and src.dtype.kind not in "iub":
+        raise BusError(f"integer payload expected (codes, token ids); got {src.dtype} values")
+    a = np.ascontiguousarray(src, dtype=dt)
     return a.tobytes(), tuple(int(s) for s in a.shape)
 
 
@@ -460,7 +464,8 @@ def _flat(fields: Mapping[bytes, bytes]) -> list[bytes]:
 # --------------------------------------------------------------------------- the bus
 
 class Bus:
-    """Typed access to the streams. Thread-safe (redis-py pools connections per thread).
+    """Typed access to the streams. Thread-safe: one instance can serve many threads (redis-py
+    takes a pooled connection per command).
 
     `redis_or_url`: a URL or a `redis.Redis` made with `decode_responses=False` (payloads are
     binary) and RESP2 (`protocol=2`; RESP3 changes XREADGROUP's reply shape).

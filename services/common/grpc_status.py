@@ -35,6 +35,10 @@ class AlreadyExists(RuntimeError):
     """A caller-chosen id is taken."""
 
 
+class StatusError(Exception):
+    """Raised by `grpc_errors` after the status was set on the context; picklable."""
+
+
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """The gRPC status for an exception, and the message a person can act on."""
     msg = str(exc) or exc.__class__.__name__
@@ -67,8 +71,10 @@ def _set(context, exc: BaseException) -> None:
 def grpc_errors(fn):
     """Decorate a servicer / deployment method taking `(self, request, grpc_context)`.
 
-    On an exception the status code and details are set on the context and the exception
-    re-raised (Ray Serve then returns that status; a plain grpc.aio server is aborted)."""
+    On an exception the status code and details are set on the context and a plain
+    `StatusError` raised in its place (Ray Serve pickles the exception across processes;
+    exception classes with custom constructors do not survive that, a one-string one does).
+    A plain grpc.aio server context is aborted with the status instead."""
     if inspect.isasyncgenfunction(fn):
         @functools.wraps(fn)
         async def agen(self, request, grpc_context=None):
@@ -78,7 +84,7 @@ def grpc_errors(fn):
             except Exception as e:  # noqa: BLE001 - mapped to a status, then re-raised
                 _set(grpc_context, e)
                 await _abort(grpc_context, e)
-                raise
+                raise StatusError(status_for(e)[1]) from None
         return agen
 
     if inspect.iscoroutinefunction(fn):
@@ -89,7 +95,7 @@ def grpc_errors(fn):
             except Exception as e:  # noqa: BLE001
                 _set(grpc_context, e)
                 await _abort(grpc_context, e)
-                raise
+                raise StatusError(status_for(e)[1]) from None
         return coro
 
     @functools.wraps(fn)
@@ -98,7 +104,7 @@ def grpc_errors(fn):
             return fn(self, request, grpc_context)
         except Exception as e:  # noqa: BLE001
             _set(grpc_context, e)
-            raise
+            raise StatusError(status_for(e)[1]) from None
     return plain
 
 

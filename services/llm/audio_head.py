@@ -61,12 +61,16 @@ class DepthAttention(nn.Module):
         self.out_proj = nn.Linear(dim, dim)
         nn.init.xavier_uniform_(self.in_proj_weight)
 
-    def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x (B, S, E) -> q, k, v (B, heads, S, hd); q already scaled like the reference."""
+    def qkv(self, x: torch.Tensor, fused_bias: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (B, S, E) -> q, k, v (B, heads, S, hd); q already scaled like the reference.
+
+        fused_bias=False rounds x·W before adding the bias (see AudioHead.batched_reference_rounding)."""
         B, S, _ = x.shape
-        # bias added after the product, not fused: the reference projects a transposed
-        # (non-contiguous) input, for which F.linear rounds x·W before adding the bias
-        q, k, v = (F.linear(x, self.in_proj_weight) + self.in_proj_bias).chunk(3, dim=-1)
+        if fused_bias:
+            proj = F.linear(x, self.in_proj_weight, self.in_proj_bias)
+        else:
+            proj = F.linear(x, self.in_proj_weight) + self.in_proj_bias
+        q, k, v = proj.chunk(3, dim=-1)
         q, k, v = (t.view(B, S, self.n_heads, self.head_dim).transpose(1, 2) for t in (q, k, v))
         return q * math.sqrt(1.0 / self.head_dim), k, v
 
@@ -80,11 +84,11 @@ class DepthAttention(nn.Module):
         B, h, Sq, hd = y.shape
         return self.out_proj(y.transpose(1, 2).reshape(B, Sq, h * hd))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, fused_bias: bool = True) -> torch.Tensor:
         """Causal self-attention over all positions of x (B, S, E)."""
         S = x.shape[1]
         causal = torch.ones(S, S, dtype=torch.bool, device=x.device).triu(1)
-        return self.attend(*self.qkv(x), causal)
+        return self.attend(*self.qkv(x, fused_bias), causal)
 
 
 class DepthLayer(nn.Module):
@@ -112,16 +116,17 @@ class DepthLayer(nn.Module):
         h = F.linear(r, self.linear1.weight[:, l * E:(l + 1) * E])           # (B, 2E)
         return F.linear(F.gelu(h), self.linear2.weight[:, l * 2 * E:(l + 1) * 2 * E])
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, fused_bias: bool = True) -> torch.Tensor:
         """Full depth sequence h (B, D, E)."""
-        r = self.layernorm2(h + self.self_attention(self.layernorm1(h)))
+        r = self.layernorm2(h + self.self_attention(self.layernorm1(h), fused_bias))
         return r + self.ffn(r)
 
-    def step(self, h: torch.Tensor, l: int, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+    def step(self, h: torch.Tensor, l: int, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             fused_bias: bool = True) -> torch.Tensor:
         """Position l only: h (B, E); k_cache, v_cache (B, heads, D, hd) hold positions < l
         and receive position l."""
         attn = self.self_attention
-        q, k, v = attn.qkv(self.layernorm1(h)[:, None])                    # (B, heads, 1, hd)
+        q, k, v = attn.qkv(self.layernorm1(h)[:, None], fused_bias)        # (B, heads, 1, hd)
         k_cache[:, :, l:l + 1] = k
         v_cache[:, :, l:l + 1] = v
         a = attn.attend(q, k_cache[:, :, :l + 1], v_cache[:, :, :l + 1], None)[:, 0]   # causal by construction
@@ -144,14 +149,26 @@ class AudioHead(nn.Module):
                                                 for _ in range(cfg.audio.audio_head_transformer_layers))
         self.headnorm = RMSNorm(E)
         self.heads = nn.ModuleList(nn.Linear(E, K + 1) for K in self.sizes)   # last class = end of audio
+        # The reference's in-projection rounding depends on memory layout: F.linear fuses the
+        # bias into the product for a contiguous input and rounds x·W first otherwise. Its
+        # nn.MultiheadAttention transposes a batch-first input, which is contiguous only when
+        # B = 1 or when the input came out of the previous layer's einsum (seq-major). So the
+        # demos (B = 1) round fused everywhere, and a batch of B > 1 rounds layer 0 unfused.
+        # Default: fused everywhere, i.e. the reference at batch size 1, for every batch size
+        # (a sequence's codes do not depend on its batch mates). True: the reference's B > 1
+        # rounding (bit-exact against a batched reference run; 1 bf16 ulp apart otherwise).
+        self.batched_reference_rounding = False
+
+    def _fused(self, layer: int, batch: int) -> bool:
+        return not (self.batched_reference_rounding and layer == 0 and batch > 1)
 
     def forward_full(self, x: torch.Tensor, t: torch.Tensor, audio_embed_layers: nn.ModuleList) -> list[torch.Tensor]:
         """The reference call. x (B, E); t Long[B, D] partial codes (only t[:, :D-1] is read).
         Returns D logits tensors (B, K_k + 1), all classes, in the model dtype."""
         emb = torch.stack([audio_embed_layers[i](t[:, i]) for i in range(self.depth - 1)], dim=1)
         h = torch.cat([x[:, None], torch.cumsum(emb, dim=1)], dim=1)        # (B, D, E)
-        for layer in self.transformer_layers:
-            h = layer(h)
+        for i, layer in enumerate(self.transformer_layers):
+            h = layer(h, self._fused(i, h.shape[0]))
         g = self.headnorm(h)
         return [head(g[:, k]) for k, head in enumerate(self.heads)]
 
@@ -173,7 +190,7 @@ class AudioHead(nn.Module):
         h = x
         for l in range(self.depth):
             for i, layer in enumerate(self.transformer_layers):
-                h = layer.step(h, l, k_cache[i], v_cache[i])
+                h = layer.step(h, l, k_cache[i], v_cache[i], self._fused(i, B))
             logits = self.heads[l](self.headnorm(h))
             if l > 0:
                 logits = logits[:, :-1]

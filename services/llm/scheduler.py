@@ -574,9 +574,10 @@ class Scheduler:
         """Admit what fits, then: every sequence with one pending token decodes; the prefill
         budget is shared by the others, oldest first."""
         self._admit()
-        work = [Work(s, 1, True) for s in self.running if s.pending == 1]
+        live = [s for s in self.running if s.phase != Phase.DONE]
+        work = [Work(s, 1, True) for s in live if s.pending == 1]
         budget = self.prefill_budget
-        for s in self.running:
+        for s in live:
             if s.pending > 1 and budget > 0:
                 n = min(s.pending, budget)
                 budget -= n

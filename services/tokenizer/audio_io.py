@@ -97,7 +97,7 @@ def check_waveform(waveform: torch.Tensor, sample_rate: int, audio: AudioConfig 
         raise AudioInputError("non_finite", "audio contains NaN or infinite samples")
     n = min_samples(sample_rate, audio) if audio is not None else 0
     if waveform.shape[1] < n:
-        raise AudioInputError("too_short", f"audio lasts {1000 * waveform.shape[1] / sample_rate:.1f} ms; "
+        raise AudioInputError("too_short", f"audio is too short: {1000 * waveform.shape[1] / sample_rate:.1f} ms; "
                               f"at least {1000 * n / sample_rate:.1f} ms ({n} samples at {sample_rate} Hz) "
                               f"are needed for one audio token")
 

@@ -1,6 +1,7 @@
 """The Redis Streams bus against a real redis-server (the session fixture `redis_url`)."""
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 import uuid
@@ -71,12 +72,14 @@ def test_every_entry_type_round_trips_through_redis(bus, uid):
 def test_float_and_large_int_fields_are_exact():
     e = Timing("t", "x", 0.1 + 0.2)
     assert decode_entry(e.encode()).unix_ms == 0.1 + 0.2
-    j = DecodeJob.from_codes("t", 0, 0, np.zeros((1, 8)), seed=2**64 - 1)
+    j = DecodeJob.from_codes("t", 0, 0, np.zeros((1, 8), np.int64), seed=2**64 - 1)
     assert decode_entry(j.encode()).seed == 2**64 - 1
 
 
 def test_malformed_entries_are_named_errors():
-    good = DecodeJob.from_codes("t", 0, 0, np.zeros((2, 8))).encode()
+    with pytest.raises(BusError, match="integer payload expected"):
+        DecodeJob.from_codes("t", 0, 0, np.zeros((2, 8)))
+    good = DecodeJob.from_codes("t", 0, 0, np.zeros((2, 8), np.int32)).encode()
     with pytest.raises(BusError, match="unknown type 'nope'"):
         decode_entry({**good, b"type": b"nope"})
     with pytest.raises(BusError, match="lacks field 'codes_shape'"):
@@ -85,7 +88,7 @@ def test_malformed_entries_are_named_errors():
         decode_entry({**good, b"codes_shape": b"3,8"})
     with pytest.raises(BusError, match="field 'final' is not a valid bool"):
         decode_entry({**good, b"final": b"yes"})
-    with pytest.raises(BusError, match="schema version 2"):
+    with pytest.raises(BusError, match="schema version '2'"):
         decode_entry({**good, b"v": b"2"})
     # a field added by a newer writer is ignored
     assert decode_entry({**good, b"new_field": b"x"}) == decode_entry(good)
@@ -367,3 +370,50 @@ def test_trace_context_travels_through_entries(bus, redis_url, uid):
     [result] = bus.read({out: "0"})
     # the worker's span (a no-op one here: no global provider) continues the job's trace
     assert result.entry.traceparent.split("-")[1] == trace_id
+
+
+def test_batched_worker_finishes_each_job_on_its_own(bus, redis_url, uid):
+    stream, out = f"jobs:{uid}", bus.turn_stream(uid, "audio")
+    traces = [f"00-{i:032x}-{i + 100:016x}-01" for i in range(1, 7)]
+    for s, tp in enumerate(traces):
+        bus.submit(stream, dataclasses.replace(_job(uid, s), traceparent=tp))
+    sizes: list[int] = []
+
+    def handler(jobs: list[Job]):
+        sizes.append(len(jobs))
+        outcomes = []
+        for job in jobs:
+            seg = job.entry.segment
+            if seg == 4:
+                outcomes.append(PermanentError("bad codes"))
+            elif seg == 5:
+                outcomes.append(RuntimeError("retry me"))
+            else:
+                outcomes.append([(out, PcmChunk(uid, seg, 0, b"\0\0", 24000),
+                                  Bus.result_key("vocoder", uid, seg, 0))])
+        return outcomes
+
+    stop = threading.Event()
+    t = start_worker(Bus(redis_url), stream, "g", "w", handler, stop, batched=True, count=8,
+                     block_ms=20, visibility_timeout_ms=60_000)
+    deadline = time.monotonic() + 10
+    while bus.redis.xlen(out) < 4 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    stop.set()  # the worker finishes the batch it is on before it stops
+    t.join(5)
+    assert sizes == [6], "all waiting jobs in one batch"
+    msgs = bus.read({out: "0"})
+    assert sorted(m.entry.segment for m in msgs) == [0, 1, 2, 3]
+    # each result continues its own job's trace
+    assert all(m.entry.traceparent.split("-")[1] == traces[m.entry.segment].split("-")[1] for m in msgs)
+    assert [meta["dead_reason"] for _, meta in bus.read_dead(stream)] == ["PermanentError: bad codes"]
+    assert (t.stats.completed, t.stats.failed, t.stats.dead_lettered) == (4, 1, 1)
+    pending = bus.redis.xpending_range(stream, "g", "-", "+", 10)
+    assert len(pending) == 1, "the failed job stays pending for a retry"
+
+
+def test_worker_options_follow_settings():
+    from services.common.settings import Settings
+    opts = busmod.worker_options(Settings.load(env={"BAICHUAN_AUDIO__BUS__MAX_DELIVERIES": "7"}))
+    assert opts == {"visibility_timeout_ms": 30000, "block_ms": 1000, "reclaim_interval_ms": 5000,
+                    "max_deliveries": 7}

@@ -143,6 +143,17 @@ def test_parity_llm_chunked_prefill_one_row_at_a_time(run):
     run.check(torch.cat(got), ref, "logits[valid]")
 
 
+@pytest.fixture(params=[False, True], ids=["batch-invariant", "batched-reference-rounding"])
+def head_mode(request, run):
+    """Both roundings of the head's in-projection (AudioHead.batched_reference_rounding):
+    the default is the reference at batch size 1; True reproduces the batched (B = 2)
+    reference run that made the fixture."""
+    head = run.model.audio_head
+    head.batched_reference_rounding = request.param
+    yield request.param
+    head.batched_reference_rounding = False
+
+
 def _teacher_forced(head, x, tables, frame_codes):
     seen = {}
 
@@ -155,7 +166,7 @@ def _teacher_forced(head, x, tables, frame_codes):
     return seen
 
 
-def test_parity_audio_head_step_logits_from_stored_x(run):
+def test_parity_audio_head_step_logits_from_stored_x(run, head_mode):
     m = run.model
     with torch.no_grad():
         seen = _teacher_forced(m.audio_head, run.out["audios_emb_for_infer"], m.model.audio_embed_layers,
@@ -165,7 +176,7 @@ def test_parity_audio_head_step_logits_from_stored_x(run):
         run.check(seen[k], run.out[f"head_step_logits.{k}"], f"head_step_logits.{k}")
 
 
-def test_parity_audio_head_step_logits_end_to_end(run):
+def test_parity_audio_head_step_logits_end_to_end(run, head_mode):
     """The head driven by our own prefill hidden state."""
     m = run.model
     with torch.no_grad():
@@ -174,7 +185,7 @@ def test_parity_audio_head_step_logits_end_to_end(run):
         run.check(seen[k], run.out[f"head_step_logits.{k}"], f"head_step_logits.{k}")
 
 
-def test_parity_audio_head_fullframe(run):
+def test_parity_audio_head_fullframe(run, head_mode):
     m = run.model
     with torch.no_grad():
         logits = m.audio_head.forward_full(run.out["audios_emb_for_infer"], run.inp["step_frame_codes"],
@@ -183,7 +194,7 @@ def test_parity_audio_head_fullframe(run):
         run.check(lg, run.out[f"head_fullframe_logits.{k}"], f"head_fullframe_from_stored_x.{k}")
 
 
-def test_parity_audio_head_greedy_codes(run):
+def test_parity_audio_head_greedy_codes(run, head_mode):
     m = run.model
     argmax = lambda k, logits: logits.argmax(-1)                   # noqa: E731
     with torch.no_grad():

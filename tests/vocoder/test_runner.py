@@ -114,10 +114,9 @@ def test_runner_vocode_batches_and_crops(fixtures, hift, runner, mels):
         for w, m, d in zip(waves, mels, draws):
             diff = (w - hift(m[None], draws=d)[0]).abs().max().item()
             assert diff <= _f0_aware_tol(fixtures, f0_diff), f"{diff:.3g} (f0 diff {f0_diff:.3g})"
-    again = runner.vocode(mels, seed=11)
-    assert all(torch.equal(a, b) for a, b in zip(waves, again))
-    other = runner.vocode(mels, seed=12)
-    assert not torch.equal(waves[0], other[0])
+    # An item's audio depends on the seed and the items before it, not on batching.
+    assert torch.equal(runner.vocode(mels[:1], seed=11)[0], waves[0])
+    assert not torch.equal(runner.vocode(mels[:1], seed=12)[0], waves[0])
     assert runner.vocode([]) == []
 
 

@@ -1,0 +1,71 @@
+"""Ray Serve application builders: one application per stage plus the conversation app.
+
+Each builder takes the args dict of a Serve config (`{"config": "/path/settings.yaml"}`;
+see k8s/ and `baichuan-audio serve`) and applies that stage's replicas, autoscaling and GPU
+share from the settings. Scaling lives in config, not code."""
+from __future__ import annotations
+
+from typing import Any
+
+from ray.serve import Application
+from ray.serve.deployment import Deployment
+
+from services.common.runtime import load_settings
+from services.common.settings import Settings, StageSettings
+
+APP_NAMES = ("tokenizer", "llm", "decoder", "vocoder", "conversation")
+
+SERVICER_FUNCTIONS = [
+    "baichuan_audio.v1.conversation_pb2_grpc.add_ConversationServiceServicer_to_server",
+    "baichuan_audio.v1.stages_pb2_grpc.add_TokenizerServicer_to_server",
+    "baichuan_audio.v1.stages_pb2_grpc.add_LLMServicer_to_server",
+    "baichuan_audio.v1.stages_pb2_grpc.add_DecoderServicer_to_server",
+    "baichuan_audio.v1.stages_pb2_grpc.add_VocoderServicer_to_server",
+    "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
+]
+
+
+def deployment_options(stage: StageSettings) -> dict[str, Any]:
+    actor = {"num_cpus": stage.num_cpus, "num_gpus": stage.num_gpus}
+    if stage.max_replicas > stage.min_replicas:
+        return {"ray_actor_options": actor, "autoscaling_config": {
+            "min_replicas": stage.min_replicas, "max_replicas": stage.max_replicas,
+            "target_ongoing_requests": stage.target_ongoing_requests}}
+    return {"ray_actor_options": actor, "num_replicas": stage.min_replicas}
+
+
+def _build(deployment: Deployment, stage: StageSettings, args: dict | None) -> Application:
+    return deployment.options(**deployment_options(stage)).bind((args or {}).get("config"))
+
+
+def _settings(args: dict | None) -> Settings:
+    return load_settings((args or {}).get("config"))
+
+
+def tokenizer_app(args: dict | None = None) -> Application:
+    from services.tokenizer.deployment import TokenizerDeployment
+    return _build(TokenizerDeployment, _settings(args).stages.tokenizer, args)
+
+
+def llm_app(args: dict | None = None) -> Application:
+    from services.llm.deployment import LLMDeployment
+    return _build(LLMDeployment, _settings(args).stages.llm, args)
+
+
+def decoder_app(args: dict | None = None) -> Application:
+    from services.decoder.deployment import DecoderDeployment
+    return _build(DecoderDeployment, _settings(args).stages.decoder, args)
+
+
+def vocoder_app(args: dict | None = None) -> Application:
+    from services.vocoder.deployment import VocoderDeployment
+    return _build(VocoderDeployment, _settings(args).stages.vocoder, args)
+
+
+def conversation_app(args: dict | None = None) -> Application:
+    from orchestrator.deployment import ConversationDeployment
+    return _build(ConversationDeployment, _settings(args).stages.orchestrator, args)
+
+
+BUILDERS = {"tokenizer": tokenizer_app, "llm": llm_app, "decoder": decoder_app,
+            "vocoder": vocoder_app, "conversation": conversation_app}

@@ -1,0 +1,438 @@
+"""The LLM stage's engine: continuous batching of the interleaved text/audio protocol.
+
+    submit(Request) ─► waiting ─► admitted (slot, prefix reuse) ─► running ─► done
+                                                     │
+    step():  Scheduler.plan()            which sequences run, how many tokens each
+             one batched forward         prefill chunks, text tokens and audio pads together
+             text rows ─► lm_head ─► sampler          ┐ on the device, one host read
+             audio rows ─► audio head ─► sampler ×8   ┘ of the decisions per step
+             Sequence.on_text / on_frame  protocol (scheduler.py) ─► events, history effects
+
+Every sequence owns a slot of the preallocated KV cache. A session keeps its slot between
+turns while memory allows; a new turn whose prompt extends the cached tokens prefills only
+the new part; the least recently used idle session loses its slot when one is needed.
+
+Plain Python and PyTorch: a deployment wraps it (Ray, gRPC, Redis live elsewhere). Events
+go to each request's `Handle` (a queue) and to an optional callback. `run_forever()` steps
+on a background thread; `step()` can also be called directly (tests, benchmarks).
+"""
+from __future__ import annotations
+
+import itertools
+import queue
+import random
+import threading
+from dataclasses import dataclass
+from typing import Callable, Iterator, Optional
+
+import torch
+
+from services.llm import sampler as S
+from services.llm.prompts import ProtocolTokens
+from services.llm.scheduler import (AudioFrame, Done, EngineError, Event, Mode, Phase, Protocol,
+                                    ProtocolConfig, Request, Scheduler, SegmentEnd, SegmentStart,
+                                    Sequence, SessionTable, TextDelta, UnknownSessionError)
+from services.llm.stop import StopTables
+
+__all__ = ["AudioFrame", "Done", "Engine", "EngineConfig", "EngineError", "Event", "Handle", "Mode",
+           "ProtocolConfig", "Request", "SegmentEnd", "SegmentStart", "TextDelta", "UnknownSessionError"]
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    num_slots: int = 8                   # KV slots: running sequences + idle sessions kept
+    max_len: int = 4096                  # tokens per slot = the context limit
+    kv_budget_bytes: Optional[int] = None  # if set, caps num_slots to what fits
+    prefill_budget: int = 512            # prompt tokens forwarded per step, over all sequences
+    max_batch: Optional[int] = None      # running sequences at once (default num_slots)
+    stop_mode: str = "text"              # "text": transformers 4.45 stop strings (the reference); "bytes": >= 4.50
+
+
+class Handle:
+    """A submitted request: its events, in order, ending with `Done`."""
+
+    def __init__(self, engine: "Engine", request_id: str):
+        self.engine = engine
+        self.request_id = request_id
+        self._q: "queue.Queue[Event]" = queue.Queue()
+        self.done: Optional[Done] = None
+        self._seq: Optional[Sequence] = None
+
+    def _put(self, ev: Event) -> None:
+        if isinstance(ev, Done):
+            self.done = ev
+        self._q.put(ev)
+
+    def cancel(self) -> None:
+        """Stop the request; it ends (Done reason "cancelled") within one step."""
+        self.engine.cancel(self.request_id)
+
+    def events(self, timeout: Optional[float] = None) -> Iterator[Event]:
+        """Yield events until Done (blocking; run the engine on another thread, or use
+        `drain()` after stepping it yourself)."""
+        while True:
+            ev = self._q.get(timeout=timeout)
+            yield ev
+            if isinstance(ev, Done):
+                return
+
+    def drain(self) -> list[Event]:
+        """Every event delivered so far (non-blocking)."""
+        out = []
+        while True:
+            try:
+                out.append(self._q.get_nowait())
+            except queue.Empty:
+                return out
+
+    def result(self, timeout: Optional[float] = None) -> Done:
+        """Wait for the end (needs the engine running on another thread)."""
+        for ev in self.events(timeout):
+            pass
+        assert self.done is not None
+        return self.done
+
+
+class Engine:
+    def __init__(self, model, tokenizer, *, generation_config: Optional[dict] = None,
+                 config: EngineConfig = EngineConfig(), protocol: Optional[ProtocolConfig] = None,
+                 on_event: Optional[Callable[[Event], None]] = None):
+        """model: an `AudioLLM` (its dtype and device are the engine's); tokenizer: the
+        checkpoint's; generation_config: its generation_config.json (EOS check, correction 13)."""
+        self.model = model
+        self.cfg = model.cfg
+        self.tokenizer = tokenizer
+        self.on_event = on_event
+        w = model.lm_head.weight
+        self.device, self.dtype = w.device, w.dtype
+        self.tokens = ProtocolTokens.from_tokenizer(tokenizer, self.cfg, generation_config)
+        self.protocol_config = protocol or ProtocolConfig.reference(self.tokens.audiogen_start_str,
+                                                                    self.tokens.eos_str)
+        sizes = self.cfg.audio.codebook_sizes
+        self.vocab_size = self.cfg.llm.vocab_size
+        self.proto = Protocol(
+            eos=self.tokens.eos, audio_pad=self.cfg.audio_tokens.audio_pad,
+            audiogen_start=self.cfg.audio_tokens.audiogen_start, audiogen_end=self.cfg.audio_tokens.audiogen_end,
+            eoa=sizes[0], num_codebooks=len(sizes), config=self.protocol_config,
+            stops=StopTables(tokenizer, config.stop_mode, self.vocab_size),
+            decode=lambda ids: tokenizer.decode(list(ids), skip_special_tokens=False,
+                                                clean_up_tokenization_spaces=False),
+        )
+
+        llm = self.cfg.llm
+        per_slot = 2 * llm.num_hidden_layers * llm.num_key_value_heads * config.max_len * llm.head_dim * w.element_size()
+        num_slots = config.num_slots
+        if config.kv_budget_bytes is not None:
+            num_slots = min(num_slots, config.kv_budget_bytes // per_slot)
+            if num_slots < 1:
+                raise EngineError(f"kv_budget_bytes {config.kv_budget_bytes} holds no slot: one slot of "
+                                  f"{config.max_len} tokens needs {per_slot} bytes")
+        self.config = config
+        self.num_slots = num_slots
+        self.cache = model.new_cache(num_slots, config.max_len)
+        self.counts = S.TokenCounts(num_slots, self.vocab_size, self.device)
+        self.codes = S.CodeHistory(num_slots, sizes, self.device)
+        self.sessions = SessionTable(num_slots)
+        self.scheduler = Scheduler(self.sessions, config.max_batch or num_slots, config.prefill_budget)
+        self.handles: dict[str, Handle] = {}
+        self._ids = itertools.count()
+        self._lock = threading.RLock()
+        self._wake = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+        self._stop = threading.Event()
+        self.stats = {"steps": 0, "forward_tokens": 0, "text_decisions": 0, "audio_frames": 0}
+
+    # ================================================================== public API
+    def open_session(self, session_id: Optional[str] = None) -> str:
+        with self._lock:
+            return self.sessions.open(session_id)
+
+    def close_session(self, session_id: str) -> None:
+        with self._lock:
+            self.sessions.close(session_id)
+
+    def submit(self, request: Request) -> Handle:
+        """Validate and queue a request. Errors (EngineError) name what is wrong."""
+        with self._lock:
+            seq = self._make_sequence(request)
+            if request.session_id is not None:
+                self.sessions.reserve(request.session_id)
+            h = Handle(self, seq.id)
+            h._seq = seq
+            self.handles[seq.id] = h
+            self.scheduler.add(seq)
+        self._wake.set()
+        return h
+
+    def cancel(self, request_id: str) -> None:
+        h = self.handles.get(request_id)
+        if h is None or h._seq is None:
+            raise EngineError(f"unknown request {request_id!r} (finished or never submitted)")
+        h._seq.cancelled = True
+        self._wake.set()
+
+    def has_work(self) -> bool:
+        return bool(self.scheduler.waiting or self.scheduler.running)
+
+    def run_until_idle(self, max_steps: int = 1_000_000) -> int:
+        """Step until nothing is waiting or running (single-threaded use)."""
+        n = 0
+        while self.has_work() and n < max_steps:
+            self.step()
+            n += 1
+        return n
+
+    def run_forever(self) -> None:
+        """Step on a background thread until `stop()`."""
+        if self._thread is not None:
+            return
+        self._stop.clear()
+
+        def loop():
+            while not self._stop.is_set():
+                if not self.step():
+                    self._wake.wait(0.05)
+                    self._wake.clear()
+
+        self._thread = threading.Thread(target=loop, name="llm-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    # ================================================================== submission
+    def _make_sequence(self, r: Request) -> Sequence:
+        try:
+            mode = Mode(r.mode)
+        except ValueError:
+            raise EngineError(f"unknown mode {r.mode!r}: one of {[m.value for m in Mode]}") from None
+        rid = r.request_id if r.request_id is not None else f"req-{next(self._ids)}"
+        if rid in self.handles:
+            raise EngineError(f"request id {rid!r} is already in use")
+        ids = [int(t) for t in r.prompt_ids]
+        if not ids:
+            raise EngineError("empty prompt")
+        limit = self.config.max_len
+        if len(ids) >= limit:
+            raise EngineError(f"prompt has {len(ids)} tokens; the context limit is {limit} tokens "
+                              f"(EngineConfig.max_len), and the prompt must leave room for the reply")
+        bad = [t for t in ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise EngineError(f"prompt ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})")
+        if r.session_id is not None:
+            self.sessions.get(r.session_id)          # unknown session: a clear error now
+        pad = self.proto.audio_pad
+        n_pads = sum(1 for t in ids if t == pad)
+        rows = self._code_rows(r.audio_codes, n_pads)
+        if mode == Mode.TTS:
+            if ids[-1] != self.proto.audiogen_start:
+                raise EngineError("a TTS prompt must end with <audiogen_start_baichuan> (PromptBuilder.tts_chunks)")
+        elif r.tts_chunks:
+            raise EngineError(f"tts_chunks given for a {mode.value} request (TTS only)")
+        for c in r.tts_chunks:
+            if any(int(t) == pad for t in c):
+                raise EngineError("a TTS chunk may not contain <audio_pad_baichuan>")
+        if r.forced is not None:
+            if mode != Mode.SPOKEN:
+                raise EngineError("a forced schedule needs a spoken request (alternating text and audio)")
+            kinds = [k for k, _ in r.forced]
+            if not kinds or any(k != ("text" if i % 2 == 0 else "audio") for i, k in enumerate(kinds)):
+                raise EngineError(f"forced schedule {list(r.forced)} must alternate text and audio, starting with text")
+            if any(int(n) < 1 for _, n in r.forced):
+                raise EngineError("every forced segment needs at least 1 token or frame")
+        if r.max_audio_frames is not None and r.max_audio_frames < 1:
+            raise EngineError("max_audio_frames must be >= 1")
+        seed = r.seed if r.seed is not None else random.getrandbits(48)
+        return Sequence(r, self.proto, rid, seed, limit, rows)
+
+    def _code_rows(self, codes, n_pads: int) -> list[tuple[int, ...]]:
+        sizes = self.cfg.audio.codebook_sizes
+        if codes is None:
+            if n_pads:
+                raise EngineError(f"prompt has {n_pads} <audio_pad_baichuan> tokens but no audio_codes")
+            return []
+        c = torch.as_tensor(codes).to(torch.int64).cpu()
+        if c.dim() != 2 or c.shape[1] != len(sizes):
+            raise EngineError(f"audio_codes must be [frames, {len(sizes)}], got {tuple(c.shape)}")
+        if c.shape[0] != n_pads:
+            raise EngineError(f"prompt has {n_pads} <audio_pad_baichuan> tokens but audio_codes has "
+                              f"{c.shape[0]} frames; they must be equal")
+        hi = torch.tensor(sizes)
+        if bool(((c < 0) | (c > hi)).any()):
+            raise EngineError(f"audio_codes out of range: codebook k takes 0..K_k, K = {list(sizes)}")
+        return [tuple(r) for r in c.tolist()]
+
+    # ================================================================== one step
+    def step(self) -> bool:
+        """Run one batched step. False when there was nothing to do."""
+        with self._lock:
+            self._handle_cancellations()
+            work = self.scheduler.plan()
+            for seq in self.scheduler.admitted:
+                self._setup(seq)
+            if not work:
+                self._finish_step()
+                return False
+            try:
+                with torch.inference_mode():
+                    self._run(work)
+            except Exception as e:
+                for w in work:
+                    w.seq.finish("error", error=f"{type(e).__name__}: {e}")
+                self._finish_step()
+                raise
+            self._finish_step()
+            self.stats["steps"] += 1
+            return True
+
+    def _handle_cancellations(self) -> None:
+        for seq in self.scheduler.drop_waiting(lambda s: s.cancelled):
+            seq.finish("cancelled")
+            self.sessions.release(seq)
+            self._deliver(seq)
+            self.handles.pop(seq.id, None)
+        for seq in self.scheduler.running:
+            if seq.cancelled:
+                seq.finish("cancelled")
+
+    def _setup(self, seq: Sequence) -> None:
+        """A newly admitted sequence: its text history is the whole prompt."""
+        self.counts.reset(seq.slot, seq.tokens)
+        seq.effects.clear()
+
+    def _run(self, work) -> None:
+        dev = self.device
+        B = len(work)
+        T = max(w.n for w in work)
+        filler = self.proto.eos                       # right padding: any id but audio_pad
+        ids = [[filler] * T for _ in range(B)]
+        pos = []
+        rows: list[tuple[int, ...]] = []
+        for i, w in enumerate(work):
+            chunk, pads = w.seq.chunk(w.n)
+            ids[i][:w.n] = chunk
+            rows.extend(pads)
+            pos.append(list(range(w.seq.kv_len + 1, w.seq.kv_len + 1 + T)))   # 1-based (§6.1)
+        meta = torch.tensor([[w.seq.slot, w.seq.kv_len, w.n] for w in work], dtype=torch.int64)
+        bound = max(w.seq.kv_len + T for w in work)
+        meta = meta.to(dev)
+        slots, cache_pos, n_new = meta[:, 0], meta[:, 1], meta[:, 2]
+        ids_t = torch.tensor(ids, dtype=torch.int64).to(dev)
+        pos_t = torch.tensor(pos, dtype=torch.int64).to(dev)
+        codes_t = torch.tensor(rows, dtype=torch.int64).to(dev) if rows else None
+
+        m = self.model
+        x = m.embed(ids_t, codes_t, check=False)                          # (B, T, H)
+        hidden = m.forward(x, pos_t, self.cache, slots, cache_pos,
+                           n_new if T > 1 else None, kv_len=min(bound, self.cache.max_len))
+        last = m.last_hidden(hidden, n_new if T > 1 else None)            # (B, H)
+        self.stats["forward_tokens"] += sum(w.n for w in work)
+
+        text_rows, audio_rows = [], []
+        for i, w in enumerate(work):
+            if w.seq.advance(w.n):
+                (audio_rows if w.seq.kind == "audio" else text_rows).append(i)
+
+        outs = []
+        if text_rows:
+            outs.append(self._text_decisions([work[i].seq for i in text_rows], last[text_rows], slots[text_rows]))
+        if audio_rows:
+            outs.append(self._audio_decisions([work[i].seq for i in audio_rows], last[audio_rows],
+                                              slots[audio_rows]).flatten())
+        if outs:
+            flat = torch.cat(outs).tolist()                               # the step's one host read
+            nt = len(text_rows)
+            for j, i in enumerate(text_rows):
+                work[i].seq.on_text(flat[j])
+            C = self.proto.num_codebooks
+            for j, i in enumerate(audio_rows):
+                work[i].seq.on_frame(flat[nt + j * C: nt + (j + 1) * C])
+            self.stats["text_decisions"] += nt
+            self.stats["audio_frames"] += len(audio_rows)
+
+    def _text_decisions(self, seqs: list[Sequence], h: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """h (Bt, H) -> Long[Bt]. Logits upcast to fp32 before processing (correction 15)."""
+        logits = self.model.logits(h).float()                             # (Bt, V)
+        # an <audio_pad> sampled as text would have no codes to embed (the reference asserts)
+        logits[:, self.proto.audio_pad] = float("-inf")
+        batch = S.SamplingBatch.build([s.spec.params for s in seqs], [s.seed for s in seqs],
+                                      [s.draws for s in seqs], self.device)
+        return S.choose(logits, self.counts.seen(slots), batch)
+
+    def _audio_decisions(self, seqs: list[Sequence], h: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """h (Ba, H) -> Long[Ba, C]. Logits stay in the model dtype (correction 15); each
+        codebook's history is this segment's codes (§11.3)."""
+        batch = S.SamplingBatch.build([s.spec.params for s in seqs], [s.seed for s in seqs],
+                                      [s.draws for s in seqs], self.device)
+        forced = [s.forced is not None for s in seqs]
+        ban = torch.tensor(forced, device=self.device) if any(forced) else None
+        eoa = self.proto.eoa
+
+        def choose(k: int, logits: torch.Tensor) -> torch.Tensor:
+            if k == 0 and ban is not None:        # forced schedule: a segment never ends early
+                logits = logits.clone()
+                logits[:, eoa] = torch.where(ban, torch.tensor(float("-inf"), dtype=logits.dtype,
+                                                               device=logits.device), logits[:, eoa])
+            seen = self.codes.seen(slots, k, logits.shape[-1])
+            return S.choose(logits, seen, batch.offset(k))
+
+        return self.model.audio_frame(h, choose)
+
+    # ================================================================== after a step
+    def _finish_step(self) -> None:
+        self._apply_effects()
+        for seq in self.scheduler.running:
+            self._deliver(seq)
+        for seq in self.scheduler.retire():
+            self.handles.pop(seq.id, None)
+
+    def _apply_effects(self) -> None:
+        """Mirror the sequences' token/code changes into the device histories, batched."""
+        cnt_slot, cnt_id, cnt_val = [], [], []
+        clear_slots, code_slots, code_rows = [], [], []
+        for seq in self.scheduler.running:
+            if not seq.effects:
+                continue
+            adds: list[tuple[int, ...]] = []
+            for e in seq.effects:
+                if e[0] == "add":
+                    cnt_slot += [seq.slot] * len(e[1])
+                    cnt_id += e[1]
+                    cnt_val += [1] * len(e[1])
+                elif e[0] == "replace":
+                    if e[1] != e[2]:
+                        cnt_slot += [seq.slot, seq.slot]
+                        cnt_id += [e[1], e[2]]
+                        cnt_val += [-1, 1]
+                elif e[0] == "clear_codes":
+                    clear_slots.append(seq.slot)
+                    adds = []                      # codes before a clear no longer count
+                elif e[0] == "codes":
+                    adds.append(e[1])
+            code_slots += [seq.slot] * len(adds)
+            code_rows += adds
+            seq.effects.clear()
+        dev = self.device
+        if cnt_id:
+            self.counts.counts.index_put_(
+                (torch.tensor(cnt_slot, device=dev), torch.tensor(cnt_id, device=dev)),
+                torch.tensor(cnt_val, dtype=torch.int32, device=dev), accumulate=True)
+        if clear_slots:
+            self.codes.clear(torch.tensor(clear_slots, device=dev))
+        if code_rows:
+            self.codes.add(torch.tensor(code_slots, device=dev), torch.tensor(code_rows, device=dev))
+
+    def _deliver(self, seq: Sequence) -> None:
+        if not seq.events:
+            return
+        h = self.handles.get(seq.id)
+        evs, seq.events = seq.events, []
+        for ev in evs:
+            if h is not None:
+                h._put(ev)
+            if self.on_event is not None:
+                self.on_event(ev)
