@@ -24,9 +24,11 @@ ray-operator/config/crd/bases/ray.io_rayservices.yaml):
 """
 from __future__ import annotations
 
+import base64
 import copy
 import functools
 import importlib
+import importlib.util
 import json
 import os
 import re
@@ -77,6 +79,15 @@ def _missing_tool(msg: str) -> None:
     if os.environ.get("CI") == "true":
         pytest.fail(msg)
     pytest.skip(msg)
+
+
+def _kubernetes_validate():
+    try:
+        import jsonschema  # noqa: F401  (installed with kubernetes-validate)
+        import kubernetes_validate
+    except ImportError:
+        _missing_tool("kubernetes-validate is not installed: pip install kubernetes-validate")
+    return kubernetes_validate
 
 
 # --------------------------------------------------------------------------- rendering
@@ -226,7 +237,7 @@ def load_settings(docs: list[Doc], tmp_path: Path):
 
 def check_core_objects(docs: list[Doc]) -> None:
     """Every non-Ray object validates against the Kubernetes schemas, strictly."""
-    import kubernetes_validate
+    kubernetes_validate = _kubernetes_validate()
 
     for d in docs:
         if d["apiVersion"].startswith("ray.io/"):
@@ -259,6 +270,7 @@ def _strict(schema: Any) -> Any:
 
 @functools.lru_cache(maxsize=1)
 def _rayservice_validator():
+    _kubernetes_validate()
     import jsonschema
 
     schema = json.loads(RAYSERVICE_SCHEMA.read_text())
@@ -266,7 +278,7 @@ def _rayservice_validator():
 
 
 def _validate_core(obj: Doc, what: str) -> None:
-    import kubernetes_validate
+    kubernetes_validate = _kubernetes_validate()
 
     for version in KUBERNETES_VERSIONS:
         try:
@@ -296,6 +308,39 @@ def check_rayservice(docs: list[Doc]) -> None:
     if svc is not None:
         _validate_core({"apiVersion": "v1", "kind": "Service", **svc},
                        f"{name_of(rs)}: spec.serveService")
+
+
+_LABEL_KEY = re.compile(r"^([a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
+_LABEL_VALUE = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$")
+
+
+def check_kuberay_rules(docs: list[Doc]) -> None:
+    """The operator's own admission rules that a schema cannot express (KubeRay v1.7,
+    ray-operator/controllers/ray/utils/validation.go)."""
+    rs = the_rayservice(docs)
+    cluster = rs["spec"]["rayClusterConfig"]
+    autoscaling = bool(cluster.get("enableInTreeAutoscaling"))
+    for group, spec in ray_groups(rs):
+        where = f"{name_of(rs)} group {group}"
+        params = spec.get("rayStartParams") or {}
+        assert "labels" not in params, f"{where}: use the group's labels field, not rayStartParams.labels"
+        if spec.get("resources"):
+            assert not {"num-cpus", "num-gpus", "memory", "resources"} & set(params), \
+                f"{where}: resources set both in rayStartParams and in resources"
+        for key, value in (spec.get("labels") or {}).items():
+            assert _LABEL_KEY.match(key) and _LABEL_VALUE.match(str(value)), \
+                f"{where}: label {key}={value} is not valid Kubernetes label syntax"
+        if group == "head":
+            continue
+        lo, hi = spec.get("minReplicas"), spec.get("maxReplicas")
+        if not autoscaling:
+            assert lo is not None and hi is not None, f"{where}: set minReplicas and maxReplicas"
+        if lo is not None and hi is not None:
+            assert 0 <= lo <= spec.get("replicas", lo) <= hi, \
+                f"{where}: need minReplicas <= replicas <= maxReplicas, got {lo}, {spec.get('replicas')}, {hi}"
+        if autoscaling and (cluster.get("autoscalerOptions") or {}).get("version") == "v2":
+            assert spec["template"]["spec"].get("restartPolicy", "Never") == "Never", \
+                f"{where}: autoscaler v2 needs restartPolicy Never or unset"
 
 
 # --------------------------------------------------------------------------- checks: Serve
@@ -485,6 +530,10 @@ def test_rayservice_matches_kuberay_crd(docs):
     check_rayservice(docs)
 
 
+def test_rayservice_passes_kuberay_admission_rules(docs):
+    check_kuberay_rules(docs)
+
+
 def test_serve_config(docs):
     check_serve_config(docs)
 
@@ -510,13 +559,41 @@ def test_grpc_servicer_functions_import():
         assert callable(fn)
 
 
-def test_builder_functions_exist():
+@pytest.mark.parametrize("app", sorted(APPS))
+@pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
+def test_builder_binds_what_serve_config_names(kustomization, app, tmp_path):
+    """orchestrator.app's builder, given the rendered config.yaml, binds the deployment that
+    serveConfigV2 names, with the replicas and resources that serveConfigV2 then applies."""
     if importlib.util.find_spec("orchestrator.app") is None:
         pytest.skip("orchestrator/app.py is not written yet")
-    app = importlib.import_module("orchestrator.app")
-    for name, (import_path, _, _) in APPS.items():
-        attr = import_path.split(":")[1]
-        assert callable(getattr(app, attr, None)), f"orchestrator.app has no builder {attr} for {name}"
+    module, attr = APPS[app][0].split(":")
+    builder = getattr(importlib.import_module(module), attr, None)
+    assert callable(builder), f"{module} has no builder {attr}"
+    docs = render(kustomization)
+    _, text = settings_text(docs)
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    try:
+        d = builder({"config": str(path)})._bound_deployment
+    except ModuleNotFoundError as e:  # a stage whose deployment.py is not written yet
+        if (e.name or "").startswith(("services.", "orchestrator.")):
+            pytest.skip(f"{attr}: {e.name} is not written yet")
+        raise
+    opts = deployment_options(serve_config(docs))[app]
+    assert d.name == APPS[app][1], f"{attr} binds deployment {d.name!r}, serveConfigV2 names {APPS[app][1]!r}"
+    actor = opts["ray_actor_options"]
+    for key in ("num_cpus", "num_gpus"):
+        assert float(d.ray_actor_options.get(key, 1)) == float(actor.get(key, 1)), \
+            f"{attr}: ray_actor_options.{key} {d.ray_actor_options.get(key)} != serveConfigV2 {actor.get(key)}"
+    auto = d._deployment_config.autoscaling_config
+    if "autoscaling_config" in opts:
+        want = opts["autoscaling_config"]
+        assert auto is not None, f"{attr}: the builder does not autoscale but serveConfigV2 does"
+        got = {k: getattr(auto, k) for k in ("min_replicas", "max_replicas", "target_ongoing_requests")}
+        assert all(got[k] == want[k] for k in got if k in want), f"{attr}: autoscaling {got} != {want}"
+    else:
+        assert auto is None and d.num_replicas == opts["num_replicas"], \
+            f"{attr}: builder replicas {d.num_replicas} (autoscaling {auto}) != serveConfigV2 {opts}"
 
 
 def test_references(docs):
@@ -551,27 +628,42 @@ def test_settings_configmap_loads_and_agrees_with_serve(docs, tmp_path):
                 f"stages.{stage}.target_ongoing_requests differs from deployment {deployment}"
 
 
-def test_no_secret_in_settings(docs):
-    cm, text = settings_text(docs)
-    assert "password" not in text.lower().replace("redis_password", ""), \
-        f"{name_of(cm)}: the Redis password belongs in the Secret, not in config.yaml"
+def _secret_values(doc: Doc) -> dict[str, str]:
+    values = {k: base64.b64decode(v).decode() for k, v in (doc.get("data") or {}).items()}
+    values.update(doc.get("stringData") or {})
+    return values
 
 
-def test_ray_pod_environment(docs):
-    """Every Ray container gets the config path, MODEL_PATH and Redis from the Secret."""
-    rs = the_rayservice(docs)
-    for group, spec in ray_groups(rs):
+def test_ray_pod_environment_reaches_settings(docs, tmp_path):
+    """Each Ray container's environment (Secret values filled in) loads with the settings as a
+    replica would: every variable is one settings.py reads, MODEL_PATH is on a mounted
+    volume, the Redis URL and password come from the Secret."""
+    from services.common import settings as S
+
+    secrets = {d["metadata"]["name"]: _secret_values(d) for d in find(docs, "Secret")}
+    _, text = settings_text(docs)
+    (tmp_path / "config.yaml").write_text(text)
+    for group, spec in ray_groups(the_rayservice(docs)):
         c = spec["template"]["spec"]["containers"][0]
-        env = {e["name"]: e for e in c.get("env", [])}
         where = f"group {group} container {c['name']}"
-        assert env.get("BAICHUAN_AUDIO_CONFIG", {}).get("value") == CONFIG_PATH, where
-        model_path = env.get("MODEL_PATH", {}).get("value", "")
-        mounts = [m["mountPath"] for m in c.get("volumeMounts", [])]
-        assert any(model_path.startswith(m.rstrip("/") + "/") for m in mounts), \
-            f"{where}: MODEL_PATH {model_path!r} is under no volume mount ({mounts})"
-        for var in ("REDIS_URL", "REDIS_PASSWORD"):
-            assert "secretKeyRef" in env.get(var, {}).get("valueFrom", {}), \
-                f"{where}: {var} must come from a Secret"
+        env, from_secret = {}, {}
+        for e in c.get("env", []):
+            ref = e.get("valueFrom", {}).get("secretKeyRef")
+            if ref:
+                env[e["name"]] = from_secret[e["name"]] = secrets[ref["name"]][ref["key"]]
+            else:
+                assert "value" in e, f"{where}: env {e['name']} is neither a value nor a Secret key"
+                env[e["name"]] = e["value"]
+        unread = [n for n in env if n not in S.PLAIN_ENV and n != S.CONFIG_ENV
+                  and not n.startswith((S.ENV_PREFIX, "RAY_"))]
+        assert not unread, f"{where}: settings.py reads no variable named {unread}"
+        assert env.get(S.CONFIG_ENV) == CONFIG_PATH, f"{where}: {S.CONFIG_ENV} must be {CONFIG_PATH}"
+        assert {"REDIS_URL", "REDIS_PASSWORD"} <= set(from_secret), f"{where}: Redis must come from a Secret"
+        s = S.Settings.load(None, env={**env, S.CONFIG_ENV: str(tmp_path / "config.yaml")})
+        assert s.redis.url == env["REDIS_URL"] and s.redis.password == env["REDIS_PASSWORD"]
+        mounts = [m["mountPath"].rstrip("/") + "/" for m in c.get("volumeMounts", [])]
+        assert s.model.path and any(s.model.path.startswith(m) for m in mounts), \
+            f"{where}: model path {s.model.path!r} is under no volume mount ({mounts})"
 
 
 # --------------------------------------------------------------------------- tests: resources
@@ -742,7 +834,8 @@ def test_redis_durable_with_password(docs):
     assert env["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == "baichuan-audio-redis"
     # The Ray pods' REDIS_URL must name this Service and port.
     secret = find(docs, "Secret", "baichuan-audio-redis")[0]
-    url = (secret.get("stringData") or {}).get("url", "")
+    url = (secret.get("stringData") or {}).get("url") \
+        or base64.b64decode((secret.get("data") or {}).get("url", "")).decode()
     svc = find(docs, "Service", "baichuan-audio-redis")[0]
     assert url.startswith(f"redis://{svc['metadata']['name']}:{svc['spec']['ports'][0]['port']}/"), \
         f"Secret url {url!r} does not point at Service {name_of(svc)}"
@@ -843,6 +936,10 @@ def _set_serve(docs: list[Doc], fn) -> None:
         .update(maxReplica=3), check_rayservice, "maxReplica"),
     (lambda d: the_rayservice(d)["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]
         ["containers"][0].update(readinesProbe={}), check_rayservice, "readinesProbe"),
+    (lambda d: the_rayservice(d)["spec"]["rayClusterConfig"]["workerGroupSpecs"][1].update(minReplicas=5),
+        check_kuberay_rules, "minReplicas <= replicas"),
+    (lambda d: the_rayservice(d)["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["labels"].update(
+        {"pool!": "gpu"}), check_kuberay_rules, "label syntax"),
     (lambda d: _set_serve(d, lambda c: c["applications"][1]["deployments"][0].update(
         autoscaling_conifg={})), check_serve_config, "autoscaling_conifg"),
     (lambda d: _set_serve(d, lambda c: c["applications"][1]["deployments"][0]["autoscaling_config"]

@@ -203,44 +203,39 @@ def random_hift_state(cfg: HiFTConfig, seed: int) -> dict[str, torch.Tensor]:
 # ---------------------------------------------------------------------- protocol shaping
 # A random LLM would babble until every budget runs out (50 tokens a text segment, 500
 # frames an audio segment, 100 rounds). These edits make a reply short and structured:
-# a few text tokens, ~AUDIO_FRAMES audio frames, a few segments, then <|endoftext|>.
+# a few text tokens, AUDIO_FRAMES audio frames, a few segments, then <|endoftext|>.
 #
 # Text: a constant "bias feature". Channel BIAS_CHANNEL of every input embedding (text rows,
-# and 1/n of it in each audio-code table so the summed audio rows match) holds BIAS_FEATURE;
-# no layer reads it (zero input columns of W_pack / gate_proj / up_proj) or writes it (zero
-# output rows of o_proj / down_proj), so it reaches the final RMSNorm unchanged and
-# h[BIAS_CHANNEL] ~ BIAS_FEATURE / rms(x) is nearly constant. Column BIAS_CHANNEL of lm_head
-# then acts as a per-token logit bias (lm_head has no bias parameter): TEXT_LOGIT_BIAS below.
-# Special ids that must never be emitted as text (a generated <audio_pad> would need audio
-# codes) get their whole row zeroed and a large negative bias.
+# and 1/n of it in each of the n audio-code tables, so summed audio rows match) holds
+# BIAS_FEATURE; no layer reads it (zero input columns of W_pack / gate_proj / up_proj) or
+# writes it (zero output rows of o_proj / down_proj), so it reaches the final RMSNorm
+# unchanged and h[BIAS_CHANNEL] = BIAS_FEATURE / rms(x) is nearly constant (measured with these
+# dims: mean BIAS_H, sd ~0.6). Column BIAS_CHANNEL of lm_head then acts as a per-token logit
+# bias (lm_head has no bias parameter). Biases in logits, against random logits of sd ~1
+# whose maximum over the vocab is ~3:
+# - <audiogen_start> and <|endoftext|> rows are pure bias, so their order is fixed: unused,
+#   <audiogen_start> (3.0) beats <|endoftext|> (2.93), and the first text segment ends by
+#   switching to audio; once <audiogen_start> is in the sequence the text repetition penalty
+#   (1.05 / 1.1) puts it below <|endoftext|> (3.0 / 1.05 = 2.86), so a later segment ends the
+#   reply unless a stop character wins first. Both are on top in about a third of the steps,
+#   so segments have a few tokens.
+# - the single-token stop characters keep their random rows plus a smaller bias.
+# - special ids that must never be emitted as text (a generated <audio_pad> would need audio
+#   codes) get a zero row and a large negative bias.
 BIAS_CHANNEL = 0
 BIAS_FEATURE = 4.0
-TEXT_LOGIT_BIAS = {
-    "endoftext": 5.0,        # ends the reply (and the text-only reply)
-    "audiogen_start": 5.5,   # ends the first text segment; penalised once it is in the sequence
-    "stop": 4.0,             # , ! ? ， 。 ！ ？ . : ends the later text segments
-    "never": -30.0,          # every other special id
-}
+BIAS_H = 2.7
+TEXT_LOGIT_BIAS = {"audiogen_start": 3.0, "endoftext": 2.93, "stop": 1.5, "never": -30.0}
 STOP_PIECES = (",", "!", "?", ".", "，", "。", "！", "？")
 # Audio: AUDIO_FRAMES codes of codebook 0 get +AUDIO_BOOST, the end-of-audio class (index K0)
 # +AUDIO_EOS_BIAS. Unused boosted codes win (60 > 52); the audio repetition penalty (1.3, over
 # this segment's codebook-0 history) divides a used one to 60/1.3 = 46 < 52, so each segment
 # ends by code-0 EOS after AUDIO_FRAMES frames. Margins (8 and 6) are several times the
-# spread of the random head logits (~1).
+# spread of the random head logits (~1). Without the repetition penalty a segment runs to
+# the 500-frame budget.
 AUDIO_FRAMES = 5
 AUDIO_BOOST = 60.0
 AUDIO_EOS_BIAS = 52.0
-
-
-def _bias_scale(state: dict[str, torch.Tensor], cfg: ModelConfig) -> float:
-    """Expected h[BIAS_CHANNEL] after the final RMSNorm, for turning logit biases into
-    lm_head entries: norm weight * BIAS_FEATURE / rms(x), with rms(x) taken as that of the
-    input embeddings (tuned by simulation: the two random layers keep rms(x) near it)."""
-    E = cfg.llm.hidden_size
-    emb = state[PREFIX["llm"] + "embed_tokens.weight"].float()
-    rms = math.sqrt((BIAS_FEATURE ** 2 + (E - 1) * emb[:, 1:].pow(2).mean().item()) / E)
-    w = state[PREFIX["llm"] + "norm.weight"].float()[BIAS_CHANNEL].item()
-    return w * BIAS_FEATURE / rms
 
 
 def shape_protocol_weights(state: dict[str, torch.Tensor], cfg: ModelConfig, tokenizer) -> dict[str, torch.Tensor]:
@@ -253,7 +248,6 @@ def shape_protocol_weights(state: dict[str, torch.Tensor], cfg: ModelConfig, tok
         fn(t)
         state[key] = t.to(state[key].dtype)
 
-    # Norm weights of the bias channel are fixed to 1 so h[c] is BIAS_FEATURE / rms(x).
     edit(p + "norm.weight", lambda t: t.__setitem__(c, 1.0))
     edit(p + "embed_tokens.weight", lambda t: t[:, c].fill_(BIAS_FEATURE))
     for k in range(n_cb):
@@ -268,24 +262,20 @@ def shape_protocol_weights(state: dict[str, torch.Tensor], cfg: ModelConfig, tok
     layout = special_token_layout(cfg)
     eos, ag = layout[ENDOFTEXT], cfg.audio_tokens.audiogen_start
     stop_ids = _stop_ids(tokenizer)
-    scale = _bias_scale(state, cfg)
 
     def lm(t: torch.Tensor) -> None:
         for token in ALL_SPECIALS:
             i = layout[token]
-            if i in (eos, ag):
-                continue
             t[i].zero_()
-            t[i, c] = TEXT_LOGIT_BIAS["never"] / scale
-        t[eos, c] = TEXT_LOGIT_BIAS["endoftext"] / scale
-        t[ag, c] = TEXT_LOGIT_BIAS["audiogen_start"] / scale
+            t[i, c] = TEXT_LOGIT_BIAS["never"] / BIAS_H
+        t[eos, c] = TEXT_LOGIT_BIAS["endoftext"] / BIAS_H
+        t[ag, c] = TEXT_LOGIT_BIAS["audiogen_start"] / BIAS_H
         for i in stop_ids:
-            t[i, c] = TEXT_LOGIT_BIAS["stop"] / scale
+            t[i, c] = TEXT_LOGIT_BIAS["stop"] / BIAS_H
     edit(PREFIX["lm_head"] + "weight", lm)
 
     K0 = cfg.audio.codebook_sizes[0]
-    step = max(1, K0 // AUDIO_FRAMES)
-    boosted = [(3 + j * step) % K0 for j in range(AUDIO_FRAMES)]
+    boosted = [(3 + j * max(1, K0 // AUDIO_FRAMES)) % K0 for j in range(AUDIO_FRAMES)]
 
     def head0(t: torch.Tensor) -> None:
         t[boosted] = AUDIO_BOOST

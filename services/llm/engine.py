@@ -46,6 +46,7 @@ class EngineConfig:
     prefill_budget: int = 512            # prompt tokens forwarded per step, over all sequences
     max_batch: Optional[int] = None      # running sequences at once (default num_slots)
     stop_mode: str = "text"              # "text": transformers 4.45 stop strings (the reference); "bytes": >= 4.50
+    trace: bool = False                  # record every row of every forward in Engine.trace
 
 
 class Handle:
@@ -141,6 +142,8 @@ class Engine:
         self._thread: Optional[threading.Thread] = None
         self._stop = threading.Event()
         self.stats = {"steps": 0, "forward_tokens": 0, "text_decisions": 0, "audio_frames": 0}
+        # (request_id, new tokens, KV length before, first and last 1-based position) per row
+        self.trace: Optional[list[tuple[str, int, int, int, int]]] = [] if config.trace else None
 
     # ================================================================== public API
     def open_session(self, session_id: Optional[str] = None) -> str:
@@ -331,6 +334,8 @@ class Engine:
                            n_new if T > 1 else None, kv_len=min(bound, self.cache.max_len))
         last = m.last_hidden(hidden, n_new if T > 1 else None)            # (B, H)
         self.stats["forward_tokens"] += sum(w.n for w in work)
+        if self.trace is not None:
+            self.trace += [(w.seq.id, w.n, w.seq.kv_len, w.seq.kv_len + 1, w.seq.kv_len + w.n) for w in work]
 
         text_rows, audio_rows = [], []
         for i, w in enumerate(work):

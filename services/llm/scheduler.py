@@ -146,6 +146,7 @@ class SegmentEnd(Event):
     token_ids: tuple[int, ...] = ()               # text: what was generated, before host writes
     text: str = ""                                # text: the segment's display text
     codes: tuple[tuple[int, ...], ...] = ()       # audio: every valid frame (before the EOS frame)
+    end_codes: tuple[int, ...] = ()               # audio: the end-of-audio frame (code 0 = K_0), if any
 
 
 @dataclass(frozen=True)
@@ -154,6 +155,7 @@ class Done(Event):
     final_sequence: tuple[int, ...]
     kv_len: int                # tokens of final_sequence that are in the KV cache
     prefix_reused: int = 0     # prompt tokens taken from the session's cache
+    host_writes: tuple[tuple[int, int, int], ...] = ()   # (position, old id, new id), no-ops included
     error: Optional[str] = None
 
 
@@ -211,6 +213,7 @@ class Sequence:
         self.cancelled = False
         self.events: list[Event] = []
         self.effects: list[tuple] = []         # ("add", ids) | ("replace", old, new) | ("clear_codes",) | ("codes", codes)
+        self.host_writes: list[tuple[int, int, int]] = []
         self.done: Optional[Done] = None
         # segments
         self.n_text = 0
@@ -304,6 +307,7 @@ class Sequence:
         if old == self.proto.audio_pad and new != old:
             self.pad_rows.pop()
         self.tokens[-1] = new
+        self.host_writes.append((len(self.tokens) - 1, old, new))
         self.effects.append(("replace", old, new))
 
     def _append(self, ids: Seq[int]) -> None:
@@ -318,7 +322,8 @@ class Sequence:
         elif self.phase == Phase.AUDIO and reason in ("cancelled", "length", "error") and self.frames:
             self._end_audio(reason)
         self.phase = Phase.DONE
-        self.done = Done(self.id, reason, tuple(self.tokens), self.kv_len, self.prefix_reused, error)
+        self.done = Done(self.id, reason, tuple(self.tokens), self.kv_len, self.prefix_reused,
+                         tuple(self.host_writes), error)
         self.events.append(self.done)
 
     # ------------------------------------------------------------------ text decisions
@@ -394,7 +399,7 @@ class Sequence:
             return
         reason = "eos" if eoa else ("forced" if self.forced is not None else "max_new")
         if self.frames:                        # correction 12: a 0-frame segment emits nothing
-            self._end_audio(reason)
+            self._end_audio(reason, codes if eoa else ())
         if self.mode == Mode.TTS:
             if self.tts_queue:
                 self._overwrite_last(self.proto.audiogen_end)
@@ -412,8 +417,9 @@ class Sequence:
             self._begin(Phase.TEXT)
             self._check_room()
 
-    def _end_audio(self, reason: str) -> None:
-        self.events.append(SegmentEnd(self.id, "audio", self.n_audio, reason, codes=tuple(self.frames)))
+    def _end_audio(self, reason: str, end_codes: tuple[int, ...] = ()) -> None:
+        self.events.append(SegmentEnd(self.id, "audio", self.n_audio, reason, codes=tuple(self.frames),
+                                      end_codes=end_codes))
         self.n_audio += 1
 
     def _check_room(self) -> None:

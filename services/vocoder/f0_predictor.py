@@ -101,7 +101,7 @@ class ConvRNNF0Predictor(nn.Module):
         # mel: (B, C_mel, T); mask: (B, 1, T) 1.0 on valid frames, or None when none are padded.
         # Zeroing padded frames after each layer makes every conv see the zero padding it would
         # see on the unpadded mel (ELU(0) = 0), so valid frames do not depend on the padding.
-        x = mel
+        x = mel if mask is None else mel * mask
         for layer in self.condnet:
             x = layer(x)
             if isinstance(layer, nn.ELU) and mask is not None:

@@ -188,9 +188,10 @@ class HiFTGenerator(nn.Module):
         re, im = self.stft(source.squeeze(1), n_samples)
         s_stft = torch.cat([re, im], dim=1)                                          # (B, n_fft+2, F)
 
-        x = _masked(self.conv_pre(mel), length_mask(lengths, t))                     # (B, C, T)
+        mel_mask = length_mask(lengths, t)                                           # padding may hold anything
+        x = _masked(self.conv_pre(_masked(mel, mel_mask)), mel_mask)                 # (B, C, T)
         rate = 1
-        n_up = len(self.ups)
+        n_up, k = len(self.ups), len(self.cfg.resblock_kernel_sizes)
         for i, up in enumerate(self.ups):
             rate *= self.cfg.upsample_rates[i]
             x = up(F.leaky_relu(x, self.cfg.lrelu_slope))                           # (B, C/2^(i+1), T·rate)
@@ -202,7 +203,6 @@ class HiFTGenerator(nn.Module):
             x = _masked(x, mask)
             si = _masked(self.source_downs[i](s_stft), mask)
             x = x + self.source_resblocks[i](si, mask)
-            k = len(self.cfg.resblock_kernel_sizes)
             xs = self.resblocks[i * k](x, mask)
             for j in range(1, k):
                 xs = xs + self.resblocks[i * k + j](x, mask)

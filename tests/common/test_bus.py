@@ -13,7 +13,7 @@ import redis
 from services.common import bus as busmod
 from services.common.bus import (
     AudioFrames, BacklogFull, Bus, BusError, DecodeJob, Job, PcmChunk, PermanentError,
-    SegmentBoundary, TextDelta, Timing, TurnEnd, TurnError, VocodeJob, decode_entry, run_worker,
+    SegmentBoundary, TextDelta, Timing, TurnEnd, TurnError, VocodeJob, decode_entry,
     start_worker,
 )
 from services.common.telemetry import start_span

@@ -1,0 +1,397 @@
+"""Decode-step benchmark of the LLM stage, with random weights.
+
+For each batch size it times, per step and for B sequences with `context_len` tokens cached:
+  text   one backbone token + lm_head (fp32 upcast) + sampling
+  audio  one backbone token + the 8-codebook audio head + sampling (one 80 ms frame)
+two ways, in the same run:
+  fast       the serving path: slotted preallocated KVCache, incremental audio head
+             (`AudioHead.frame`), sampling on the device (services.llm.sampler when present);
+             optionally replayed as CUDA graphs (--cuda-graph)
+  reference  the reference's structure: per-layer K/V grown with torch.cat every step, SDPA
+             math attention, the whole audio head re-run for each codebook
+             (`AudioHead.forward_full`), logits copied to the host and sampled there.
+
+Only torch and the model code are imported (the GPU machine has no ray/redis/soundfile).
+
+    python -m services.llm.bench                              # mid-size config on the CPU, fp32
+    python -m services.llm.bench --preset qwen7b --device cuda --dtype bf16 --context-len 1024
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import time
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from services.common.model_config import ModelConfig
+from services.llm.model import AudioLLM, apply_rope, rope_cos_sin
+
+# ---------------------------------------------------------------------------- configs
+# Real dimensions: Qwen2.5-7B backbone (reference-model.md §2.2, §6) and the 3-layer audio
+# head over the 8 codebooks (§7). "cpu" keeps the same structure at a size 2 cores can run.
+PRESETS: dict[str, dict] = {
+    "qwen7b": dict(hidden_size=3584, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
+                   head_dim=128, intermediate_size=18944, vocab_size=152064,
+                   codebook_sizes=(8192, 4096, 2048, 1024, 1024, 1024, 1024, 1024),
+                   audio_head_transformer_layers=3),
+    "cpu": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                head_dim=64, intermediate_size=704, vocab_size=8192,
+                codebook_sizes=(1024, 512, 256, 128, 128, 128, 128, 128),
+                audio_head_transformer_layers=3),
+}
+
+_AUDIO_TOKENS = ("audio_start", "audio_end", "audio_pad", "audio_delim", "audiotext_start",
+                 "audiotext_end", "audiotext_pad", "audiogen_start", "audiogen_end")
+
+
+def synthetic_config(hidden_size: int, num_hidden_layers: int, num_attention_heads: int,
+                     num_key_value_heads: int, head_dim: int, intermediate_size: int, vocab_size: int,
+                     codebook_sizes=(8192, 4096, 2048, 1024, 1024, 1024, 1024, 1024),
+                     audio_head_transformer_layers: int = 3, rope_theta: float = 1e6) -> ModelConfig:
+    """A complete config.json dict with the given LLM/head dimensions (the other stages get
+    small placeholder values) -> ModelConfig. Audio special ids are the last ids of the vocab."""
+    if vocab_size < 64:
+        raise ValueError(f"vocab_size {vocab_size} is too small to hold the audio special tokens")
+    audio = {f"{n}_token_id": vocab_size - 32 + i for i, n in enumerate(_AUDIO_TOKENS)}
+    audio.update(audio_head_transformer_layers=audio_head_transformer_layers, avg_pooler=4, d_model=64,
+                 encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=64, decoder_layers=1,
+                 decoder_attention_heads=2, decoder_ffn_dim=64, decoder_kernel_size=3, num_mel_bins=128,
+                 n_fft=400, hop_length=160, sampling_rate=16000, max_audio_seconds=30,
+                 vq_config={"enable": True, "codebook_sizes": list(codebook_sizes)})
+    flow = dict(prenet_in_dim=64, prenet_out_dim=80, prenet_d_model=32, prenet_attention_heads=2,
+                prenet_ffn_dim=64, prenet_nlayers=1, in_channels=80, channels=[32], attention_head_dim=16,
+                n_blocks=1, num_mid_blocks=1, num_heads=2)
+    d = dict(hidden_size=hidden_size, num_hidden_layers=num_hidden_layers,
+             num_attention_heads=num_attention_heads, num_key_value_heads=num_key_value_heads,
+             head_dim=head_dim, intermediate_size=intermediate_size, vocab_size=vocab_size,
+             rms_norm_eps=1e-6, rope_theta=rope_theta, audio_config=audio, flow_matching_config=flow,
+             vocoder_config={"num_mel_bins": 80, "channels": [32]})
+    return ModelConfig.from_dict(d)
+
+
+# ---------------------------------------------------------------------------- sampling
+TEXT = dict(temperature=0.8, top_k=20, top_p=0.85)     # §11.3, first text segment
+AUDIO = dict(temperature=0.5, top_k=5, top_p=0.85)     # §11.3, audio frames
+
+
+def _simple_device_sampler(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+    """Temperature, top-k, then top-p within the top k, then an exponential race:
+    Long[B], on the device, no host sync."""
+    vals, idx = (logits.float() / temperature).topk(top_k, dim=-1)       # (B, k) descending
+    probs = vals.softmax(-1)
+    tail = probs.flip(-1).cumsum(-1).flip(-1)                            # mass of this token and all below it
+    drop = tail <= 1.0 - top_p
+    drop[:, 0] = False
+    probs = probs.masked_fill(drop, 0.0)
+    race = probs / torch.empty_like(probs).exponential_()
+    return idx.gather(-1, race.argmax(-1, keepdim=True))[:, 0]
+
+
+def device_sampler(B: int, device: torch.device) -> tuple[str, Callable, Callable]:
+    """(name, text_sample(logits), audio_sample(k, logits)) on the device.
+
+    Uses the engine's sampler (services/llm/sampler.py) when it is there, else a simple one."""
+    try:
+        from services.llm import sampler as S
+        tp = S.SamplingParams(**TEXT)
+        ap = S.SamplingParams(**AUDIO)
+        tb = S.SamplingBatch.build([tp] * B, list(range(B)), [0] * B, device)
+        ab = S.SamplingBatch.build([ap] * B, list(range(B)), [0] * B, device)
+        return ("services.llm.sampler",
+                lambda logits: S.choose(logits, None, tb),
+                lambda k, logits: S.choose(logits, None, ab.offset(k)))
+    except (ImportError, AttributeError, TypeError):
+        return ("bench simple sampler",
+                lambda logits: _simple_device_sampler(logits, **TEXT),
+                lambda k, logits: _simple_device_sampler(logits, **AUDIO))
+
+
+def host_sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+    """The HF processors (temperature, top-k, top-p over the sorted vocabulary) and
+    multinomial, on the host. logits: a CPU tensor (B, V) -> Long[B] on the CPU."""
+    x = logits.float() / temperature
+    kth = x.topk(top_k, dim=-1).values[:, -1:]
+    x = x.masked_fill(x < kth, float("-inf"))
+    asc, idx = x.sort(dim=-1)
+    drop = asc.softmax(-1).cumsum(-1) <= 1.0 - top_p
+    drop[:, -1] = False
+    x = x.masked_fill(drop.scatter(1, idx, drop), float("-inf"))
+    return torch.multinomial(x.softmax(-1), 1)[:, 0]
+
+
+# ---------------------------------------------------------------------------- reference-style step
+class ReferenceStyle:
+    """The reference's decode structure over the same weights: legacy per-layer (k, v)
+    tensors grown with torch.cat, repeat_kv, SDPA math with an additive mask, all-position
+    lm_head, the head re-run in full for each codebook, sampling on the host."""
+
+    def __init__(self, model: AudioLLM, past: list[tuple[torch.Tensor, torch.Tensor]]):
+        self.m, self.past = model, past
+
+    def backbone(self, embeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        m, c = self.m, self.m.cfg.llm
+        B, T, _ = embeds.shape
+        cos, sin = rope_cos_sin(positions, c.head_dim, c.rope_theta)
+        x = embeds
+        S = self.past[0][0].shape[2] + T
+        mask = torch.zeros(B, 1, T, S, dtype=x.dtype, device=x.device)   # all-ones attention mask, 4-D additive
+        new_past = []
+        for i, layer in enumerate(m.model.layers):
+            a = layer.self_attn
+            h = layer.input_layernorm(x)
+            q, k, v = a.W_pack(h).split(a.split, dim=-1)
+            q = q.view(B, T, a.n_heads, a.head_dim).transpose(1, 2)
+            k = k.view(B, T, a.n_kv, a.head_dim).transpose(1, 2)
+            v = v.view(B, T, a.n_kv, a.head_dim).transpose(1, 2)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            k = torch.cat([self.past[i][0], k], dim=2)
+            v = torch.cat([self.past[i][1], v], dim=2)
+            new_past.append((k, v))
+            rep = a.n_heads // a.n_kv
+            kr = k[:, :, None].expand(B, a.n_kv, rep, S, a.head_dim).reshape(B, a.n_heads, S, a.head_dim)
+            vr = v[:, :, None].expand(B, a.n_kv, rep, S, a.head_dim).reshape(B, a.n_heads, S, a.head_dim)
+            with _math_sdpa():
+                y = F.scaled_dot_product_attention(q, kr, vr, attn_mask=mask)
+            x = x + a.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        self.past = new_past
+        return m.model.norm(x)
+
+    def embed(self, ids: torch.Tensor, codes: torch.Tensor | None) -> torch.Tensor:
+        """embed_tokens, then the reference's mask arithmetic to replace the pad rows."""
+        m = self.m
+        x = m.model.embed_tokens(ids)
+        if codes is None:
+            return x
+        pad = (ids == m.cfg.audio_tokens.audio_pad)
+        a = m.audio_embed(codes)
+        row = torch.where(pad, pad.view(-1).long().cumsum(0).view(ids.shape) - 1, ids)
+        mm = F.embedding(row * pad, a) * pad.to(a.dtype)[..., None]
+        return mm + (1 - pad.to(x.dtype))[..., None] * x
+
+    def text_step(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        h = self.backbone(self.embed(ids, None), positions)
+        logits = self.m.logits(h)[:, -1].float()
+        return host_sample(logits.cpu(), **TEXT).to(ids.device)
+
+    def audio_step(self, ids: torch.Tensor, codes: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        h = self.backbone(self.embed(ids, codes), positions)
+        x = h[:, -1]
+        self.m.logits(h)                                                  # the reference computes them too
+        head, tables = self.m.audio_head, self.m.model.audio_embed_layers
+        t = torch.zeros(x.shape[0], head.depth, dtype=torch.long, device=x.device)
+        for k in range(head.depth):
+            logits = head.forward_full(x, t, tables)[k]
+            if k > 0:
+                logits = logits[:, :-1]
+            t[:, k] = host_sample(logits.cpu(), **AUDIO).to(x.device)
+        return t
+
+
+@contextlib.contextmanager
+def _math_sdpa():
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    with sdpa_kernel(SDPBackend.MATH):
+        yield
+
+
+# ---------------------------------------------------------------------------- timing
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time(fn: Callable[[int], object], warmup: int, steps: int, device: torch.device) -> float:
+    """Mean seconds per call of fn(i), i = the step's index (after the warmup calls)."""
+    for i in range(warmup):
+        fn(i)
+    _sync(device)
+    t0 = time.perf_counter()
+    for i in range(warmup, warmup + steps):
+        fn(i)
+    _sync(device)
+    return (time.perf_counter() - t0) / steps
+
+
+def build_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, attn_impl: str, seed: int) -> AudioLLM:
+    """Random weights, created directly in the target dtype and device."""
+    torch.manual_seed(seed)
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = AudioLLM(cfg, attn_impl=attn_impl)
+    finally:
+        torch.set_default_dtype(prev)
+    return model.eval()
+
+
+class _Graphed:
+    """A CUDA-graph replay of fn(): static inputs are updated in place before each replay."""
+
+    def __init__(self, fn: Callable[[], torch.Tensor]):
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(2):
+                fn()
+        torch.cuda.current_stream().wait_stream(s)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.out = fn()
+
+    def __call__(self) -> torch.Tensor:
+        self.graph.replay()
+        return self.out
+
+
+@torch.no_grad()
+def bench_batch(model: AudioLLM, B: int, context_len: int, steps: int, warmup: int,
+                cuda_graph: bool = False, modes=("fast", "reference")) -> dict:
+    cfg, dev = model.cfg, model.lm_head.weight.device
+    c = cfg.llm
+    n = warmup + steps
+    max_len = context_len + 2 * n + 1
+    pad = cfg.audio_tokens.audio_pad
+    g = torch.Generator(device=dev).manual_seed(1)
+    res: dict = {"batch": B}
+    sampler_name, sample_text, sample_audio = device_sampler(B, dev)
+    res["sampler"] = sampler_name
+
+    if "fast" in modes:
+        cache = model.new_cache(B, max_len)
+        cache.k.normal_(generator=g)
+        cache.v.normal_(generator=g)
+        slots = torch.arange(B, device=dev)
+        # static step inputs (updated in place, so the same code runs eagerly or graphed)
+        ids = torch.randint(0, c.vocab_size - 64, (B, 1), device=dev, generator=g)
+        codes = torch.zeros(B, len(cfg.audio.codebook_sizes), dtype=torch.long, device=dev)
+        cache_pos = torch.full((B,), context_len, dtype=torch.long, device=dev)
+        pad_ids = torch.full((B, 1), pad, dtype=torch.long, device=dev)
+
+        def text_step() -> torch.Tensor:
+            h = model(model.embed(ids, None, check=False), cache_pos[:, None] + 1, cache, slots, cache_pos,
+                      kv_len=max_len)
+            return sample_text(model.logits(h[:, -1]).float())
+
+        def audio_step() -> torch.Tensor:
+            h = model(model.embed(pad_ids, codes, check=False), cache_pos[:, None] + 1, cache, slots,
+                      cache_pos, kv_len=max_len)
+            return model.audio_frame(h[:, -1], sample_audio)
+
+        run_text, run_audio = text_step, audio_step
+        if cuda_graph and dev.type == "cuda":
+            run_text, run_audio = _Graphed(text_step), _Graphed(audio_step)
+
+        def text(i: int) -> None:
+            cache_pos.fill_(context_len + i)
+            ids.copy_(run_text()[:, None])
+
+        def audio(i: int) -> None:
+            cache_pos.fill_(context_len + n + i)
+            codes.copy_(run_audio())
+
+        res["fast_text_s"] = _time(text, warmup, steps, dev)
+        res["fast_audio_s"] = _time(audio, warmup, steps, dev)
+        del cache
+
+    if "reference" in modes:
+        shape = (B, c.num_key_value_heads, context_len, c.head_dim)
+        w = model.lm_head.weight
+        past = [(torch.randn(shape, generator=g, device=dev).to(w.dtype),
+                 torch.randn(shape, generator=g, device=dev).to(w.dtype)) for _ in range(c.num_hidden_layers)]
+        ref = ReferenceStyle(model, past)
+        state = {"ids": torch.randint(0, c.vocab_size - 64, (B, 1), device=dev, generator=g),
+                 "codes": torch.zeros(B, len(cfg.audio.codebook_sizes), dtype=torch.long, device=dev)}
+
+        def rtext(i: int) -> None:
+            L = ref.past[0][0].shape[2]
+            pos = torch.full((B, 1), L + 1, dtype=torch.long, device=dev)
+            state["ids"] = ref.text_step(state["ids"], pos)[:, None]
+
+        def raudio(i: int) -> None:
+            L = ref.past[0][0].shape[2]
+            pos = torch.full((B, 1), L + 1, dtype=torch.long, device=dev)
+            state["codes"] = ref.audio_step(torch.full((B, 1), pad, device=dev), state["codes"], pos)
+
+        res["ref_text_s"] = _time(rtext, warmup, steps, dev)
+        res["ref_audio_s"] = _time(raudio, warmup, steps, dev)
+        del ref, past
+    return res
+
+
+def bench_llm(config: dict | ModelConfig | str = "cpu", batch_sizes=(1, 8, 64),
+              device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+              context_len: int = 128, steps: int = 3, warmup: int = 1, attn_impl: str = "math",
+              cuda_graph: bool = False, seed: int = 0, modes=("fast", "reference"),
+              print_fn: Callable[[str], None] = print) -> list[dict]:
+    """Time text and audio decode steps for each batch size; print a table; return the rows.
+
+    config: a preset name ("cpu", "qwen7b"), a dict of `synthetic_config` arguments, or a
+    ModelConfig. Times are per step (one token for every sequence of the batch)."""
+    if isinstance(config, str):
+        config = PRESETS[config]
+    cfg = config if isinstance(config, ModelConfig) else synthetic_config(**config)
+    device = torch.device(device)
+    model = build_model(cfg, device, dtype, attn_impl, seed)
+    n_params = sum(p.numel() for p in model.parameters())
+    head_params = sum(p.numel() for p in model.audio_head.parameters())
+    c = cfg.llm
+    print_fn(f"# LLM stage decode bench: device {device}"
+             f"{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}, {dtype}, "
+             f"threads {torch.get_num_threads()}, attn {attn_impl}, cuda_graph {cuda_graph and device.type == 'cuda'}")
+    print_fn(f"# model: hidden {c.hidden_size}, layers {c.num_hidden_layers}, heads {c.num_attention_heads}/"
+             f"{c.num_key_value_heads}x{c.head_dim}, ffn {c.intermediate_size}, vocab {c.vocab_size}, "
+             f"codebooks {list(cfg.audio.codebook_sizes)}, head layers {cfg.audio.audio_head_transformer_layers}; "
+             f"{n_params / 1e9:.3f} B params ({head_params / 1e9:.3f} B in the audio head, random)")
+    print_fn(f"# context {context_len} tokens cached per sequence; {steps} timed steps after {warmup} warm-up")
+    hdr = (f"{'batch':>5} | {'text fast ms':>12} {'text ref ms':>12} {'x':>6} | "
+           f"{'audio fast ms':>13} {'audio ref ms':>12} {'x':>6} | {'frames/s fast':>13}")
+    print_fn(hdr)
+    rows = []
+    for B in batch_sizes:
+        r = bench_batch(model, B, context_len, steps, warmup, cuda_graph, modes)
+        rows.append(r)
+
+        def ms(key: str) -> str:
+            return f"{r[key] * 1e3:.2f}" if key in r else "-"
+
+        def ratio(a: str, b: str) -> str:
+            return f"{r[b] / r[a]:.1f}" if a in r and b in r else "-"
+
+        fps = f"{B / r['fast_audio_s']:.0f}" if "fast_audio_s" in r else "-"
+        print_fn(f"{B:>5} | {ms('fast_text_s'):>12} {ms('ref_text_s'):>12} {ratio('fast_text_s', 'ref_text_s'):>6} | "
+                 f"{ms('fast_audio_s'):>13} {ms('ref_audio_s'):>12} {ratio('fast_audio_s', 'ref_audio_s'):>6} | "
+                 f"{fps:>13}")
+    if rows:
+        print_fn(f"# sampling: {rows[0]['sampler']} (fast), HF-style processors on the host (reference); "
+                 f"x = reference / fast; an audio step = 1 frame = 80 ms of audio per sequence")
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="cpu", choices=sorted(PRESETS))
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default=None, choices=["fp32", "bf16"], help="default: fp32 on CPU, bf16 on CUDA")
+    p.add_argument("--batch-sizes", default="1,8,64")
+    p.add_argument("--context-len", type=int, default=128)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--attn", default="math", choices=["math", "sdpa"])
+    p.add_argument("--cuda-graph", action="store_true", help="replay the fast steps as CUDA graphs")
+    p.add_argument("--modes", default="fast,reference")
+    p.add_argument("--threads", type=int, default=None)
+    a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[a.dtype or ("bf16" if a.device.startswith("cuda") else "fp32")]
+    bench_llm(a.preset, tuple(int(b) for b in a.batch_sizes.split(",")), a.device, dtype, a.context_len,
+              a.steps, a.warmup, a.attn, a.cuda_graph, modes=tuple(a.modes.split(",")))
+
+
+if __name__ == "__main__":
+    main()

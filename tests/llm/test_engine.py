@@ -1,0 +1,246 @@
+"""The engine: continuous batching, cancellation, caps and limits, sessions (prefix reuse,
+LRU eviction), threads. Real model = fixture 06's tiny random model in fp32."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from services.llm.engine import Engine, EngineConfig, EngineError, Request, UnknownSessionError
+from services.llm.kv_cache import KVCache
+from services.llm.prompts import DEFAULT_SYSTEM_PROMPT, Audio, Message, PromptBuilder
+from services.llm.scheduler import AudioFrame, Done, SegmentEnd
+from tests.llm.test_parity_protocol import RUNS, check_run, one_thread, protocol_env  # noqa: F401 (fixtures)
+
+
+def _ends(events, kind=None):
+    return [e for e in events if isinstance(e, SegmentEnd) and (kind is None or e.kind == kind)]
+
+
+def _comparable(events):
+    """What must not depend on batching: every segment and the final sequence."""
+    done = events[-1]
+    assert isinstance(done, Done)
+    return done.reason, done.final_sequence, done.kv_len, [(e.kind, e.token_ids, e.codes, e.end_codes, e.reason)
+                                                           for e in _ends(events)]
+
+
+def _builder(env):
+    return PromptBuilder(env.tokenizer, env.engine().tokens, env.model.cfg.audio.num_codebooks)
+
+
+def _variants(env):
+    """Four more requests of other lengths and modes (their lengths are bounded)."""
+    b = _builder(env)
+    codes = env.tensors_in["speech.audio_codes"]
+    spoken = b.chat([Message("system", "hello"), Message("user", [Audio(codes[:9]), " weather?"])], spoken=True)
+    text = b.chat([Message("user", "Good morning! What time is it now?")], spoken=False)
+    asr = b.asr(codes[20:31])
+    tts = b.tts_chunks("Hello, how are you today? I am fine, thank you.")
+    return [
+        Request(spoken.ids, "spoken", spoken.audio_codes, forced=[("text", 4), ("audio", 5), ("text", 2)], greedy=True),
+        Request(spoken.ids, "spoken", spoken.audio_codes, forced=[("text", 3), ("audio", 3), ("text", 3)], seed=1234),
+        Request(text.ids, "text", greedy=True),
+        Request(asr.ids, "asr", asr.audio_codes, greedy=True),
+        Request(tts[0], "tts", tts_chunks=tts[1:], greedy=True, max_audio_frames=4),
+    ]
+
+
+def test_batched_equals_alone(protocol_env):
+    """A sequence gives the same tokens and codes alone or in one batch with 8 others of
+    other lengths and modes (prefill chunks, text steps and audio frames in one forward)."""
+    env = protocol_env
+    variants = _variants(env)
+    alone = []
+    for r in variants:
+        eng = env.engine(max_len=160)
+        h = eng.submit(r)
+        eng.run_until_idle()
+        alone.append(_comparable(h.drain()))
+    eng = env.engine(num_slots=9, max_len=160, prefill_budget=48, trace=True)
+    fixture_handles = {run: eng.submit(env.request(run)) for run in RUNS}
+    hs = [eng.submit(r) for r in variants]
+    eng.run_until_idle()
+    for run, h in fixture_handles.items():
+        check_run(env, run, h.drain())
+    for i, h in enumerate(hs):
+        assert _comparable(h.drain()) == alone[i], f"variant {i} differs when batched"
+    assert len({t[0] for t in eng.trace}) == 9
+    assert eng.stats["steps"] < len(eng.trace) / 4          # many sequences per forward
+
+
+def test_cancellation(protocol_env):
+    env = protocol_env
+    eng = env.engine(num_slots=1)
+    h1 = eng.submit(env.request("spoken"))
+    h2 = eng.submit(env.request("asr"))                     # waits: one slot
+    for _ in range(3):
+        eng.step()
+    h1.cancel()
+    h2.cancel()
+    eng.step()                                              # both end within one step
+    for h in (h1, h2):
+        done = h.drain()[-1]
+        assert isinstance(done, Done) and done.reason == "cancelled"
+    assert not eng.has_work() and eng.sessions.free == [0]
+    with pytest.raises(EngineError, match="unknown request"):
+        eng.cancel(h1.request_id)
+
+
+def test_context_limit(protocol_env):
+    env = protocol_env
+    eng = env.engine(max_len=64)
+    with pytest.raises(EngineError, match=r"prompt has 66 tokens; the context limit is 64"):
+        eng.submit(env.request("spoken"))
+    eng = env.engine(max_len=70)
+    h = eng.submit(env.request("text"))                     # 65 prompt tokens: the reply runs out of room
+    eng.run_until_idle()
+    done = h.drain()[-1]
+    assert done.reason == "length" and len(done.final_sequence) == 71 and done.kv_len == 70
+
+
+def test_bad_requests(protocol_env):
+    env = protocol_env
+    eng = env.engine()
+    ids = env.inputs["prompt_ids"]["asr"]
+    codes = env.tensors_in["speech.audio_codes"]
+    with pytest.raises(UnknownSessionError, match="unknown session 'nope'"):
+        eng.submit(Request(ids, "asr", codes, session_id="nope"))
+    with pytest.raises(UnknownSessionError, match="unknown session 'nope'"):
+        eng.close_session("nope")
+    with pytest.raises(EngineError, match="56 <audio_pad_baichuan> tokens but audio_codes has 3 frames"):
+        eng.submit(Request(ids, "asr", codes[:3]))
+    with pytest.raises(EngineError, match="unknown mode"):
+        eng.submit(Request(ids, "song", codes))
+    with pytest.raises(EngineError, match="must alternate text and audio"):
+        eng.submit(Request(ids, "spoken", codes, forced=[("audio", 3)]))
+    with pytest.raises(EngineError, match="must end with <audiogen_start_baichuan>"):
+        eng.submit(Request([1, 2, 3], "tts"))
+
+
+def _asr_turn(env, eng, sid, frames):
+    b = _builder(env)
+    p = b.asr(env.tensors_in["speech.audio_codes"][frames])
+    h = eng.submit(Request(p.ids, "asr", p.audio_codes, session_id=sid, greedy=True))
+    eng.run_until_idle()
+    return h.drain()[-1]
+
+
+def test_prefix_reuse_equals_full_prefill(protocol_env):
+    """Turn 2 of a session prefills only what its prompt adds to the cached tokens, and
+    gives the same result as a fresh engine prefilling everything."""
+    env = protocol_env
+    b = _builder(env)
+    codes = env.tensors_in["speech.audio_codes"]
+    eng = env.engine(trace=True)
+    sid = eng.open_session()
+    first = _asr_turn(env, eng, sid, slice(0, 56))
+    assert first.final_sequence == tuple(env.outputs["runs"]["asr"]["final_sequence"])
+    turn2 = b.chat([Message("user", [Audio(codes[40:50])])], spoken=True)
+    ids = list(first.final_sequence) + turn2.ids
+    all_codes = torch.cat([codes, turn2.audio_codes])
+    forced = [("text", 3), ("audio", 4), ("text", 2)]
+    h = eng.submit(Request(ids, "spoken", all_codes, session_id=sid, greedy=True, forced=forced))
+    eng.run_until_idle()
+    reused = h.drain()
+    assert reused[-1].prefix_reused == first.kv_len == 62
+    first_fwd = [t for t in eng.trace if t[0] == h.request_id][0]
+    assert first_fwd[1:3] == (len(ids) - 62, 62)           # only the new tokens, after the cached ones
+
+    fresh = env.engine()
+    h2 = fresh.submit(Request(ids, "spoken", all_codes, greedy=True, forced=forced))
+    fresh.run_until_idle()
+    full = h2.drain()
+    assert full[-1].prefix_reused == 0
+    assert _comparable(reused) == _comparable(full)
+
+
+def test_lru_eviction_under_small_budget(protocol_env):
+    env = protocol_env
+    cache_bytes = KVCache.for_config(env.model.cfg, 1, 128, dtype=torch.float32).nbytes()
+    eng = env.engine(num_slots=8, max_len=128, kv_budget_bytes=2 * cache_bytes + 1)
+    assert eng.num_slots == 2
+    s1, s2, s3 = (eng.open_session(f"s{i}") for i in (1, 2, 3))
+    for s in (s1, s2):
+        assert _asr_turn(env, eng, s, slice(0, 8)).prefix_reused == 0
+    assert _asr_turn(env, eng, s1, slice(0, 8)).prefix_reused > 0      # s1 kept its KV
+    assert _asr_turn(env, eng, s3, slice(0, 8)).prefix_reused == 0     # takes s2's slot (least recent)
+    assert eng.sessions.evictions == 1
+    assert _asr_turn(env, eng, s2, slice(0, 8)).prefix_reused == 0     # evicted: full prefill; evicts s1
+    assert _asr_turn(env, eng, s3, slice(0, 8)).prefix_reused > 0
+    assert eng.sessions.evictions == 2
+    eng.close_session(s3)
+    assert len(eng.sessions.free) == 1
+    with pytest.raises(EngineError, match="holds no slot"):
+        env.engine(max_len=128, kv_budget_bytes=cache_bytes - 1)
+
+
+def test_background_thread(protocol_env):
+    env = protocol_env
+    seen = []
+    eng = env.engine()
+    eng.on_event = seen.append
+    eng.run_forever()
+    try:
+        h = eng.submit(env.request("asr"))
+        done = h.result(timeout=120)
+    finally:
+        eng.stop()
+    assert done.final_sequence == tuple(env.outputs["runs"]["asr"]["final_sequence"])
+    assert seen[-1] == done
+
+
+# ---------------------------------------------------------------------------- the 500-frame cap
+
+class NeverEndingAudio(torch.nn.Module):
+    """A stand-in with AudioLLM's engine-facing API whose audio head never picks
+    end-of-audio; text: <audiogen_start> first, then <|endoftext|> (the repetition penalty
+    on the now-seen <audiogen_start> tips it). No real compute: 500 frames in seconds."""
+
+    def __init__(self, cfg, eos, start):
+        super().__init__()
+        self.cfg = cfg
+        self.lm_head = torch.nn.Linear(1, 1)
+        V = cfg.llm.vocab_size
+        self.text = torch.zeros(V)
+        self.text[start], self.text[eos] = 10.0, 9.6
+        sizes = cfg.audio.codebook_sizes
+        self.audio = [torch.linspace(1.0, 2.0, K + (1 if k == 0 else 0)) for k, K in enumerate(sizes)]
+        self.audio[0][sizes[0]] = -100.0                   # end-of-audio never wins
+
+    def new_cache(self, num_slots, max_len):
+        return KVCache.for_config(self.cfg, num_slots, max_len, dtype=torch.float32)
+
+    def embed(self, ids, codes=None, check=True):
+        return torch.zeros(*ids.shape, 1)
+
+    def forward(self, x, positions, cache, slots, cache_pos, n_new=None, kv_len=None):
+        return x
+
+    @staticmethod
+    def last_hidden(h, n_new=None):
+        return h[:, -1]
+
+    def logits(self, h):
+        return self.text.expand(h.shape[0], -1)
+
+    def audio_frame(self, h, choose):
+        return torch.stack([choose(k, a.expand(h.shape[0], -1)) for k, a in enumerate(self.audio)], dim=1)
+
+
+def test_500_frame_cap(protocol_env):
+    env = protocol_env
+    t = env.engine().tokens
+    fake = NeverEndingAudio(env.model.cfg, t.eos, t.audio.audiogen_start)
+    eng = Engine(fake, env.tokenizer, generation_config=env.gen_config, config=EngineConfig(num_slots=1, max_len=1024))
+    h = eng.submit(Request([1, 2, 3], "spoken", greedy=True))
+    eng.run_until_idle()
+    events = h.drain()
+    audio = _ends(events, "audio")
+    assert len(audio) == 1 and len(audio[0].codes) == 500 and audio[0].reason == "max_new"
+    assert sum(isinstance(e, AudioFrame) for e in events) == 500
+    done = events[-1]
+    a = env.model.cfg.audio_tokens
+    # the 500th frame's pad was never forwarded: the host wrote audiogen_end over it
+    assert done.final_sequence[3:5] == (a.audiogen_start, a.audio_pad)
+    assert done.final_sequence[-3:] == (a.audio_pad, a.audiogen_end, t.eos)
+    assert len(done.final_sequence) == 3 + 1 + 500 + 1 and done.reason == "eos"
