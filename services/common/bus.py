@@ -4,6 +4,7 @@ Two kinds of stream:
 
     turn:{turn_id}:llm     text deltas, audio frames, segment boundaries, timing, end/error
     turn:{turn_id}:audio   PCM chunks keyed by (segment, chunk), boundaries, errors
+    turn:{turn_id}:events  the merged reply as the caller receives it (ClientEvent), for resume
         Written by the stages, read in order by the orchestrator with XREAD. Capped with an
         approximate MAXLEN and expiring with the session (the expiry is refreshed on every
         write). A reader resumes after the last entry id it saw without loss or duplication.
@@ -45,7 +46,7 @@ log = logging.getLogger(__name__)
 SCHEMA_VERSION = 1
 DECODER_JOBS = "jobs:decoder"
 VOCODER_JOBS = "jobs:vocoder"
-TURN_KINDS = ("llm", "audio")
+TURN_KINDS = ("llm", "audio", "events")
 
 
 class BusError(RuntimeError):
@@ -377,6 +378,17 @@ class TurnError(Entry, type_name="error"):
     message: str
     segment: int = -1
     chunk: int = -1
+
+
+@dataclass(frozen=True)
+class ClientEvent(Entry, type_name="client_event"):
+    """One event of the reply exactly as the caller receives it (turn:{id}:events): a
+    serialized baichuan_audio.v1.TurnEvent without its event_id, which is this entry's id.
+    A caller that reconnects resumes by reading after the last id it got."""
+
+    turn_id: str
+    payload: bytes = field(repr=False)
+    last: bool = False      # the end of the turn (EndOfTurn or a fatal error)
 
 
 ENTRY_TYPES: Mapping[str, type[Entry]] = _ENTRY_TYPES

@@ -60,12 +60,18 @@ class SpecialIds:
 def load_text_tokenizer(path: str | Path):
     """The checkpoint's fast tokenizer (transformers), from its `tokenizer.json`. Local files
     only; custom tokenizer code is never executed."""
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer, PretrainedConfig, PreTrainedTokenizerFast
 
     p = Path(path)
     if not (p / "tokenizer.json").is_file():
         raise TokenizerError(f"{p}: no tokenizer.json (the checkpoint's byte-level BPE) found")
-    return AutoTokenizer.from_pretrained(str(p), local_files_only=True, trust_remote_code=False)
+    tc = p / "tokenizer_config.json"
+    if not (tc.is_file() and json.loads(tc.read_text(encoding="utf-8")).get("tokenizer_class")):
+        return PreTrainedTokenizerFast(tokenizer_file=str(p / "tokenizer.json"))
+    # A blank model config: the class comes from tokenizer_config.json, and transformers need
+    # not read config.json (model_type "omni", unknown to it, would only draw a warning).
+    return AutoTokenizer.from_pretrained(str(p), config=PretrainedConfig(), local_files_only=True,
+                                         trust_remote_code=False)
 
 
 def _single_id(tokenizer, token: str) -> int | None:
@@ -200,8 +206,9 @@ def _train_merges(n_merges: int) -> list[tuple[str, str]]:
     merges = json.loads(tok.to_str())["model"]["merges"]
     merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in merges]
     if len(merges) < n_merges:
+        most = 256 + len(merges) + len(ALL_SPECIALS)
         raise TokenizerError(f"the built-in corpus yields only {len(merges)} BPE merges; a tiny vocab of this "
-                             f"size needs {n_merges} (use a vocab_size of at most {256 + len(merges) + len(ALL_SPECIALS)})")
+                             f"size needs {n_merges} (use a vocab_size of at most {most})")
     return merges[:n_merges]
 
 

@@ -217,15 +217,21 @@ def random_hift_state(cfg: HiFTConfig, seed: int) -> dict[str, torch.Tensor]:
 #   <audiogen_start> (3.0) beats <|endoftext|> (2.93), and the first text segment ends by
 #   switching to audio; once <audiogen_start> is in the sequence the text repetition penalty
 #   (1.05 / 1.1) puts it below <|endoftext|> (3.0 / 1.05 = 2.86), so a later segment ends the
-#   reply unless a stop character wins first. Both are on top in about a third of the steps,
-#   so segments have a few tokens.
+#   reply unless a stop character wins first (in a later turn, whose history already holds
+#   <audiogen_start>, the first segment ends the reply). Each is the greedy choice in about
+#   a quarter of the steps, so segments have a few tokens.
 # - the single-token stop characters keep their random rows plus a smaller bias.
 # - special ids that must never be emitted as text (a generated <audio_pad> would need audio
 #   codes) get a zero row and a large negative bias.
+# - the reply's first token is never <|endoftext|> (an empty reply, and a spoken one without
+#   audio): channel ASSISTANT_CHANNEL, set only in the embedding of <C_A> (the prompt's last
+#   token) and likewise never read or written by a layer, carries a -10 bias on that row.
 BIAS_CHANNEL = 0
+ASSISTANT_CHANNEL = 1
 BIAS_FEATURE = 4.0
 BIAS_H = 2.7
-TEXT_LOGIT_BIAS = {"audiogen_start": 3.0, "endoftext": 2.93, "stop": 1.5, "never": -30.0}
+TEXT_LOGIT_BIAS = {"audiogen_start": 3.0, "endoftext": 2.93, "stop": 1.5, "never": -30.0,
+                   "endoftext_first": -10.0}
 STOP_PIECES = (",", "!", "?", ".", "，", "。", "！", "？")
 # Audio: AUDIO_FRAMES codes of codebook 0 get +AUDIO_BOOST, the end-of-audio class (index K0)
 # +AUDIO_EOS_BIAS. Unused boosted codes win (60 > 52); the audio repetition penalty (1.3, over
@@ -239,28 +245,48 @@ AUDIO_EOS_BIAS = 52.0
 
 
 def shape_protocol_weights(state: dict[str, torch.Tensor], cfg: ModelConfig, tokenizer) -> dict[str, torch.Tensor]:
-    """Apply the edits described above, in place (values rounded to bf16)."""
-    p, c = PREFIX["llm"], BIAS_CHANNEL
+    """Apply the edits described above to `state` in place (values rounded to bf16).
+    `tokenizer` is the checkpoint's `tokenizers.Tokenizer` (for the stop-character ids)."""
+    p, c, a = PREFIX["llm"], BIAS_CHANNEL, ASSISTANT_CHANNEL
     n_cb = cfg.audio.num_codebooks
+    layout = special_token_layout(cfg)
+    eos, ag, assistant = layout[ENDOFTEXT], cfg.audio_tokens.audiogen_start, layout["<C_A>"]
 
     def edit(key: str, fn) -> None:
         t = state[key].float()
         fn(t)
         state[key] = t.to(state[key].dtype)
 
-    edit(p + "norm.weight", lambda t: t.__setitem__(c, 1.0))
-    edit(p + "embed_tokens.weight", lambda t: t[:, c].fill_(BIAS_FEATURE))
+    feat = [c, a]
+
+    def norm(t: torch.Tensor) -> None:
+        t[feat] = 1.0                                    # so h[c] = BIAS_FEATURE / rms(x)
+    edit(p + "norm.weight", norm)
+
+    def embed(t: torch.Tensor) -> None:
+        t[:, c] = BIAS_FEATURE
+        t[:, a] = 0.0
+        t[assistant, a] = BIAS_FEATURE
+    edit(p + "embed_tokens.weight", embed)
+
+    def audio_embed(t: torch.Tensor) -> None:
+        t[:, c] = BIAS_FEATURE / n_cb                   # n tables summed give BIAS_FEATURE
+        t[:, a] = 0.0
     for k in range(n_cb):
-        edit(f"{p}audio_embed_layers.{k}.weight", lambda t: t[:, c].fill_(BIAS_FEATURE / n_cb))
+        edit(f"{p}audio_embed_layers.{k}.weight", audio_embed)
+
+    def no_read(t: torch.Tensor) -> None:
+        t[:, feat] = 0.0
+
+    def no_write(t: torch.Tensor) -> None:
+        t[feat, :] = 0.0
     for i in range(cfg.llm.num_hidden_layers):
         q = f"{p}layers.{i}."
         for name in ("self_attn.W_pack.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight"):
-            edit(q + name, lambda t: t[:, c].zero_())   # never read the bias channel
+            edit(q + name, no_read)
         for name in ("self_attn.o_proj.weight", "mlp.down_proj.weight"):
-            edit(q + name, lambda t: t[c, :].zero_())   # never write it
+            edit(q + name, no_write)
 
-    layout = special_token_layout(cfg)
-    eos, ag = layout[ENDOFTEXT], cfg.audio_tokens.audiogen_start
     stop_ids = _stop_ids(tokenizer)
 
     def lm(t: torch.Tensor) -> None:
@@ -269,6 +295,7 @@ def shape_protocol_weights(state: dict[str, torch.Tensor], cfg: ModelConfig, tok
             t[i].zero_()
             t[i, c] = TEXT_LOGIT_BIAS["never"] / BIAS_H
         t[eos, c] = TEXT_LOGIT_BIAS["endoftext"] / BIAS_H
+        t[eos, a] = TEXT_LOGIT_BIAS["endoftext_first"] / BIAS_H
         t[ag, c] = TEXT_LOGIT_BIAS["audiogen_start"] / BIAS_H
         for i in stop_ids:
             t[i, c] = TEXT_LOGIT_BIAS["stop"] / BIAS_H

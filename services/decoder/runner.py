@@ -8,10 +8,11 @@ different lengths run as one padded batch; every stage is per-segment (the decod
 statistics included, correction 5), so an item's mel does not depend on its batch.
 
 Low-latency mode (`iter_chunked` / `decode_chunked`, our addition): one segment is decoded in
-growing chunks, each re-decoding `left_context` tokens before it and dropping their frames, so the
-first audio is ready after `first_chunk` tokens instead of after the whole segment. It differs from
-faithful decoding because the GroupNorm statistics, the U-Net's 100-frame attention blocks and the
-causal convolutions see a window instead of the whole segment; tests/decoder measures the distance.
+growing chunks, each re-decoding the tokens before it (all of them by default, or `left_context`)
+and dropping their frames, so the first audio is ready after `first_chunk` tokens instead of after
+the whole segment. A chunk differs from faithful decoding only because it cannot see the future:
+the decoder's GroupNorm statistics and the U-Net's 100-frame attention blocks are non-causal;
+tests/decoder/test_chunked.py measures the distance.
 
 Noise: a segment's initial CFM state is (80, 4L-1), drawn in the model dtype from one generator
 in input order (seeded when `seed` is given), or passed by the caller.
@@ -246,33 +247,41 @@ class DecoderRunner:
     # ------------------------------------------------------------------ low-latency mode
     @torch.inference_mode()
     def iter_chunked(self, codes: torch.Tensor, first_chunk: int = 6, growth: float = 2.0,
-                     max_chunk: int = 50, left_context: int = 8, noise: torch.Tensor | None = None,
+                     max_chunk: int = 50, left_context: int | None = None, noise: torch.Tensor | None = None,
                      seed: int | None = None) -> Iterator[torch.Tensor]:
         """Decode one segment chunk by chunk; yields consecutive mel pieces (80, n_k) that concatenate
-        to (80, 4L-1). Chunk k covers tokens [s, e) of chunk_plan(...); it is decoded from token
-        s - left_context and emits global frames [4s-1, 4e-1) (the first chunk from frame 0): frame
-        4s-1 has no token of its own (k=3 < stride 4) and is only in windows that start before s.
+        to (80, 4L-1). Chunk k covers tokens [s, e) of chunk_plan(...). Its window starts
+        `left_context` tokens before s (None: at token 0, the whole prefix) and it emits global frames
+        [4s-1, 4e-1) (the first chunk from frame 0): frame 4s-1 has no token of its own (k=3 <
+        stride 4), so it comes from the window that extends past it.
 
-        The pieces are joined by plain concatenation: each piece already has `left_context` tokens of
-        real history, and a crossfade would hold back the tail of every piece until the next chunk
-        exists, adding latency to every chunk (see tests/decoder for the measured distances).
-        noise: Float[80, 4L-1] for the whole segment (windows use their slice of it)."""
-        if left_context < 1:
-            raise ValueError("left_context must be >= 1 token: frame 4s-1 of a chunk starting at s "
-                             "exists only in a window that starts before s")
+        Default: the whole prefix. Every stage except the decoder's GroupNorm and the U-Net's
+        100-frame attention blocks is causal, so with the whole prefix a chunk lacks only the future;
+        a truncated history also changes every frame's attention (the decoder and Pre-Net attend to
+        all earlier frames), which measured 10-20x further from faithful decoding (see
+        tests/decoder/test_chunked.py). Cost: the windows sum to about 3x a faithful decode for a
+        150-token segment with the default plan; an int left_context bounds it.
+
+        The pieces are joined by plain concatenation: the deviation is spread evenly over a chunk, not
+        concentrated at its edges (each piece starts with its full history), and a crossfade would
+        hold back the tail of every piece until the next chunk exists, adding its length to the
+        latency of every chunk. noise: Float[80, 4L-1] for the whole segment; windows use their slice."""
+        if left_context is not None and left_context < 1:
+            raise ValueError("left_context must be None (whole prefix) or >= 1 token: frame 4s-1 of a chunk "
+                             "starting at s exists only in a window that starts before s")
         emb = self.embed([codes])[0]                                              # (L, d)
-        L, s4 = emb.shape[0], self.stride
-        T = mel_frames(L, s4)
+        L, st = emb.shape[0], self.stride
+        T = mel_frames(L, st)
         z = (self._check_noise([noise], [T]) if noise is not None else self._draw_noise([T], seed))[0]
         for k, (s, e) in enumerate(chunk_plan(L, first_chunk, growth, max_chunk)):
-            c0 = max(0, s - left_context)
-            g0, g1 = s4 * c0, mel_frames(e, s4)                                  # window frames [g0, g1)
+            c0 = 0 if left_context is None else max(0, s - left_context)
+            g0, g1 = st * c0, mel_frames(e, st)                                  # window frames [g0, g1)
             win = self._run([emb[c0:e]], [z[:, g0:g1]])[0]                       # (80, g1 - g0)
-            first = 0 if k == 0 else s4 * s - 1
+            first = 0 if k == 0 else st * s - 1
             yield win[:, first - g0:]
 
     def decode_chunked(self, codes: torch.Tensor, first_chunk: int = 6, growth: float = 2.0,
-                       max_chunk: int = 50, left_context: int = 8, noise: torch.Tensor | None = None,
+                       max_chunk: int = 50, left_context: int | None = None, noise: torch.Tensor | None = None,
                        seed: int | None = None) -> torch.Tensor:
         """Low-latency decoding of one segment, joined: Float[80, 4L-1] (see iter_chunked)."""
         return torch.cat(list(self.iter_chunked(codes, first_chunk, growth, max_chunk, left_context,

@@ -18,7 +18,7 @@ Both give the same logits (the causal mask makes later positions irrelevant).
 
 Numerics follow the reference's `nn.MultiheadAttention` general path (q scaled by
 sqrt(1/head_dim) in the model dtype, scores, softmax and P·V in the model dtype) and
-`torch.cumsum` of the code embeddings (fp32 accumulation, each partial sum rounded).
+its `torch.cumsum` of the code embeddings (same call, so the same rounding per device).
 Logits stay in the model dtype (correction 15).
 """
 from __future__ import annotations
@@ -180,13 +180,16 @@ class AudioHead(nn.Module):
         k = 0, (B, K_k) for k ≥ 1 (EOS class dropped) — and returns the codes Long[B].
         The loop over positions is static (D iterations), nothing waits on the host."""
         B, E = x.shape
-        n_layers = len(self.transformer_layers)
-        a = self.transformer_layers[0].self_attention if n_layers else None
-        kv_shape = (n_layers, B, a.n_heads if a else 1, self.depth, a.head_dim if a else 1)
+        # keys/values of the depth positions, per layer: (layers, B, heads, D, hd)
+        kv_shape = (len(self.transformer_layers), B, E // HEAD_DIM, self.depth, HEAD_DIM)
         k_cache = x.new_empty(kv_shape)
         v_cache = x.new_empty(kv_shape)
         codes = torch.zeros(B, self.depth, dtype=torch.long, device=x.device)
-        acc = torch.zeros(B, E, dtype=torch.float32, device=x.device)     # running cumsum, fp32 like torch.cumsum
+        # embeddings of the codes chosen so far, laid out like forward_full's stack; the
+        # input of position l+1 is taken from the same torch.cumsum call over this buffer,
+        # because how cumsum rounds partial sums differs by device (fp32 accumulation on
+        # CPU, not on CUDA) and a scan's prefix never reads the rows after it
+        emb = x.new_zeros(B, self.depth - 1, E)
         h = x
         for l in range(self.depth):
             for i, layer in enumerate(self.transformer_layers):
@@ -197,6 +200,6 @@ class AudioHead(nn.Module):
             c = choose(l, logits)
             codes[:, l] = c
             if l + 1 < self.depth:
-                acc = acc + audio_embed_layers[l](c).float()
-                h = acc.to(x.dtype)
+                emb[:, l] = audio_embed_layers[l](c)
+                h = torch.cumsum(emb, dim=1)[:, l]
         return codes

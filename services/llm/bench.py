@@ -90,21 +90,34 @@ def _simple_device_sampler(logits: torch.Tensor, temperature: float, top_k: int,
     return idx.gather(-1, race.argmax(-1, keepdim=True))[:, 0]
 
 
-def device_sampler(B: int, device: torch.device) -> tuple[str, Callable, Callable]:
+def device_sampler(B: int, device: torch.device, depth: int, vocab: int) -> tuple[str, Callable, Callable]:
     """(name, text_sample(logits), audio_sample(k, logits)) on the device.
 
-    Uses the engine's sampler (services/llm/sampler.py) when it is there, else a simple one."""
+    Uses the engine's sampler (services/llm/sampler.py) when it is there and answers a trial
+    call, else a simple one (that module is being written alongside this bench)."""
     try:
         from services.llm import sampler as S
-        tp = S.SamplingParams(**TEXT)
-        ap = S.SamplingParams(**AUDIO)
-        tb = S.SamplingBatch.build([tp] * B, list(range(B)), [0] * B, device)
-        ab = S.SamplingBatch.build([ap] * B, list(range(B)), [0] * B, device)
-        return ("services.llm.sampler",
-                lambda logits: S.choose(logits, None, tb),
-                lambda k, logits: S.choose(logits, None, ab.offset(k)))
-    except (ImportError, AttributeError, TypeError):
-        return ("bench simple sampler",
+        tp, ap = S.SamplingParams(**TEXT), S.SamplingParams(**AUDIO)
+        try:
+            tb = S.SamplingBatch.build([tp] * B, list(range(B)), [0] * B, device)
+            ab = S.SamplingBatch.build([ap] * B, list(range(B)), [0] * B, device, draws=depth)
+        except TypeError:
+            tb = S.SamplingBatch.build([tp] * B, list(range(B)), [0] * B, device)
+            ab = tb.__class__.build([ap] * B, list(range(B)), [0] * B, device)
+
+        def text(logits: torch.Tensor) -> torch.Tensor:
+            return S.choose(logits, None, tb)
+
+        def audio(k: int, logits: torch.Tensor) -> torch.Tensor:
+            return S.choose(logits, None, ab.offset(k))
+
+        trial = torch.randn(B, vocab, device=device)
+        text(trial)
+        for k in range(depth):
+            audio(k, trial[:, :16])
+        return "services.llm.sampler", text, audio
+    except Exception as e:  # noqa: BLE001 - any mismatch with a sampler in flux: fall back
+        return (f"bench simple sampler (services.llm.sampler unusable: {type(e).__name__})",
                 lambda logits: _simple_device_sampler(logits, **TEXT),
                 lambda k, logits: _simple_device_sampler(logits, **AUDIO))
 
@@ -258,7 +271,7 @@ def bench_batch(model: AudioLLM, B: int, context_len: int, steps: int, warmup: i
     pad = cfg.audio_tokens.audio_pad
     g = torch.Generator(device=dev).manual_seed(1)
     res: dict = {"batch": B}
-    sampler_name, sample_text, sample_audio = device_sampler(B, dev)
+    sampler_name, sample_text, sample_audio = device_sampler(B, dev, len(cfg.audio.codebook_sizes), c.vocab_size)
     res["sampler"] = sampler_name
 
     if "fast" in modes:
@@ -323,10 +336,48 @@ def bench_batch(model: AudioLLM, B: int, context_len: int, steps: int, warmup: i
     return res
 
 
+@torch.no_grad()
+def check_head(model: AudioLLM, batch_sizes=(1, 16), seed: int = 0, print_fn: Callable[[str], None] = print) -> None:
+    """On this device and dtype: the fast frame against the full re-run (teacher-forced
+    logits and free-running greedy codes), and the cumsum rounding the fast path assumes."""
+    head, tables, cfg = model.audio_head, model.model.audio_embed_layers, model.cfg
+    w = model.lm_head.weight
+    e = torch.randn(64, head.depth - 1, cfg.llm.hidden_size, device=w.device).to(w.dtype)
+    same = torch.equal(torch.cumsum(e, 1), torch.cumsum(e.float(), 1).to(w.dtype))
+    print_fn(f"# check: {w.device.type} cumsum in {w.dtype} rounds like an fp32-accumulated cumsum: {same}")
+    g = torch.Generator(device=w.device).manual_seed(seed)
+    for B in batch_sizes:
+        x = torch.randn(B, cfg.llm.hidden_size, device=w.device, generator=g).to(w.dtype)
+        codes = torch.stack([torch.randint(0, K, (B,), device=w.device, generator=g)
+                             for K in cfg.audio.codebook_sizes], 1)
+        seen: dict[int, torch.Tensor] = {}
+
+        def record(k: int, logits: torch.Tensor) -> torch.Tensor:
+            seen[k] = logits
+            return codes[:, k]
+
+        head.frame(x, tables, record)
+        t = torch.zeros_like(codes)
+        worst = rel = 0.0
+        for k in range(head.depth):
+            lg = head.forward_full(x, t, tables)[k]
+            lg = lg if k == 0 else lg[:, :-1]
+            t[:, k] = codes[:, k]
+            d = (lg.float() - seen[k].float()).abs().max().item()
+            worst, rel = max(worst, d), max(rel, d / max(lg.float().abs().max().item(), 1e-30))
+        fast = head.frame(x, tables, lambda k, lg: lg.argmax(-1))
+        t = torch.zeros_like(fast)
+        for k in range(head.depth):
+            lg = head.forward_full(x, t, tables)[k]
+            t[:, k] = (lg if k == 0 else lg[:, :-1]).argmax(-1)
+        print_fn(f"# check B={B}: fast vs full head, teacher-forced logits max|diff| {worst:.3g} "
+                 f"({rel:.2g} of max|logit|); greedy codes equal {(fast == t).float().mean().item():.3f}")
+
+
 def bench_llm(config: dict | ModelConfig | str = "cpu", batch_sizes=(1, 8, 64),
               device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
               context_len: int = 128, steps: int = 3, warmup: int = 1, attn_impl: str = "math",
-              cuda_graph: bool = False, seed: int = 0, modes=("fast", "reference"),
+              cuda_graph: bool = False, seed: int = 0, modes=("fast", "reference"), check: bool = False,
               print_fn: Callable[[str], None] = print) -> list[dict]:
     """Time text and audio decode steps for each batch size; print a table; return the rows.
 
@@ -347,6 +398,8 @@ def bench_llm(config: dict | ModelConfig | str = "cpu", batch_sizes=(1, 8, 64),
              f"{c.num_key_value_heads}x{c.head_dim}, ffn {c.intermediate_size}, vocab {c.vocab_size}, "
              f"codebooks {list(cfg.audio.codebook_sizes)}, head layers {cfg.audio.audio_head_transformer_layers}; "
              f"{n_params / 1e9:.3f} B params ({head_params / 1e9:.3f} B in the audio head, random)")
+    if check:
+        check_head(model, print_fn=print_fn)
     print_fn(f"# context {context_len} tokens cached per sequence; {steps} timed steps after {warmup} warm-up")
     hdr = (f"{'batch':>5} | {'text fast ms':>12} {'text ref ms':>12} {'x':>6} | "
            f"{'audio fast ms':>13} {'audio ref ms':>12} {'x':>6} | {'frames/s fast':>13}")
@@ -384,13 +437,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--attn", default="math", choices=["math", "sdpa"])
     p.add_argument("--cuda-graph", action="store_true", help="replay the fast steps as CUDA graphs")
     p.add_argument("--modes", default="fast,reference")
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--check", action="store_true", help="first compare the fast and full audio head here")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default 1 on CPU: small ops on a shared machine run faster)")
     a = p.parse_args(argv)
-    if a.threads:
-        torch.set_num_threads(a.threads)
+    if a.threads or not a.device.startswith("cuda"):
+        torch.set_num_threads(a.threads or 1)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[a.dtype or ("bf16" if a.device.startswith("cuda") else "fp32")]
     bench_llm(a.preset, tuple(int(b) for b in a.batch_sizes.split(",")), a.device, dtype, a.context_len,
-              a.steps, a.warmup, a.attn, a.cuda_graph, modes=tuple(a.modes.split(",")))
+              a.steps, a.warmup, a.attn, a.cuda_graph, modes=tuple(a.modes.split(",")), check=a.check)
 
 
 if __name__ == "__main__":

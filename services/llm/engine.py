@@ -19,6 +19,7 @@ on a background thread; `step()` can also be called directly (tests, benchmarks)
 from __future__ import annotations
 
 import itertools
+import logging
 import queue
 import random
 import threading
@@ -29,10 +30,12 @@ import torch
 
 from services.llm import sampler as S
 from services.llm.prompts import ProtocolTokens
-from services.llm.scheduler import (AudioFrame, Done, EngineError, Event, Mode, Phase, Protocol,
+from services.llm.scheduler import (AudioFrame, Done, EngineError, Event, Mode, Protocol,
                                     ProtocolConfig, Request, Scheduler, SegmentEnd, SegmentStart,
                                     Sequence, SessionTable, TextDelta, UnknownSessionError)
 from services.llm.stop import StopTables
+
+log = logging.getLogger(__name__)
 
 __all__ = ["AudioFrame", "Done", "Engine", "EngineConfig", "EngineError", "Event", "Handle", "Mode",
            "ProtocolConfig", "Request", "SegmentEnd", "SegmentStart", "TextDelta", "UnknownSessionError"]
@@ -65,8 +68,9 @@ class Handle:
         self._q.put(ev)
 
     def cancel(self) -> None:
-        """Stop the request; it ends (Done reason "cancelled") within one step."""
-        self.engine.cancel(self.request_id)
+        """Stop the request; it ends (Done reason "cancelled") within one step. No-op once done."""
+        if self.done is None and self._seq is not None and self._seq.done is None:
+            self.engine.cancel(self.request_id)
 
     def events(self, timeout: Optional[float] = None) -> Iterator[Event]:
         """Yield events until Done (blocking; run the engine on another thread, or use
@@ -116,12 +120,12 @@ class Engine:
             audiogen_start=self.cfg.audio_tokens.audiogen_start, audiogen_end=self.cfg.audio_tokens.audiogen_end,
             eoa=sizes[0], num_codebooks=len(sizes), config=self.protocol_config,
             stops=StopTables(tokenizer, config.stop_mode, self.vocab_size),
-            decode=lambda ids: tokenizer.decode(list(ids), skip_special_tokens=False,
-                                                clean_up_tokenization_spaces=False),
+            decode=lambda ids: tokenizer.decode(list(ids)),     # as the demo decodes each segment
         )
 
         llm = self.cfg.llm
-        per_slot = 2 * llm.num_hidden_layers * llm.num_key_value_heads * config.max_len * llm.head_dim * w.element_size()
+        per_slot = (2 * llm.num_hidden_layers * llm.num_key_value_heads * config.max_len * llm.head_dim
+                    * w.element_size())                      # K and V of one slot
         num_slots = config.num_slots
         if config.kv_budget_bytes is not None:
             num_slots = min(num_slots, config.kv_budget_bytes // per_slot)
@@ -141,7 +145,9 @@ class Engine:
         self._wake = threading.Event()
         self._thread: Optional[threading.Thread] = None
         self._stop = threading.Event()
-        self.stats = {"steps": 0, "forward_tokens": 0, "text_decisions": 0, "audio_frames": 0}
+        # mixed_steps: steps that ran prefill chunks beside single-token decoding rows
+        self.stats = {"steps": 0, "forwards": 0, "forward_tokens": 0, "text_decisions": 0,
+                      "audio_frames": 0, "max_rows": 0, "mixed_steps": 0}
         # (request_id, new tokens, KV length before, first and last 1-based position) per row
         self.trace: Optional[list[tuple[str, int, int, int, int]]] = [] if config.trace else None
 
@@ -193,7 +199,12 @@ class Engine:
 
         def loop():
             while not self._stop.is_set():
-                if not self.step():
+                try:
+                    busy = self.step()
+                except Exception:                  # the step's sequences got Done(error); keep serving
+                    log.exception("engine step failed")
+                    busy = True
+                if not busy:
                     self._wake.wait(0.05)
                     self._wake.clear()
 
@@ -303,85 +314,110 @@ class Engine:
                 seq.finish("cancelled")
 
     def _setup(self, seq: Sequence) -> None:
-        """A newly admitted sequence: its text history is the whole prompt."""
+        """A newly admitted sequence: its text history is the whole prompt, its code history
+        empty (a TTS prompt's first frame is decided in the step that ends the prefill)."""
         self.counts.reset(seq.slot, seq.tokens)
+        self.codes.clear(torch.tensor([seq.slot], device=self.device))
         seq.effects.clear()
 
     def _run(self, work) -> None:
+        """Forward every row of `work`, then take the decisions of the rows whose pending
+        span ends. Decoding rows (1 token) and prefill chunks run as two forwards when both
+        are present, so a 512-token chunk never pads 31 single-token rows to 512. Everything
+        the device needs is copied before the first kernel; the decisions are read back once."""
         dev = self.device
-        B = len(work)
-        T = max(w.n for w in work)
-        filler = self.proto.eos                       # right padding: any id but audio_pad
-        ids = [[filler] * T for _ in range(B)]
-        pos = []
-        rows: list[tuple[int, ...]] = []
-        for i, w in enumerate(work):
-            chunk, pads = w.seq.chunk(w.n)
-            ids[i][:w.n] = chunk
-            rows.extend(pads)
-            pos.append(list(range(w.seq.kv_len + 1, w.seq.kv_len + 1 + T)))   # 1-based (§6.1)
-        meta = torch.tensor([[w.seq.slot, w.seq.kv_len, w.n] for w in work], dtype=torch.int64)
-        bound = max(w.seq.kv_len + T for w in work)
-        meta = meta.to(dev)
-        slots, cache_pos, n_new = meta[:, 0], meta[:, 1], meta[:, 2]
-        ids_t = torch.tensor(ids, dtype=torch.int64).to(dev)
-        pos_t = torch.tensor(pos, dtype=torch.int64).to(dev)
-        codes_t = torch.tensor(rows, dtype=torch.int64).to(dev) if rows else None
+        work = [w for w in work if w.n == 1] + [w for w in work if w.n > 1]
+        groups = [g for g in (work[:sum(w.n == 1 for w in work)], work[sum(w.n == 1 for w in work):]) if g]
+        inputs = [self._inputs(g) for g in groups]
+        text_rows = [i for i, w in enumerate(work) if w.decide and w.seq.kind == "text"]
+        audio_rows = [i for i, w in enumerate(work) if w.decide and w.seq.kind == "audio"]
+        text_batch = self._batch([work[i].seq for i in text_rows], 1) if text_rows else None
+        audio_batch = (self._batch([work[i].seq for i in audio_rows], self.proto.num_codebooks)
+                       if audio_rows else None)
+        forced = [work[i].seq.forced is not None for i in audio_rows]
+        ban = torch.tensor(forced).to(dev) if any(forced) else None
+        sel = {}
+        for name, rows in (("text", text_rows), ("audio", audio_rows)):
+            if rows and len(rows) < len(work):
+                sel[name] = torch.tensor(rows).to(dev)
 
         m = self.model
-        x = m.embed(ids_t, codes_t, check=False)                          # (B, T, H)
-        hidden = m.forward(x, pos_t, self.cache, slots, cache_pos,
-                           n_new if T > 1 else None, kv_len=min(bound, self.cache.max_len))
-        last = m.last_hidden(hidden, n_new if T > 1 else None)            # (B, H)
-        self.stats["forward_tokens"] += sum(w.n for w in work)
-        if self.trace is not None:
-            self.trace += [(w.seq.id, w.n, w.seq.kv_len, w.seq.kv_len + 1, w.seq.kv_len + w.n) for w in work]
-
-        text_rows, audio_rows = [], []
-        for i, w in enumerate(work):
-            if w.seq.advance(w.n):
-                (audio_rows if w.seq.kind == "audio" else text_rows).append(i)
-
+        lasts, slot_parts = [], []
+        for (ids_t, pos_t, slots, cache_pos, n_new, codes_t, T, bound) in inputs:
+            x = m.embed(ids_t, codes_t, check=False)                      # (B, T, H)
+            hidden = m.forward(x, pos_t, self.cache, slots, cache_pos, n_new if T > 1 else None, kv_len=bound)
+            lasts.append(m.last_hidden(hidden, n_new if T > 1 else None))  # (B, H)
+            slot_parts.append(slots)
+        last = lasts[0] if len(lasts) == 1 else torch.cat(lasts)
+        slots = slot_parts[0] if len(slot_parts) == 1 else torch.cat(slot_parts)
         outs = []
         if text_rows:
-            outs.append(self._text_decisions([work[i].seq for i in text_rows], last[text_rows], slots[text_rows]))
+            i = sel.get("text")
+            h, sl = (last, slots) if i is None else (last.index_select(0, i), slots.index_select(0, i))
+            outs.append(self._text_decisions(h, sl, text_batch))
         if audio_rows:
-            outs.append(self._audio_decisions([work[i].seq for i in audio_rows], last[audio_rows],
-                                              slots[audio_rows]).flatten())
-        if outs:
-            flat = torch.cat(outs).tolist()                               # the step's one host read
-            nt = len(text_rows)
-            for j, i in enumerate(text_rows):
-                work[i].seq.on_text(flat[j])
-            C = self.proto.num_codebooks
-            for j, i in enumerate(audio_rows):
-                work[i].seq.on_frame(flat[nt + j * C: nt + (j + 1) * C])
-            self.stats["text_decisions"] += nt
-            self.stats["audio_frames"] += len(audio_rows)
+            i = sel.get("audio")
+            h, sl = (last, slots) if i is None else (last.index_select(0, i), slots.index_select(0, i))
+            outs.append(self._audio_decisions(h, sl, audio_batch, ban).flatten())
+        flat = torch.cat(outs).tolist() if outs else []                   # the step's one host read
 
-    def _text_decisions(self, seqs: list[Sequence], h: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        self.stats["forwards"] += len(groups)
+        self.stats["forward_tokens"] += sum(w.n for w in work)
+        self.stats["max_rows"] = max(self.stats["max_rows"], len(work))
+        self.stats["mixed_steps"] += len(groups) > 1
+        if self.trace is not None:
+            self.trace += [(w.seq.id, w.n, w.seq.kv_len, w.seq.kv_len + 1, w.seq.kv_len + w.n) for w in work]
+        for w in work:
+            w.seq.advance(w.n)
+        nt = len(text_rows)
+        for j, i in enumerate(text_rows):
+            work[i].seq.on_text(flat[j])
+        C = self.proto.num_codebooks
+        for j, i in enumerate(audio_rows):
+            work[i].seq.on_frame(flat[nt + j * C: nt + (j + 1) * C])
+        self.stats["text_decisions"] += nt
+        self.stats["audio_frames"] += len(audio_rows)
+
+    def _inputs(self, group) -> tuple:
+        """Device inputs of one forward: ids and 1-based positions (B, T), right-padded;
+        slots, cache positions and new-token counts (B); the pads' codes (N, C)."""
+        T = max(w.n for w in group)
+        filler = self.proto.eos                       # right padding: any id but audio_pad
+        rows: list[tuple[int, ...]] = []
+        table = []                                    # per row: ids[T], positions[T], slot, kv_len, n
+        for w in group:
+            chunk, pads = w.seq.chunk(w.n)
+            rows.extend(pads)
+            k = w.seq.kv_len
+            table.append(chunk + [filler] * (T - w.n) + list(range(k + 1, k + 1 + T))   # §6.1: 1-based
+                         + [w.seq.slot, k, w.n])
+        t = torch.tensor(table, dtype=torch.int64).to(self.device)
+        codes = torch.tensor(rows, dtype=torch.int64).to(self.device) if rows else None
+        bound = min(max(w.seq.kv_len + T for w in group), self.cache.max_len)
+        return t[:, :T], t[:, T:2 * T], t[:, 2 * T], t[:, 2 * T + 1], t[:, 2 * T + 2], codes, T, bound
+
+    def _batch(self, seqs: list[Sequence], draws: int) -> S.SamplingBatch:
+        return S.SamplingBatch.build([s.spec.params for s in seqs], [s.seed for s in seqs],
+                                     [s.draws for s in seqs], self.device, draws)
+
+    def _text_decisions(self, h: torch.Tensor, slots: torch.Tensor, batch: S.SamplingBatch) -> torch.Tensor:
         """h (Bt, H) -> Long[Bt]. Logits upcast to fp32 before processing (correction 15)."""
         logits = self.model.logits(h).float()                             # (Bt, V)
         # an <audio_pad> sampled as text would have no codes to embed (the reference asserts)
         logits[:, self.proto.audio_pad] = float("-inf")
-        batch = S.SamplingBatch.build([s.spec.params for s in seqs], [s.seed for s in seqs],
-                                      [s.draws for s in seqs], self.device)
         return S.choose(logits, self.counts.seen(slots), batch)
 
-    def _audio_decisions(self, seqs: list[Sequence], h: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    def _audio_decisions(self, h: torch.Tensor, slots: torch.Tensor, batch: S.SamplingBatch,
+                         ban: Optional[torch.Tensor]) -> torch.Tensor:
         """h (Ba, H) -> Long[Ba, C]. Logits stay in the model dtype (correction 15); each
-        codebook's history is this segment's codes (§11.3)."""
-        batch = S.SamplingBatch.build([s.spec.params for s in seqs], [s.seed for s in seqs],
-                                      [s.draws for s in seqs], self.device)
-        forced = [s.forced is not None for s in seqs]
-        ban = torch.tensor(forced, device=self.device) if any(forced) else None
+        codebook's history is this segment's codes (§11.3). ban Bool[Ba]: rows on a forced
+        schedule, whose segments must not end early (end-of-audio masked)."""
         eoa = self.proto.eoa
 
         def choose(k: int, logits: torch.Tensor) -> torch.Tensor:
-            if k == 0 and ban is not None:        # forced schedule: a segment never ends early
-                logits = logits.clone()
-                logits[:, eoa] = torch.where(ban, torch.tensor(float("-inf"), dtype=logits.dtype,
-                                                               device=logits.device), logits[:, eoa])
+            if k == 0 and ban is not None:
+                col = logits[:, eoa].masked_fill(ban, float("-inf"))
+                logits = torch.cat([logits[:, :eoa], col[:, None], logits[:, eoa + 1:]], dim=1)
             seen = self.codes.seen(slots, k, logits.shape[-1])
             return S.choose(logits, seen, batch.offset(k))
 

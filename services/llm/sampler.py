@@ -14,10 +14,10 @@ Numerics follow the reference exactly:
 - the top-p threshold `1 - top_p` is cast to the logits dtype, as HF's comparison with a
   Python float does (0.15 becomes 0.150390625 in bf16).
 
-Draws are counter-based: a per-sequence seed and a per-draw counter are hashed into
-uniforms on the device, and an exponential race picks the token. A sequence therefore
-draws the same tokens alone or in any batch, with no per-row generator objects and no
-host synchronisation.
+Draws are counter-based: a sequence's seed and the index of the draw are hashed on the host
+into a 64-bit key, the device mixes the key with each vocabulary index into uniforms, and an
+exponential race picks the token. A sequence therefore draws the same tokens alone or in any
+batch, with no per-row generator objects and no host synchronisation.
 
 Histories (what the repetition penalty looks at) live on the device too:
 - `TokenCounts`: per slot, a count of every id in the whole text sequence (prompt, pads and
@@ -27,7 +27,7 @@ Histories (what the repetition penalty looks at) live on the device too:
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 import torch
@@ -59,9 +59,30 @@ class SamplingParams:
         return SamplingParams(self.temperature, self.top_k, self.top_p, self.repetition_penalty, True)
 
 
+_M32 = 0xFFFFFFFF
+_M64 = 0xFFFFFFFFFFFFFFFF
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _M64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _M64
+    return x ^ (x >> 31)
+
+
+def draw_key(seed: int, counter: int) -> int:
+    """The 64-bit key of a sequence's `counter`-th draw, as a signed int64 (host side)."""
+    k = _splitmix64((seed & _M64) ^ _splitmix64(counter))
+    return k - (1 << 64) if k >= 1 << 63 else k
+
+
 @dataclass
 class SamplingBatch:
-    """Per-row parameters of one batched call, as device tensors (built once per step)."""
+    """Per-row parameters of one batched call, as device tensors (built once per step).
+
+    keys [B, D]: the keys of D consecutive draws of each row (D = 1 for a text token, the
+    number of codebooks for an audio frame), hashed on the host so the device only mixes
+    in the vocabulary index; `col` picks the draw of this call (see `offset`)."""
 
     penalty: torch.Tensor      # [B] f32
     temperature: torch.Tensor  # [B] f32
@@ -69,31 +90,35 @@ class SamplingBatch:
     top_p_cut: torch.Tensor    # [B] f32, 1 - top_p (cast to the logits dtype at use)
     top_p_on: torch.Tensor     # [B] bool
     greedy: torch.Tensor       # [B] bool
-    seed: torch.Tensor         # [B] i64
-    counter: torch.Tensor      # [B] i64, index of this draw in the sequence's stream
-    all_greedy: bool = False   # host-side copy, so the fast path needs no device read
+    keys: torch.Tensor         # [B, D] i64
+    col: int = 0
+    # host-side facts, so that skipping work needs no device read
+    all_greedy: bool = False
+    any_temperature: bool = True
+    any_top_k: bool = True
+    any_top_p: bool = True
 
     @classmethod
     def build(cls, params: Sequence[SamplingParams], seeds: Sequence[int], counters: Sequence[int],
-              device: torch.device | str) -> "SamplingBatch":
-        f32 = dict(dtype=torch.float32, device=device)
-        return cls(
-            penalty=torch.tensor([p.repetition_penalty for p in params], **f32),
-            temperature=torch.tensor([p.temperature for p in params], **f32),
-            top_k=torch.tensor([p.top_k for p in params], dtype=torch.int64, device=device),
-            # 1 - top_p in Python double, then float: what HF's comparison with a Python float sees
-            top_p_cut=torch.tensor([1.0 - p.top_p for p in params], **f32),
-            top_p_on=torch.tensor([p.top_p < 1.0 for p in params], dtype=torch.bool, device=device),
-            greedy=torch.tensor([p.greedy for p in params], dtype=torch.bool, device=device),
-            seed=torch.tensor([s & 0xFFFFFFFFFFFF for s in seeds], dtype=torch.int64, device=device),
-            counter=torch.tensor(list(counters), dtype=torch.int64, device=device),
-            all_greedy=all(p.greedy for p in params),
-        )
+              device: torch.device | str, draws: int = 1) -> "SamplingBatch":
+        """Row i draws with keys of (seeds[i], counters[i] + j), j < draws."""
+        # two host->device copies per batch (one float, one integer table), split on the device
+        f = torch.tensor([[p.repetition_penalty, p.temperature, 1.0 - p.top_p] for p in params],
+                         dtype=torch.float32).to(device)   # 1 - top_p in double, then float: what HF compares with
+        i = torch.tensor([[p.top_k, p.top_p < 1.0, p.greedy] + [draw_key(s, c + j) for j in range(draws)]
+                          for p, s, c in zip(params, seeds, counters)], dtype=torch.int64).to(device)
+        return cls(penalty=f[:, 0], temperature=f[:, 1], top_k=i[:, 0], top_p_cut=f[:, 2],
+                   top_p_on=i[:, 1].bool(), greedy=i[:, 2].bool(), keys=i[:, 3:],
+                   all_greedy=all(p.greedy for p in params),
+                   any_temperature=any(p.temperature != 1.0 and not p.greedy for p in params),
+                   any_top_k=any(p.top_k > 0 and not p.greedy for p in params),
+                   any_top_p=any(p.top_p < 1.0 and not p.greedy for p in params))
 
     def offset(self, k: int) -> "SamplingBatch":
-        """The same rows with the draw counter advanced by k (the 8 codebooks of one frame)."""
-        return SamplingBatch(self.penalty, self.temperature, self.top_k, self.top_p_cut, self.top_p_on,
-                             self.greedy, self.seed, self.counter + k, self.all_greedy)
+        """The same rows, drawing with their k-th key (codebook k of one frame)."""
+        if not 0 <= k < self.keys.shape[1]:
+            raise IndexError(f"draw {k} of a batch built with {self.keys.shape[1]} draws per row")
+        return replace(self, col=k)
 
 
 # ---------------------------------------------------------------------------- processors
@@ -143,20 +168,21 @@ def process(scores: torch.Tensor, seen: torch.Tensor | None, batch: SamplingBatc
 
 
 def warp(scores: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
-    scores = apply_temperature(scores, batch.temperature)
-    scores = apply_top_k(scores, batch.top_k)
-    return apply_top_p(scores, batch.top_p_cut, batch.top_p_on)
+    """Temperature, top-k, top-p (HF's order); a step no row needs is skipped."""
+    if batch.any_temperature:
+        scores = apply_temperature(scores, batch.temperature)
+    if batch.any_top_k:
+        scores = apply_top_k(scores, batch.top_k)
+    if batch.any_top_p:
+        scores = apply_top_p(scores, batch.top_p_cut, batch.top_p_on)
+    return scores
 
 
 # ---------------------------------------------------------------------------- draws
 
-_M32 = 0xFFFFFFFF
-
-
 def _mix32(x: torch.Tensor) -> torch.Tensor:
     """murmur3 fmix32 on int64 tensors holding uint32 values (products wrap mod 2^64,
     the low 32 bits are exact)."""
-    x = x & _M32
     x = x ^ (x >> 16)
     x = (x * 0x85EBCA6B) & _M32
     x = x ^ (x >> 13)
@@ -164,22 +190,18 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-def uniforms(seed: torch.Tensor, counter: torch.Tensor, n: int) -> torch.Tensor:
-    """[B] seeds, [B] counters -> [B, n] f32 uniforms in (0, 1), a pure function of
-    (seed, counter, column)."""
-    col = torch.arange(n, device=seed.device, dtype=torch.int64)[None, :]
-    h = _mix32(seed[:, None] ^ 0x9E3779B9)
-    h = _mix32(h ^ (seed[:, None] >> 32))
-    h = _mix32(h ^ counter[:, None])
-    h = _mix32(h ^ (counter[:, None] >> 32) ^ 0x7F4A7C15)
-    h = _mix32(h + col * 0x27D4EB2F)
+def uniforms(key: torch.Tensor, n: int) -> torch.Tensor:
+    """[B] int64 draw keys -> [B, n] f32 uniforms in (0, 1), a pure function of (key, column)."""
+    col = torch.arange(n, device=key.device, dtype=torch.int64)[None, :]
+    lo, hi = (key & _M32)[:, None], ((key >> 32) & _M32)[:, None]
+    h = _mix32(_mix32(col ^ hi) ^ lo)
     return ((h >> 8).float() + 0.5) * (1.0 / (1 << 24))
 
 
-def draw(probs: torch.Tensor, seed: torch.Tensor, counter: torch.Tensor) -> torch.Tensor:
+def draw(probs: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
     """One categorical draw per row: argmax p_i / E_i with E_i ~ Exp(1) (exponential race).
     probs [B, V] -> Long[B]; a zero-probability id is never chosen."""
-    e = -torch.log(uniforms(seed, counter, probs.shape[-1]))             # [B, V] Exp(1)
+    e = -torch.log(uniforms(key, probs.shape[-1]))                       # [B, V] Exp(1)
     return (probs.float() / e).argmax(dim=-1)
 
 
@@ -192,7 +214,7 @@ def choose(scores: torch.Tensor, seen: torch.Tensor | None, batch: SamplingBatch
     if batch.all_greedy:
         return greedy_ids
     probs = warp(scores, batch).softmax(dim=-1)
-    return torch.where(batch.greedy, greedy_ids, draw(probs, batch.seed, batch.counter))
+    return torch.where(batch.greedy, greedy_ids, draw(probs, batch.keys[:, batch.col]))
 
 
 # ---------------------------------------------------------------------------- histories

@@ -212,7 +212,9 @@ class Sequence:
         self.draws = 0                         # sampling-counter stream position
         self.cancelled = False
         self.events: list[Event] = []
-        self.effects: list[tuple] = []         # ("add", ids) | ("replace", old, new) | ("clear_codes",) | ("codes", codes)
+        # device-history changes for the engine: ("add", ids) | ("replace", old, new) |
+        # ("clear_codes",) | ("codes", frame)
+        self.effects: list[tuple] = []
         self.host_writes: list[tuple[int, int, int]] = []
         self.done: Optional[Done] = None
         # segments

@@ -65,7 +65,8 @@ def token_strings(tokenizer, mode: str = "text", size: int | None = None) -> lis
             out[idx] = raw.decode("utf-8", errors="replace")
             continue
         if base is None:
-            base = [tokenizer.convert_ids_to_tokens(i) for i in tokenizer(_PREFIX, add_special_tokens=False)["input_ids"]]
+            prefix_ids = tokenizer(_PREFIX, add_special_tokens=False)["input_ids"]
+            base = [tokenizer.convert_ids_to_tokens(i) for i in prefix_ids]
         s = tokenizer.convert_tokens_to_string(base + [tok])
         s = s[s.index(_PREFIX) + len(_PREFIX):]
         out[idx] = s if mode == "text" else s.encode("utf-8")

@@ -86,20 +86,16 @@ def bench_tokenizer(config: ModelConfig, batch_sizes=(1, 16), seconds: float = 1
     n = int(seconds * sr)
     results = []
 
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
     for bs in batch_sizes:
         items = [(0.1 * torch.randn(1, n), sr) for _ in range(bs)]
         for _ in range(warmup):
             runner.tokenize(items)
-        sync()
+        _sync(device)
         times = []
         for _ in range(iters):
             t0 = time.perf_counter()
             codes = runner.tokenize(items)
-            sync()
+            _sync(device)
             times.append(time.perf_counter() - t0)
         best = min(times)
         rtf = best / (bs * seconds)
@@ -114,6 +110,62 @@ def bench_tokenizer(config: ModelConfig, batch_sizes=(1, 16), seconds: float = 1
     return results
 
 
+def stage_breakdown(config: ModelConfig, batch_size: int = 16, seconds: float = 30.0, device=None,
+                    dtype=None, iters: int = 5) -> dict:
+    """Milliseconds per stage (log-mel, encoder, bridge, RVQ) for batch_size chunks of `seconds`."""
+    device, dtype = default_device_dtype(device, dtype)
+    r = TokenizerRunner(config, None, device=device, dtype=dtype)
+    chunks = [0.1 * torch.randn(int(seconds * config.audio.sampling_rate), device=device)
+              for _ in range(batch_size)]
+
+    def timed(f):
+        f()
+        _sync(device)
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            y = f()
+        _sync(device)
+        return (time.perf_counter() - t0) / iters * 1000, y
+
+    with torch.inference_mode():
+        t_mel, (feats, mel_len) = timed(lambda: r.log_mel(chunks))
+        k, s = config.audio.kernel_size, config.audio.stride_size
+        enc_len = ((mel_len + 2 * (k // 2) - k + 1) + 2 * (k // 2) - k) // s + 1
+        t_enc, h = timed(lambda: r.encoder(feats, enc_len, mel_len))
+        t_br, x = timed(lambda: r.bridge.downsample(h))
+        t_vq, _ = timed(lambda: r.bridge.quantize(x, enc_len // config.audio.avg_pooler))
+    out = {"log_mel_ms": t_mel, "encoder_ms": t_enc, "bridge_ms": t_br, "rvq_ms": t_vq}
+    print(f"batch {batch_size} x {seconds:g} s on {device}: " + ", ".join(f"{k} {v:.1f}" for k, v in out.items()))
+    return out
+
+
+def check_device(config: ModelConfig, device, seed: int = 0) -> list[dict]:
+    """Codes on `device` (fp32 and bf16) against CPU fp32 with the same random weights, and the
+    device bf16 batch against one request at a time: fractions of equal codes per request."""
+    from services.common.checkpoint import PREFIX
+
+    torch.manual_seed(seed)
+    cpu = TokenizerRunner(config, None, device="cpu", dtype=torch.float32)
+    sd = {PREFIX["encoder"] + k: v for k, v in cpu.encoder.state_dict().items()}
+    sd |= {PREFIX["bridge"] + k: v for k, v in cpu.bridge.state_dict().items()}
+    d32 = TokenizerRunner(config, sd, device=device, dtype=torch.float32)
+    d16 = TokenizerRunner(config, sd, device=device, dtype=torch.bfloat16)
+    items = [(0.1 * torch.randn(1, int(s * sr)), sr) for s, sr in ((3.0, 16000), (7.3, 48000), (1.1, 24000), (31.0, 16000))]
+    ref, f32, b16 = cpu.tokenize(items), d32.tokenize(items), d16.tokenize(items)
+    solo = [d16.tokenize([it])[0] for it in items]
+    same = lambda a, b: round((a == b).float().mean().item(), 4)     # noqa: E731
+    res = [{"tokens": int(a.shape[0]), "cpu32_vs_dev32": same(a, b), "cpu32_vs_dev16": same(a, c),
+            "dev16_batch_vs_solo": same(c, s)} for a, b, c, s in zip(ref, f32, b16, solo)]
+    for r in res:
+        print(r, flush=True)
+    return res
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="mid", help="'mid', 'real' or a config.json path")
@@ -125,6 +177,8 @@ def main(argv=None) -> None:
     p.add_argument("--iters", type=int, default=3)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--json", default=None, help="write the results here")
+    p.add_argument("--breakdown", action="store_true", help="also time each stage")
+    p.add_argument("--check", action="store_true", help="compare device codes with CPU fp32 (random weights)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -137,9 +191,15 @@ def main(argv=None) -> None:
     dtype = getattr(torch, args.dtype) if args.dtype else None
     res = bench_tokenizer(cfg, tuple(int(b) for b in args.batch_sizes.split(",")), args.seconds,
                           args.device, dtype, args.sample_rate, iters=args.iters)
+    out = {"rtf": res}
+    if args.breakdown:
+        out["breakdown"] = stage_breakdown(cfg, max(int(b) for b in args.batch_sizes.split(",")), args.seconds,
+                                           args.device, dtype, args.iters)
+    if args.check:
+        out["check"] = check_device(cfg, args.device or "cuda")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(res, f, indent=1)
+            json.dump(out, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -49,7 +49,7 @@ class VocoderRunner:
         return self.config.hop_samples
 
     # ------------------------------------------------------------------ validation
-    def _check(self, i: int, mel) -> torch.Tensor:
+    def check(self, i: int, mel) -> torch.Tensor:
         if not isinstance(mel, torch.Tensor):
             try:
                 mel = torch.as_tensor(mel)
@@ -78,7 +78,7 @@ class VocoderRunner:
         """mels: list of Float[80, T_i] -> list of Float[hop·T_i] (CPU, fp32), in input order.
 
         seed: makes the random source reproducible (None: fresh randomness). An empty list gives []."""
-        checked = [self._check(i, m) for i, m in enumerate(mels)]
+        checked = [self.check(i, m) for i, m in enumerate(mels)]
         if not checked:
             return []
         gen = None

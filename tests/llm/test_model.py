@@ -13,6 +13,15 @@ from services.llm.kv_cache import KVCache
 from services.llm.model import AudioLLM, attention_math, attention_sdpa
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny ops on a shared 2-core machine: one thread avoids OpenMP contention (10-20x)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def cfg():
     return synthetic_config(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,

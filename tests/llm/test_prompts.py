@@ -72,7 +72,8 @@ def test_multi_turn_history(env):
     b, _, codes = env
     t, a = b.tokens, b.tokens.audio
     reply = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8], [8, 7, 6, 5, 4, 3, 2, 1]])
-    msgs = _turn(codes[:3]) + [Message("assistant", ["你好", GeneratedAudio(reply)]), Message("user", [Audio(codes[3:5])])]
+    msgs = _turn(codes[:3]) + [Message("assistant", ["你好", GeneratedAudio(reply)]),
+                               Message("user", [Audio(codes[3:5])])]
     p = b.chat(msgs, spoken=True)
     first = b.chat(_turn(codes[:3]), spoken=True).ids            # ends with <audiotext_start><C_A>
     want = (first + b.encode("你好") + [a.audiogen_start, a.audio_pad, a.audio_pad, a.audiogen_end]

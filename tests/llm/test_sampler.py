@@ -115,10 +115,20 @@ def test_draw_distribution_and_filters():
 
 
 def test_uniforms_in_open_interval_and_spread():
-    u = S.uniforms(torch.tensor([1, 2**40 + 5]), torch.tensor([0, 123456789]), 10000)
+    keys = torch.tensor([S.draw_key(1, 0), S.draw_key(1, 1), S.draw_key(2**40 + 5, 123456789)])
+    u = S.uniforms(keys, 10000)
     assert u.min() > 0 and u.max() < 1
-    assert abs(u.mean().item() - 0.5) < 0.01
-    assert not torch.equal(u[0], u[1])
+    assert abs(u.mean().item() - 0.5) < 0.01 and abs(u.var().item() - 1 / 12) < 0.005
+    assert not torch.equal(u[0], u[1]) and not torch.equal(u[1], u[2])
+    assert abs(torch.corrcoef(u[:2])[0, 1].item()) < 0.05          # consecutive draws look independent
+
+
+def test_frame_draws_use_one_key_per_codebook():
+    b = SamplingBatch.build(PARAMS[:2], [3, 4], [10, 20], "cpu", draws=8)
+    assert b.keys.shape == (2, 8)
+    assert b.offset(5).keys[0, 5].item() == S.draw_key(3, 15)
+    with pytest.raises(IndexError):
+        b.offset(8)
 
 
 def test_token_counts_follow_overwrites():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from services.llm.scheduler import (AudioFrame, Done, EngineError, Mode, Phase, Protocol, ProtocolConfig, Request,
+from services.llm.scheduler import (AudioFrame, EngineError, Phase, Protocol, ProtocolConfig, Request,
                                     Scheduler, SegmentEnd, SegmentStart, Sequence, SessionTable, TextDelta,
                                     UnknownSessionError, common_prefix)
 from services.llm.stop import StopStrings
@@ -79,7 +79,8 @@ def test_spoken_turn():
     assert s.phase == Phase.AUDIO and s.tokens[-1] == AG_START and s.final_audio
     frames(s, FRAME, EOA)
     d = s.done
-    assert d.reason == "eos" and d.final_sequence[-3:] == (AG_START, PAD, PAD)   # correction 11: no EOS, no audiogen_end
+    # correction 11: the reply ends with the final segment's pads, no EOS, no audiogen_end
+    assert d.reason == "eos" and d.final_sequence[-3:] == (AG_START, PAD, PAD)
     assert d.kv_len == len(d.final_sequence) - 1
     writes = [(old, new) for _, old, new in d.host_writes]
     assert writes == [(AG_START, AG_START), (PAD, AG_END), (BANG, AG_START), (PAD, AG_END), (EOS, AG_START)]
@@ -213,7 +214,7 @@ def test_forced_schedule():
 
 def test_context_limit_during_generation():
     s = seq(max_len=5)
-    text(s, A, A)                                # 5 tokens, the last one cannot be forwarded... yet fits
+    text(s, A, A)                                # 5 tokens fill the slot
     assert s.phase == Phase.FIRST_TEXT
     text(s, A)
     assert s.done.reason == "length" and ends(s, "text")[0].reason == "length"

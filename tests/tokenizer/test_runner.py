@@ -50,9 +50,9 @@ def test_parity_runner_bf16_codes(fixtures, waves, weights):
 
 
 def test_batched_equals_one_at_a_time(waves, runner):
-    """tone2 (51 frames) and stereo (201 frames) have odd lengths whose last encoder frame
-    would see the batch padding; each request must still get its solo codes."""
-    items = [waves["speech"], waves["tone2"], waves["stereo"], waves["tone"]]
+    """tone2 (51 mel frames) has an odd length whose last encoder frame would see the batch
+    padding up to stereo's 201 frames; each request must still get its solo codes."""
+    items = [waves["tone2"], waves["stereo"], waves["tone"]]
     batched = runner.tokenize(items)
     for item, got in zip(items, batched):
         alone = runner.tokenize([item])[0]
@@ -61,10 +61,12 @@ def test_batched_equals_one_at_a_time(waves, runner):
 
 def test_joint_padding_reproduces_reference_collate(fixtures, waves, runner):
     """joint_padding: the reference's collate (pad to the longest) -- for the fixture's own
-    batch the codes are the fixture's."""
+    batch the codes are the fixture's; an odd-length shorter request then differs from alone."""
     codes = runner.tokenize([waves["speech"], waves["tone"]], joint_padding=True)
     exp = fixtures.load("02_tokenizer", "outputs_fp32.safetensors")["codes"]
     assert torch.equal(torch.cat(codes), exp)
+    joint = runner.tokenize([waves["speech"], waves["stereo"]], joint_padding=True)[1]
+    assert not torch.equal(joint, runner.tokenize([waves["stereo"]])[0])
 
 
 def test_parity_long_audio_chunks(fixtures, waves, runner):

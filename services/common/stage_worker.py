@@ -1,0 +1,71 @@
+"""The work-stream side of a stage replica: a thread that serves `jobs:{stage}` (bus.run_worker).
+
+Used by the decoder and vocoder deployments: each replica is one consumer of the stage's
+consumer group, so replicas share the work, and a replica that dies leaves its jobs to be
+re-claimed by the others after the visibility timeout."""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import uuid
+from typing import Callable
+
+from services.common.bus import Bus, Job, TurnError, run_worker, worker_options
+from services.common.settings import Settings
+
+log = logging.getLogger(__name__)
+
+GROUP = "stage-workers"
+INTERNAL = 13  # google.rpc.Code
+
+
+def consumer_name(stage: str) -> str:
+    return f"{stage}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+class StageWorker:
+    """Start with `start()`, stop with `stop()`; `handler(jobs) -> per-job results or exception`."""
+
+    def __init__(self, settings: Settings, stream: str, stage: str,
+                 handler: Callable[[list[Job]], list], batch_size: int):
+        self.bus = Bus.from_settings(settings)
+        self.stream, self.stage = stream, stage
+        self.consumer = consumer_name(stage)
+        self._stop = threading.Event()
+        self._kw = dict(worker_options(settings), count=batch_size, stage=stage, batched=True,
+                        on_dead_letter=self._dead_letter)
+        self._handler = handler
+        self._thread: threading.Thread | None = None
+        self.stats = None
+
+    def _dead_letter(self, job: Job, reason: str) -> None:
+        # the turn must hear that a piece of its audio is lost instead of waiting for it
+        e = job.entry
+        self.bus.publish(e.turn_id, "audio", TurnError(
+            turn_id=e.turn_id, stage=self.stage, code=INTERNAL, segment=e.segment, chunk=e.chunk,
+            message=f"{self.stage} could not process segment {e.segment} chunk {e.chunk}: {reason}"))
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.stats = run_worker(self.bus, self.stream, GROUP, self.consumer, self._handler,
+                                        self._stop, **self._kw)
+            except Exception:  # noqa: BLE001 - a worker thread must not die silently
+                log.exception("%s worker crashed; restarting", self.stage)
+                self._stop.wait(1.0)
+
+    def start(self) -> "StageWorker":
+        self._thread = threading.Thread(target=self._run, name=f"{self.stage}-worker", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()

@@ -1,0 +1,75 @@
+"""Ray Serve deployment of the vocoder stage.
+
+Serves the `jobs:vocoder` work stream (mel -> 24 kHz PCM chunks on the turn's audio stream,
+published once per (turn, segment, chunk)) and the `Vocoder` gRPC service for direct calls."""
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import numpy as np
+import torch
+from ray import serve
+
+from baichuan_audio.v1 import stages_pb2
+from services.common.audio import to_pcm16
+from services.common.bus import VOCODER_JOBS, Bus, Job, PcmChunk, PermanentError
+from services.common.grpc_status import grpc_errors
+from services.common.runtime import load_settings, open_checkpoint
+from services.common.stage_worker import StageWorker
+from services.vocoder.runner import VocodeInputError, VocoderRunner
+
+
+@serve.deployment(name="Vocoder")
+class VocoderDeployment:
+    def __init__(self, config: Any = None):
+        self.settings = load_settings(config)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.runner = VocoderRunner.from_checkpoint(open_checkpoint(self.settings), device=device,
+                                                    max_batch=self.settings.stages.vocoder.max_batch_size)
+        self.worker = StageWorker(self.settings, VOCODER_JOBS, "vocoder", self.handle_jobs,
+                                  self.settings.stages.vocoder.max_batch_size).start()
+
+    def __del__(self):
+        worker = getattr(self, "worker", None)
+        if worker is not None:
+            worker.stop()
+
+    def handle_jobs(self, jobs: list[Job]) -> list:
+        """One batched forward for all claimed jobs; a bad mel fails only its own job."""
+        outcomes: list = [None] * len(jobs)
+        good: list[int] = []
+        mels: list[torch.Tensor] = []
+        for i, job in enumerate(jobs):
+            try:
+                mels.append(self.runner.check(i, torch.from_numpy(np.array(job.entry.mel_array()))))
+                good.append(i)
+            except VocodeInputError as e:
+                outcomes[i] = PermanentError(str(e))
+        seed = jobs[good[0]].entry.seed if good and jobs[good[0]].entry.seed else None
+        waves = self.runner.vocode(mels, seed=seed) if mels else []
+        hop = self.runner.hop
+        for i, wave in zip(good, waves):
+            e = jobs[i].entry
+            samples = wave[e.context_frames * hop:]           # left context was for continuity only
+            chunk = PcmChunk(turn_id=e.turn_id, segment=e.segment, chunk=e.chunk, final=e.final,
+                             pcm16=to_pcm16(samples.numpy()), sample_rate=self.runner.config.sampling_rate)
+            outcomes[i] = [(Bus.turn_stream(e.turn_id, "audio"), chunk,
+                            Bus.result_key("vocoder", e.turn_id, e.segment, e.chunk))]
+        return outcomes
+
+    def check_health(self):
+        if not self.worker.alive:
+            raise RuntimeError("vocoder work-stream thread is not running")
+
+    @grpc_errors
+    async def Vocode(self, request, grpc_context=None):
+        m = request.mel
+        if m.rows * m.cols * 4 != len(m.float32_le):
+            raise VocodeInputError(f"mel of {m.rows}x{m.cols} needs {m.rows * m.cols * 4} bytes, got {len(m.float32_le)}")
+        mel = torch.from_numpy(np.frombuffer(m.float32_le, dtype="<f4").reshape(m.rows, m.cols).copy())
+        seed = request.seed or None
+        (wave,) = await asyncio.get_running_loop().run_in_executor(None, lambda: self.runner.vocode([mel], seed=seed))
+        return stages_pb2.VocodeResponse(sample_rate=self.runner.config.sampling_rate,
+                                         pcm16=to_pcm16(wave.numpy()),
+                                         float32_le=wave.numpy().astype("<f4").tobytes())
