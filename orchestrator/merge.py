@@ -142,6 +142,15 @@ class ReplyMerger:
         return any(i >= self.next_segment and (s.chunks is None or s.next_chunk < s.chunks)
                    for i, s in self.segments.items())
 
+    def interrupt(self) -> list[pb.TurnEvent]:
+        """End the turn now (Interrupt): audio not yet emitted is dropped, so the reply is
+        exactly what the caller was sent."""
+        if self.finished:
+            return []
+        self.llm_done = bus.TurnEnd(turn_id=self.turn_id, reason="cancelled")
+        self.segments = {i: s for i, s in self.segments.items() if i < self.next_segment}
+        return self._maybe_end()
+
     def _maybe_end(self) -> list[pb.TurnEvent]:
         if self.error is not None:
             self.finished = True

@@ -20,6 +20,7 @@ from ray import serve
 from baichuan_audio.v1 import stages_pb2
 from services.common.bus import DECODER_JOBS, VOCODER_JOBS, Bus, Job, PermanentError, VocodeJob
 from services.common.grpc_status import grpc_errors
+from services.common.telemetry import setup_telemetry
 from services.common.runtime import device_and_dtype, load_settings, open_checkpoint
 from services.common.stage_worker import StageWorker
 from services.decoder.noise import prefix_noise
@@ -39,6 +40,7 @@ def chunk_window(context_tokens: int, stride: int) -> int:
 class DecoderDeployment:
     def __init__(self, config: Any = None):
         self.settings = load_settings(config)
+        setup_telemetry(self.settings)
         device, dtype = device_and_dtype(self.settings)
         self.runner = DecoderRunner.from_checkpoint(open_checkpoint(self.settings), device=device, dtype=dtype,
                                                     max_batch=self.settings.stages.decoder.max_batch_size)
@@ -58,7 +60,7 @@ class DecoderDeployment:
         for i, job in enumerate(jobs):
             e = job.entry
             try:
-                c = self.runner.check(i, torch.from_numpy(np.array(e.codes_array(), dtype=np.int64)))
+                c = self.runner._check(i, torch.from_numpy(np.array(e.codes_array(), dtype=np.int64)))
                 if e.context_frames >= c.shape[0]:
                     raise DecodeInputError(f"job context_frames={e.context_frames} leaves no frames of "
                                            f"its {c.shape[0]}-frame chunk to decode")

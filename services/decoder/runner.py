@@ -109,6 +109,8 @@ class DecoderRunner:
         a = config.audio
         self.codebook_sizes = a.codebook_sizes
         self.stride = a.avg_pooler
+        # seconds per code frame: 16 kHz hop 160, encoder stride 2, bridge pooling 4 -> 0.08 s
+        self.frame_s = a.avg_pooler * a.stride_size * a.hop_length / a.sampling_rate
 
         # Built in fp32 and loaded, then cast: buffers round exactly as the reference's model.to(bf16).
         self.code_decoder = CodeDecoder(a)
@@ -152,7 +154,7 @@ class DecoderRunner:
                 raise DecodeInputError(f"segment {i}: codes are not an integer array ({e})") from None
         if codes.dim() != 2 or codes.shape[1] != n_books:
             raise DecodeInputError(f"segment {i} has shape {tuple(codes.shape)}; expected (frames, {n_books}): "
-                                   f"one row per 80 ms frame, one column per codebook")
+                                   f"one row per {self.frame_s * 1000:g} ms frame, one column per codebook")
         if codes.is_floating_point() or codes.is_complex() or codes.dtype == torch.bool:
             raise DecodeInputError(f"segment {i} has dtype {codes.dtype}; codes must be integers")
         codes = codes.to("cpu", torch.int64)
@@ -167,12 +169,12 @@ class DecoderRunner:
                 f"a segment ends at its first end-of-audio frame, so split or truncate it there")
         if codes.shape[0] == 0:
             raise DecodeInputError(
-                f"segment {i} has no audio frames (end-of-audio at frame 0); the reference emits nothing "
-                f"for such a segment, so skip it instead of decoding it")
+                f"segment {i} has no audio frames; the reference emits nothing for a segment whose "
+                f"end-of-audio comes at frame 0, so skip it instead of decoding it")
         if codes.shape[0] > self.max_frames:
             raise DecodeInputError(
-                f"segment {i} has {codes.shape[0]} frames ({codes.shape[0] * 0.08:.1f} s); the limit is "
-                f"{self.max_frames} frames ({self.max_frames * 0.08:.1f} s), the reference's cap per segment")
+                f"segment {i} has {codes.shape[0]} frames ({codes.shape[0] * self.frame_s:.1f} s); the limit is "
+                f"{self.max_frames} frames ({self.max_frames * self.frame_s:.1f} s), the reference's cap per segment")
         sizes = torch.tensor(self.codebook_sizes)
         bad = (codes < 0) | (codes >= sizes)
         if bool(bad.any()):

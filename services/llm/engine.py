@@ -50,6 +50,8 @@ class EngineConfig:
     max_batch: Optional[int] = None      # running sequences at once (default num_slots)
     stop_mode: str = "text"              # "text": transformers 4.45 stop strings (the reference); "bytes": >= 4.50
     trace: bool = False                  # record every row of every forward in Engine.trace
+    kv_bucket: int = 128                 # attended KV length rounded up to this: few distinct shapes
+                                         # (fused attention kernels plan per shape; graphs need it)
 
 
 class Handle:
@@ -120,7 +122,8 @@ class Engine:
             audiogen_start=self.cfg.audio_tokens.audiogen_start, audiogen_end=self.cfg.audio_tokens.audiogen_end,
             eoa=sizes[0], num_codebooks=len(sizes), config=self.protocol_config,
             stops=StopTables(tokenizer, config.stop_mode, self.vocab_size),
-            decode=lambda ids: tokenizer.decode(list(ids)),     # as the demo decodes each segment
+            decode=lambda ids: tokenizer.decode(list(ids)),     # as the s2s demo decodes each segment
+            decode_plain=lambda ids: tokenizer.decode(list(ids), skip_special_tokens=True),
         )
 
         llm = self.cfg.llm
@@ -155,6 +158,10 @@ class Engine:
     def open_session(self, session_id: Optional[str] = None) -> str:
         with self._lock:
             return self.sessions.open(session_id)
+
+    def has_session(self, session_id: str) -> bool:
+        with self._lock:
+            return session_id in self.sessions.sessions
 
     def close_session(self, session_id: str) -> None:
         with self._lock:
@@ -393,7 +400,8 @@ class Engine:
                          + [w.seq.slot, k, w.n])
         t = torch.tensor(table, dtype=torch.int64).to(self.device)
         codes = torch.tensor(rows, dtype=torch.int64).to(self.device) if rows else None
-        bound = min(max(w.seq.kv_len + T for w in group), self.cache.max_len)
+        q = self.config.kv_bucket
+        bound = min(-(-max(w.seq.kv_len + T for w in group) // q) * q, self.cache.max_len)
         return t[:, :T], t[:, T:2 * T], t[:, 2 * T], t[:, 2 * T + 1], t[:, 2 * T + 2], codes, T, bound
 
     def _batch(self, seqs: list[Sequence], draws: int) -> S.SamplingBatch:

@@ -177,6 +177,7 @@ class Protocol:
     config: ProtocolConfig
     stops: StopTables | None                   # None: stop strings never match (tests)
     decode: Callable[[Seq[int]], str] = lambda ids: ""
+    decode_plain: Optional[Callable[[Seq[int]], str]] = None   # special tokens skipped (ASR demo)
     strip: tuple[str, ...] = _DISPLAY_STRIP    # the demo removes these from shown text
 
     def __post_init__(self):
@@ -185,7 +186,11 @@ class Protocol:
     def stop_set(self, stops: tuple[str, ...]) -> StopStrings | None:
         return self.stops.stops(stops) if (stops and self.stops is not None) else None
 
-    def display(self, ids: Seq[int]) -> str:
+    def display(self, ids: Seq[int], mode: "Mode") -> str:
+        """The text a demo shows: the s2s demo decodes each segment and removes `strip`;
+        the ASR demo decodes with special tokens skipped."""
+        if mode == Mode.ASR and self.decode_plain is not None:
+            return self.decode_plain(ids)
         text = self.decode(ids)
         return self._strip_re.sub("", text) if self._strip_re else text
 
@@ -334,7 +339,7 @@ class Sequence:
         self.draws += 1
         self._append([tok])
         self.seg_ids.append(tok)
-        shown = self.proto.display(self.seg_ids)
+        shown = self.proto.display(self.seg_ids, self.mode)
         delta = ""
         if not shown.endswith("\ufffd") and shown.startswith(self.seg_shown):
             delta, self.seg_shown = shown[len(self.seg_shown):], shown
@@ -372,7 +377,7 @@ class Sequence:
             self._check_room()
 
     def _end_text(self, reason: str) -> None:
-        shown = self.proto.display(self.seg_ids)
+        shown = self.proto.display(self.seg_ids, self.mode)
         if shown.startswith(self.seg_shown) and len(shown) > len(self.seg_shown):
             self.events.append(TextDelta(self.id, self.n_text, None, shown[len(self.seg_shown):]))
         self.events.append(SegmentEnd(self.id, "text", self.n_text, reason, tuple(self.seg_ids), shown))

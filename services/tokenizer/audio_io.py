@@ -38,6 +38,10 @@ class AudioInputError(ValueError):
         super().__init__(message)
         self.reason = reason
 
+    def __reduce__(self):
+        # picklable with both arguments: errors cross process boundaries (Ray handles)
+        return (type(self), (self.reason, str(self)))
+
 
 def _check_sample_rate(sample_rate) -> int:
     if isinstance(sample_rate, bool) or not isinstance(sample_rate, (int, np.integer)) \

@@ -12,6 +12,7 @@ from ray import serve
 
 from baichuan_audio.v1 import stages_pb2
 from services.common.grpc_status import grpc_errors
+from services.common.telemetry import setup_telemetry
 from services.common.runtime import device_and_dtype, load_settings, open_checkpoint
 from services.tokenizer.audio_io import AudioInputError, pcm16_to_waveform, read_audio
 from services.tokenizer.runner import TokenizerRunner
@@ -26,6 +27,7 @@ def codes_to_proto(codes: torch.Tensor) -> stages_pb2.Codes:
 class TokenizerDeployment:
     def __init__(self, config: Any = None):
         self.settings = load_settings(config)
+        setup_telemetry(self.settings)
         device, dtype = device_and_dtype(self.settings)
         self.runner = TokenizerRunner.from_checkpoint(
             open_checkpoint(self.settings), device=device, dtype=dtype,

@@ -15,6 +15,7 @@ from baichuan_audio.v1 import stages_pb2
 from services.common.audio import to_pcm16
 from services.common.bus import VOCODER_JOBS, Bus, Job, PcmChunk, PermanentError
 from services.common.grpc_status import grpc_errors
+from services.common.telemetry import setup_telemetry
 from services.common.runtime import load_settings, open_checkpoint
 from services.common.stage_worker import StageWorker
 from services.vocoder.runner import VocodeInputError, VocoderRunner
@@ -24,6 +25,7 @@ from services.vocoder.runner import VocodeInputError, VocoderRunner
 class VocoderDeployment:
     def __init__(self, config: Any = None):
         self.settings = load_settings(config)
+        setup_telemetry(self.settings)
         device = "cuda" if torch.cuda.is_available() else "cpu"
         self.runner = VocoderRunner.from_checkpoint(open_checkpoint(self.settings), device=device,
                                                     max_batch=self.settings.stages.vocoder.max_batch_size)

@@ -35,8 +35,8 @@ class Stage04:
             m.to(self.dtype).eval()
         self.config = cfg
 
-    def check(self, actual, expected, name):
-        self.fx.assert_close(actual, expected, f"04/{self.kind}/{name}", self.kind)
+    def check(self, actual, expected, name, kind=None):
+        self.fx.assert_close(actual, expected, f"04/{self.kind}/{name}", kind or self.kind)
 
 
 @pytest.fixture(autouse=True)

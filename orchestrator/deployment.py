@@ -1,0 +1,291 @@
+"""The public `ConversationService` as a Ray Serve deployment.
+
+Thin glue: sessions (sessions.py), prompts (services/llm/prompts.py), calls to the tokenizer
+and LLM applications through Serve handles (the LLM session-affine through the multiplexed
+model id), and the turn producer (turns.py) that merges the stage streams for the caller."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+import uuid
+from typing import Any
+
+import numpy as np
+import redis
+import torch
+from ray import serve
+
+from baichuan_audio.v1 import conversation_pb2 as pb
+from services.common.bus import Bus
+from services.common.grpc_status import NotFound, ResourceExhausted, grpc_errors
+from services.common.runtime import load_settings, open_checkpoint
+from services.common.telemetry import inject_context, setup_telemetry, start_span
+from services.common.text_tokenizer import DEFAULT_SYSTEM_PROMPT, load_text_tokenizer
+from services.llm.prompts import Audio, Message, PromptBuilder, ProtocolTokens
+from orchestrator import turns
+from orchestrator.merge import ReplyMerger
+from orchestrator.sessions import SessionSettingsRecord, SessionStore
+
+log = logging.getLogger(__name__)
+
+SAMPLING_LIMITS = {"temperature": (0.0, 2.0), "top_p": (0.0, 1.0), "top_k": (1, 1000)}
+
+
+def _settings_record(s: pb.SessionSettings) -> SessionSettingsRecord:
+    sampling = {}
+    for f, v in s.sampling.ListFields():
+        sampling[f.name] = v
+    for name, value in sampling.items():
+        for key, (lo, hi) in SAMPLING_LIMITS.items():
+            if name.endswith(key) and not (lo < value <= hi if key != "top_k" else lo <= value <= hi):
+                raise ValueError(f"sampling.{name}={value} is out of range ({lo}, {hi}]")
+    unsupported = sorted(n for n in sampling if n not in ("seed", "greedy"))
+    if unsupported:
+        raise ValueError(f"sampling overrides {unsupported} are not supported yet; the reference's per-phase "
+                         f"values apply (seed and greedy are supported)")
+    return SessionSettingsRecord(
+        system_prompt=s.system_prompt, spoken=s.reply_mode != pb.REPLY_MODE_TEXT,
+        faithful_history=s.faithful_history, low_latency_audio=s.low_latency_audio,
+        ttl_seconds=s.ttl_seconds, sampling=sampling)
+
+
+@serve.deployment(name="Conversation")
+class ConversationDeployment:
+    def __init__(self, config: Any = None):
+        self.settings = load_settings(config)
+        setup_telemetry(self.settings)
+        ckpt = open_checkpoint(self.settings)
+        self.tokenizer = load_text_tokenizer(ckpt.path)
+        self.cfg = ckpt.config
+        tokens = ProtocolTokens.from_tokenizer(self.tokenizer, self.cfg, ckpt.generation_config())
+        self.prompts = PromptBuilder(self.tokenizer, tokens, self.cfg.audio.num_codebooks)
+        self.tokens = tokens
+        self.bus = Bus.from_settings(self.settings)
+        r = self.settings.redis
+        client = redis.Redis.from_url(r.url, protocol=2, username=r.username or None, password=r.password or None,
+                                      socket_connect_timeout=r.connect_timeout_s)
+        self.sessions = SessionStore(client, default_ttl_s=self.settings.limits.session_ttl_s,
+                                     max_sessions=self.settings.limits.max_sessions,
+                                     num_codebooks=self.cfg.audio.num_codebooks)
+        self.tokenizer_app = serve.get_app_handle("tokenizer")
+        self.llm_app = serve.get_app_handle("llm")
+        self.interrupts: dict[str, threading.Event] = {}   # turn_id -> set by Interrupt
+        self.producers: set[asyncio.Task] = set()
+
+    # ---------------------------------------------------------------- sessions
+    def _session_proto(self, sess, history: bool = False) -> pb.Session:
+        s = sess.settings
+        out = pb.Session(session_id=sess.session_id, turns=sess.turns, created_unix_ms=sess.created_ms,
+                         expires_unix_ms=sess.expires_ms, settings=pb.SessionSettings(
+                             system_prompt=s.system_prompt or DEFAULT_SYSTEM_PROMPT,
+                             reply_mode=pb.REPLY_MODE_SPOKEN if s.spoken else pb.REPLY_MODE_TEXT,
+                             faithful_history=s.faithful_history, low_latency_audio=s.low_latency_audio,
+                             ttl_seconds=s.ttl_seconds, sampling=pb.SamplingOverrides(**s.sampling)))
+        if history:
+            for h in sess.history:
+                out.history.append(pb.HistoryEntry(role=h["role"], text=h.get("text", ""),
+                                                   audio_seconds=h.get("audio_seconds", 0.0),
+                                                   interrupted=h.get("interrupted", False)))
+        return out
+
+    @grpc_errors
+    async def CreateSession(self, request, grpc_context=None):
+        if request.settings.faithful_history:
+            raise ValueError("faithful_history is not supported yet: the default history keeps the generated "
+                             "codes and the KV cache (see README)")
+        sess = self.sessions.create(_settings_record(request.settings), request.session_id)
+        return self._session_proto(sess)
+
+    @grpc_errors
+    async def GetSession(self, request, grpc_context=None):
+        return self._session_proto(self.sessions.get(request.session_id), history=True)
+
+    @grpc_errors
+    async def DeleteSession(self, request, grpc_context=None):
+        deleted = self.sessions.delete(request.session_id)
+        if deleted:
+            try:
+                await self.llm_app.options(multiplexed_model_id=request.session_id).close_session.remote(
+                    request.session_id)
+            except Exception:  # noqa: BLE001 - the session is gone either way; the cache ages out
+                log.warning("could not release the LLM cache of session %s", request.session_id)
+        return pb.DeleteSessionResponse(deleted=deleted)
+
+    # ---------------------------------------------------------------- helpers
+    async def _tokenize(self, audio: pb.AudioInput) -> tuple[torch.Tensor, float]:
+        codes, seconds, _ = await self.tokenizer_app.tokenize.remote(audio)
+        return codes, seconds
+
+    def _history_prompt(self, sess, user_part, spoken: bool):
+        """Prompt ids and pad codes: the session's model history (kept KV) + this user turn."""
+        if not sess.tokens:
+            system = sess.settings.system_prompt or DEFAULT_SYSTEM_PROMPT
+            p = self.prompts.chat([Message("system", system), Message("user", user_part)], spoken=spoken)
+            return p.ids, p.audio_codes
+        ids = list(sess.tokens)
+        pad, end = self.cfg.audio_tokens.audio_pad, self.cfg.audio_tokens.audiogen_end
+        n_pads = sum(1 for t in ids if t == pad)
+        if n_pads > sess.codes.shape[0]:
+            # the reply's last end-of-audio pad was never forwarded: close the audio span as the
+            # reference's history does (<audiogen_start> pads <audiogen_end>)
+            if ids and ids[-1] == pad:
+                ids[-1] = end
+                n_pads -= 1
+        if n_pads != sess.codes.shape[0]:
+            raise RuntimeError(f"session {sess.session_id}: history has {n_pads} audio pads but "
+                               f"{sess.codes.shape[0]} code rows")
+        cont = self.prompts.chat([Message("user", user_part)], spoken=spoken)
+        codes = [torch.from_numpy(sess.codes.astype(np.int64))]
+        if cont.audio_codes is not None:
+            codes.append(cont.audio_codes)
+        return ids + cont.ids, torch.cat(codes)
+
+    def _start_producer(self, turn_id: str, merger: ReplyMerger, on_done) -> None:
+        flag = self.interrupts.setdefault(turn_id, threading.Event())
+        loop = asyncio.get_running_loop()
+
+        def run():
+            try:
+                outcome = turns.produce(self.bus, merger, turn_id, interrupted=flag.is_set)
+                on_done(outcome)
+            except Exception:  # noqa: BLE001
+                log.exception("turn %s failed", turn_id)
+                on_done(None)
+            finally:
+                self.interrupts.pop(turn_id, None)
+
+        task = loop.run_in_executor(None, run)
+        self.producers.add(task)
+        task.add_done_callback(self.producers.discard)
+
+    async def _stream(self, turn_id: str, after: str = "0"):
+        it = turns.events(self.bus, turn_id, after)
+        loop = asyncio.get_running_loop()
+        while True:
+            item = await loop.run_in_executor(None, next, it, None)
+            if item is None:
+                return
+            yield item[1]
+
+    # ---------------------------------------------------------------- turns
+    @grpc_errors
+    async def Converse(self, request, grpc_context=None):
+        if request.resume_turn_id:
+            sess = self.sessions.get(request.session_id)
+            if not self.bus.redis.exists(self.bus.turn_stream(request.resume_turn_id, "events")):
+                raise NotFound(f"turn {request.resume_turn_id} of session {sess.session_id} is not known "
+                               "(finished too long ago, or never started)")
+            async for ev in self._stream(request.resume_turn_id, request.after_event_id or "0"):
+                yield ev
+            return
+        kind = request.WhichOneof("input")
+        if kind is None:
+            raise ValueError("the turn has no input: set audio (a WAV/FLAC file or PCM16) or text")
+        if kind == "text" and len(request.text) > self.settings.limits.max_text_chars:
+            raise ValueError(f"text of {len(request.text)} characters is over the limit of "
+                             f"{self.settings.limits.max_text_chars}")
+        turn_id = uuid.uuid4().hex
+        sess = self.sessions.begin_turn(request.session_id, turn_id)
+        t0 = time.time()
+        try:
+            with start_span("turn", attributes={"session.id": sess.session_id, "turn.id": turn_id}):
+                user_seconds = 0.0
+                if kind == "audio":
+                    codes, user_seconds = await self._tokenize(request.audio)
+                    user_part = [Audio(codes)]
+                else:
+                    user_part = request.text
+                spoken = sess.settings.spoken
+                ids, codes = self._history_prompt(sess, user_part, spoken)
+                req = {"turn_id": turn_id, "session_id": sess.session_id, "mode": "spoken" if spoken else "text",
+                       "prompt_ids": ids, "prompt_codes": None if codes is None else codes.numpy(),
+                       "greedy": bool(sess.settings.sampling.get("greedy")), "seed": sess.settings.sampling.get("seed"),
+                       "low_latency": sess.settings.low_latency_audio, "trace": inject_context()}
+                await self.llm_app.options(multiplexed_model_id=sess.session_id).generate.remote(req)
+        except BaseException:
+            self.sessions.end_turn(sess, entries=[], tokens=None, codes=None)
+            raise
+        prompt_codes = codes
+        merger = ReplyMerger(turn_id, spoken=spoken, started=t0)
+        user_entry = {"role": "user", "text": request.text if kind == "text" else "", "audio_seconds": user_seconds}
+
+        def on_done(outcome):
+            if outcome is None:
+                self.sessions.end_turn(sess, entries=[user_entry], tokens=None, codes=None)
+                return
+            entry = {"role": "assistant", "text": outcome.text, "audio_seconds": outcome.audio_seconds,
+                     "interrupted": outcome.interrupted}
+            tokens, all_codes = None, None
+            if outcome.tokens is not None and not outcome.interrupted and outcome.error is None:
+                tokens = outcome.tokens
+                prev = prompt_codes.numpy() if prompt_codes is not None else np.zeros((0, 8), np.int64)
+                all_codes = np.concatenate([prev, outcome.generated_codes]).astype(np.int32)
+            elif outcome.interrupted:
+                # keep only what was delivered: the user turn and the reply text the caller got
+                tokens = list(ids) + self.tokenizer.encode(outcome.text, add_special_tokens=False)
+                all_codes = (prompt_codes.numpy() if prompt_codes is not None else np.zeros((0, 8))).astype(np.int32)
+            self.sessions.end_turn(sess, entries=[user_entry, entry], tokens=tokens, codes=all_codes)
+
+        self._start_producer(turn_id, merger, on_done)
+        async for ev in self._stream(turn_id):
+            yield ev
+
+    @grpc_errors
+    async def Interrupt(self, request, grpc_context=None):
+        sess = self.sessions.get(request.session_id)
+        turn_id = sess.active_turn
+        if not turn_id:
+            return pb.InterruptResponse(interrupted=False)
+        flag = self.interrupts.get(turn_id)
+        cancelled = await self.llm_app.options(multiplexed_model_id=sess.session_id).cancel.remote(turn_id)
+        if flag is not None:
+            flag.set()
+        return pb.InterruptResponse(interrupted=bool(cancelled or flag is not None), turn_id=turn_id)
+
+    # ---------------------------------------------------------------- ASR / TTS
+    async def _one_shot(self, req: dict, spoken: bool) -> tuple[str, ReplyMerger]:
+        turn_id = req["turn_id"]
+        merger = ReplyMerger(turn_id, spoken=spoken)
+        await self.llm_app.generate.remote(req)
+        done = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        self._start_producer(turn_id, merger, lambda o: loop.call_soon_threadsafe(done.set_result, o))
+        return turn_id, merger
+
+    @grpc_errors
+    async def Transcribe(self, request, grpc_context=None):
+        codes, seconds = await self._tokenize(request.audio)
+        p = self.prompts.asr(codes)
+        turn_id = uuid.uuid4().hex
+        await self._one_shot({"turn_id": turn_id, "mode": "asr", "prompt_ids": p.ids,
+                              "prompt_codes": p.audio_codes.numpy(), "greedy": True}, spoken=False)
+        text = ""
+        async for ev in self._stream(turn_id):
+            if ev.HasField("error"):
+                raise RuntimeError(ev.error.message)
+            if ev.HasField("end"):
+                text = ev.end.text
+        return pb.TranscribeResponse(text=text, audio_seconds=seconds)
+
+    @grpc_errors
+    async def Synthesize(self, request, grpc_context=None):
+        if not request.text.strip():
+            raise ValueError("text is empty: nothing to synthesize")
+        if len(request.text) > self.settings.limits.max_text_chars:
+            raise ValueError(f"text of {len(request.text)} characters is over the limit of "
+                             f"{self.settings.limits.max_text_chars}")
+        chunks = self.prompts.tts_chunks(request.text)
+        turn_id = uuid.uuid4().hex
+        sampling = request.sampling
+        await self._one_shot({"turn_id": turn_id, "mode": "tts", "prompt_ids": chunks[0], "tts_chunks": chunks[1:],
+                              "greedy": True, "seed": sampling.seed if sampling.HasField("seed") else None},
+                             spoken=True)
+        async for ev in self._stream(turn_id):
+            yield ev
+
+    # ---------------------------------------------------------------- health
+    async def Check(self, request, grpc_context=None):
+        from grpc_health.v1 import health_pb2
+        return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)

@@ -1,0 +1,177 @@
+"""Ray Serve deployment of the LLM stage: one engine per replica (GPU-pinned in production).
+
+`generate` submits a turn and returns at once; a thread per turn forwards the engine's events
+to Redis (turn:{id}:llm and jobs:decoder, see publisher.py). Session affinity: callers pass
+the session id as Serve's multiplexed model id, so a session's turns reach the replica that
+holds its KV cache while it has it; any other replica rebuilds it from the prompt.
+
+Also implements the `LLM.Generate` gRPC service (streamed events) for direct calls."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from typing import Any
+
+import numpy as np
+import torch
+from ray import serve
+
+from baichuan_audio.v1 import conversation_pb2, stages_pb2
+from services.common.bus import DECODER_JOBS, Bus
+from services.common.grpc_status import grpc_errors
+from services.common.telemetry import setup_telemetry, start_span
+from services.common.runtime import device_and_dtype, load_settings, open_checkpoint
+from services.common.text_tokenizer import load_text_tokenizer
+from services.llm.engine import Engine, EngineConfig, Request
+from services.llm.model import AudioLLM
+from services.llm.publisher import ChunkPolicy, TurnPublisher
+from services.llm.scheduler import AudioFrame, Done, SegmentEnd, TextDelta
+
+log = logging.getLogger(__name__)
+
+MODES = {stages_pb2.GENERATE_MODE_UNSPECIFIED: "spoken", stages_pb2.GENERATE_MODE_SPOKEN: "spoken",
+         stages_pb2.GENERATE_MODE_TEXT: "text", stages_pb2.GENERATE_MODE_ASR: "asr",
+         stages_pb2.GENERATE_MODE_TTS: "tts"}
+
+
+@serve.deployment(name="LLM")
+class LLMDeployment:
+    def __init__(self, config: Any = None):
+        self.settings = load_settings(config)
+        setup_telemetry(self.settings)
+        device, dtype = device_and_dtype(self.settings)
+        ckpt = open_checkpoint(self.settings)
+        model = AudioLLM.from_checkpoint(ckpt, dtype=dtype, device=device,
+                                         attn_impl="sdpa" if device.type == "cuda" else "math")
+        s = self.settings.llm
+        self.engine = Engine(model, load_text_tokenizer(ckpt.path), generation_config=ckpt.generation_config(),
+                             config=EngineConfig(num_slots=s.max_slots, max_len=max(256, s.kv_budget_tokens // s.max_slots),
+                                                 prefill_budget=s.prefill_chunk_tokens))
+        self.engine.run_forever()
+        self.bus = Bus.from_settings(self.settings)
+        d = self.settings.decoder
+        self.low_latency = ChunkPolicy(d.first_chunk_frames, d.chunk_growth, d.max_chunk_frames)
+        self.turns: dict[str, Any] = {}           # turn_id -> engine Handle
+        self._lock = threading.Lock()
+
+    def __del__(self):
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.stop()
+
+    # ---------------------------------------------------------------- session affinity
+    @serve.multiplexed(max_num_models_per_replica=64)
+    async def _session(self, session_id: str) -> str:
+        # "loading" a session only pins it to this replica; the engine keeps its KV cache
+        return session_id
+
+    # ---------------------------------------------------------------- handle API
+    def _request(self, req: dict) -> Request:
+        codes = req.get("prompt_codes")
+        return Request(prompt_ids=list(req["prompt_ids"]), mode=req.get("mode", "spoken"),
+                       audio_codes=torch.as_tensor(np.asarray(codes, dtype=np.int64)) if codes is not None and len(codes) else None,
+                       tts_chunks=[list(c) for c in req.get("tts_chunks", ())],
+                       session_id=req.get("session_id") or None, greedy=bool(req.get("greedy")),
+                       seed=req.get("seed"), request_id=req["turn_id"],
+                       max_audio_frames=req.get("max_audio_frames"))
+
+    async def generate(self, req: dict) -> dict:
+        """Start a turn; its events go to Redis. Returns when the engine accepted it.
+
+        req: turn_id, session_id, mode (spoken|text|asr|tts), prompt_ids, prompt_codes
+        (N x 8 for the prompt's audio pads), tts_chunks, greedy, seed, low_latency."""
+        sid = serve.get_multiplexed_model_id()
+        if sid:
+            await self._session(sid)
+            self._open(sid)
+        request = self._request(req)
+        handle = self.engine.submit(request)
+        pub = TurnPublisher(req["turn_id"], req.get("session_id", ""), self._emit(req["turn_id"]),
+                            chunks=self.low_latency if req.get("low_latency") else ChunkPolicy(),
+                            seed=req.get("seed"))
+        with self._lock:
+            self.turns[req["turn_id"]] = handle
+        threading.Thread(target=self._forward, args=(req["turn_id"], handle, pub, req.get("trace")), daemon=True,
+                         name=f"turn-{req['turn_id']}").start()
+        return {"turn_id": req["turn_id"]}
+
+    def _emit(self, turn_id: str):
+        def emit(target: str, entry) -> None:
+            if target == DECODER_JOBS:
+                self.bus.submit(DECODER_JOBS, entry)
+            else:
+                self.bus.publish(turn_id, target, entry)
+        return emit
+
+    def _forward(self, turn_id: str, handle, pub: TurnPublisher, trace: dict | None) -> None:
+        try:
+            # entries written under this span carry its context: the turn's trace continues
+            with start_span("llm.generate", parent_carrier=trace, attributes={"turn.id": turn_id}):
+                for ev in handle.events():
+                    pub.feed(ev)
+        except Exception as e:  # noqa: BLE001 - the turn must hear about it
+            log.exception("turn %s: publishing failed", turn_id)
+            from services.common.bus import TurnError
+            try:
+                self.bus.publish(turn_id, "llm", TurnError(turn_id=turn_id, stage="llm", code=14,
+                                                           message=f"publishing the reply failed: {e}"))
+            except Exception:  # noqa: BLE001 - Redis is down; the orchestrator times out
+                pass
+        finally:
+            with self._lock:
+                self.turns.pop(turn_id, None)
+
+    def _open(self, sid: str) -> None:
+        with self.engine._lock:
+            if sid not in self.engine.sessions.sessions:
+                self.engine.open_session(sid)
+
+    async def cancel(self, turn_id: str) -> bool:
+        """Stop a running turn within one engine step. False if it is not running here."""
+        with self._lock:
+            handle = self.turns.get(turn_id)
+        if handle is None:
+            return False
+        handle.cancel()
+        return True
+
+    async def close_session(self, session_id: str) -> None:
+        with self.engine._lock:
+            if session_id in self.engine.sessions.sessions:
+                self.engine.close_session(session_id)
+
+    # ---------------------------------------------------------------- gRPC
+    @grpc_errors
+    async def Generate(self, request, grpc_context=None):
+        """Direct streaming generation (no Redis): events as they come."""
+        codes = np.asarray(request.prompt_codes.values, dtype=np.int64).reshape(-1, request.prompt_codes.codebooks or 8)
+        r = Request(prompt_ids=list(request.prompt_ids), mode=MODES.get(request.mode, "spoken"),
+                    audio_codes=torch.from_numpy(codes) if len(codes) else None,
+                    greedy=request.sampling.greedy if request.HasField("sampling") else False,
+                    seed=request.sampling.seed if request.HasField("sampling") and request.sampling.HasField("seed") else None)
+        if request.session_id:
+            self._open(request.session_id)
+        r.session_id = request.session_id or None
+        handle = self.engine.submit(r)
+        loop = asyncio.get_running_loop()
+        events = handle.events()
+        while True:
+            ev = await loop.run_in_executor(None, next, events, None)
+            if ev is None:
+                return
+            if isinstance(ev, TextDelta) and ev.text:
+                yield stages_pb2.GenerateEvent(text=conversation_pb2.TextDelta(text=ev.text, segment=ev.segment))
+            elif isinstance(ev, AudioFrame):
+                yield stages_pb2.GenerateEvent(frames=stages_pb2.AudioFrames(segment=ev.segment, codes=stages_pb2.Codes(
+                    frames=1, codebooks=len(ev.codes), values=list(ev.codes))))
+            elif isinstance(ev, SegmentEnd):
+                kind = (conversation_pb2.SegmentBoundary.TEXT_END if ev.kind == "text"
+                        else conversation_pb2.SegmentBoundary.AUDIO_END)
+                yield stages_pb2.GenerateEvent(segment=conversation_pb2.SegmentBoundary(
+                    segment=ev.segment, kind=kind, audio_frames=len(ev.codes)))
+            elif isinstance(ev, Done):
+                if ev.reason == "error":
+                    raise RuntimeError(ev.error or "generation failed")
+                yield stages_pb2.GenerateEvent(done=stages_pb2.GenerateDone(reason=ev.reason, sequence=list(ev.final_sequence)))
+                return

@@ -1,0 +1,108 @@
+"""Turn one engine request's events into the turn's stream entries and decode jobs.
+
+Engine events (services/llm/scheduler.py) -> turn:{id}:llm (text deltas, audio frames, segment
+boundaries, end) and jobs:decoder (one job per audio segment in faithful mode; in low-latency
+mode the first audio segment is cut into growing chunks, each job carrying the segment's
+prefix so the decoder sees the whole history, see services/decoder/deployment.py).
+
+Plain Python over an abstract `emit(stream_kind_or_jobs, entry)` sink, so it is tested without
+Redis; the deployment plugs the bus in."""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from services.common import bus
+from services.decoder.runner import chunk_plan
+from services.llm.scheduler import AudioFrame, Done, Event, SegmentEnd, SegmentStart, TextDelta
+
+# emit(target, entry): target is "llm" (the turn's LLM stream) or bus.DECODER_JOBS
+Emit = Callable[[str, bus.Entry], None]
+
+
+def segment_seed(turn_id: str, segment: int, seed: int | None) -> int:
+    """CFM/vocoder noise seed of one audio segment: from the request's seed when it has one
+    (reproducible turns), else from the turn id (fresh per turn, the same for all its jobs)."""
+    base = f"{seed}" if seed is not None else turn_id
+    return int.from_bytes(hashlib.sha256(f"{base}:{segment}".encode()).digest()[:8], "little") >> 1
+
+
+@dataclass
+class ChunkPolicy:
+    """Low-latency decode chunks (tokens): first chunk, growth factor, cap; 0 = off."""
+
+    first: int = 0
+    growth: float = 2.0
+    max_chunk: int = 50
+
+    @property
+    def enabled(self) -> bool:
+        return self.first > 0
+
+
+@dataclass
+class TurnPublisher:
+    turn_id: str
+    session_id: str
+    emit: Emit
+    chunks: ChunkPolicy = field(default_factory=ChunkPolicy)
+    seed: int | None = None
+    text: list[str] = field(default_factory=list)
+    _frames: list[tuple[int, ...]] = field(default_factory=list)
+    _sent_chunks: int = 0          # decode jobs sent for the current audio segment
+    _sent_tokens: int = 0          # frames of the current segment covered by those jobs
+    _audio_segment: int = -1
+
+    def _job(self, segment: int, chunk: int, start: int, end: int, final: bool) -> None:
+        codes = np.asarray(self._frames[:end], dtype=np.int32)
+        self.emit(bus.DECODER_JOBS, bus.DecodeJob.from_codes(
+            self.turn_id, segment, chunk, codes, final=final, context_frames=start,
+            seed=segment_seed(self.turn_id, segment, self.seed), session_id=self.session_id))
+        self._sent_chunks += 1
+        self._sent_tokens = end
+
+    def _chunking(self) -> bool:
+        return self.chunks.enabled and self._audio_segment == 0
+
+    def feed(self, ev: Event) -> None:
+        t = self.turn_id
+        if isinstance(ev, TextDelta):
+            if ev.text:
+                self.text.append(ev.text)
+                self.emit("llm", bus.TextDelta(turn_id=t, segment=ev.segment, text=ev.text))
+        elif isinstance(ev, SegmentStart) and ev.kind == "audio":
+            self._audio_segment = ev.segment
+            self._frames, self._sent_chunks, self._sent_tokens = [], 0, 0
+        elif isinstance(ev, AudioFrame):
+            self._frames.append(tuple(ev.codes))
+            self.emit("llm", bus.AudioFrames.from_codes(t, ev.segment, ev.index,
+                                                        np.asarray([ev.codes], dtype=np.int32)))
+            if self._chunking():
+                plan = chunk_plan(len(self._frames), self.chunks.first, self.chunks.growth, self.chunks.max_chunk)
+                # a chunk is ready once the frames after its end exist (the plan of a longer
+                # segment starts with the same chunks), i.e. its end is not the last frame
+                for s, e in plan[self._sent_chunks:]:
+                    if e >= len(self._frames):
+                        break
+                    self._job(ev.segment, self._sent_chunks, s, e, final=False)
+        elif isinstance(ev, SegmentEnd):
+            if ev.kind == "text":
+                self.emit("llm", bus.SegmentBoundary(turn_id=t, segment=ev.segment, kind="text"))
+            else:
+                if ev.segment != self._audio_segment:   # a 0-frame segment has no SegmentStart
+                    self._audio_segment = ev.segment
+                    self._frames, self._sent_chunks, self._sent_tokens = [], 0, 0
+                n = len(self._frames)
+                if n > self._sent_tokens:       # the rest of the segment (all of it when faithful)
+                    self._job(ev.segment, self._sent_chunks, self._sent_tokens, n, final=True)
+                self.emit("llm", bus.SegmentBoundary(turn_id=t, segment=ev.segment, kind="audio",
+                                                     audio_frames=n, chunks=self._sent_chunks))
+        elif isinstance(ev, Done):
+            if ev.reason == "error":
+                self.emit("llm", bus.TurnError(turn_id=t, stage="llm", code=13,
+                                               message=ev.error or "generation failed"))
+            else:
+                self.emit("llm", bus.TurnEnd.with_tokens(t, ev.reason, ev.final_sequence, text="".join(self.text)))
