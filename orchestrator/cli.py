@@ -21,9 +21,11 @@ def _cmd_make_tiny_checkpoint(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from orchestrator.bench import run_bench
+    import importlib
 
-    return run_bench(args)
+    # each stage's benchmark owns its options (`baichuan-audio bench llm --help`)
+    importlib.import_module(f"services.{args.stage}.bench").main(args.args)
+    return 0
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -88,12 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
     client_args(s)
     s.set_defaults(func=_cmd_client, client="synthesize")
 
-    s = sub.add_parser("bench", help="benchmarks: tokenizer, llm, decoder, vocoder")
+    s = sub.add_parser("bench", help="benchmarks that print figures: tokenizer, llm, decoder, vocoder",
+                       add_help=False)
     s.add_argument("stage", choices=["tokenizer", "llm", "decoder", "vocoder"])
-    s.add_argument("--size", choices=["tiny", "mid", "real"], default="mid",
-                   help="model dimensions: tiny, mid-size (CPU), real (GPU)")
-    s.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    s.add_argument("--batch-sizes", default=None, help="comma-separated, e.g. 1,16")
+    s.add_argument("args", nargs=argparse.REMAINDER, help="the stage benchmark's own options (--help)")
     s.set_defaults(func=_cmd_bench)
     return p
 

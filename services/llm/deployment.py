@@ -23,7 +23,7 @@ from services.common.grpc_status import grpc_errors
 from services.common.telemetry import setup_telemetry, start_span
 from services.common.runtime import device_and_dtype, load_settings, open_checkpoint
 from services.common.text_tokenizer import load_text_tokenizer
-from services.llm.engine import Engine, EngineConfig, Request
+from services.llm.engine import Engine, EngineConfig, EngineError, Request
 from services.llm.model import AudioLLM
 from services.llm.publisher import ChunkPolicy, TurnPublisher
 from services.llm.scheduler import AudioFrame, Done, SegmentEnd, TextDelta
@@ -123,9 +123,11 @@ class LLMDeployment:
                 self.turns.pop(turn_id, None)
 
     def _open(self, sid: str) -> None:
-        with self.engine._lock:
-            if sid not in self.engine.sessions.sessions:
+        try:
+            if not self.engine.has_session(sid):
                 self.engine.open_session(sid)
+        except EngineError:  # opened meanwhile by a concurrent request
+            pass
 
     async def cancel(self, turn_id: str) -> bool:
         """Stop a running turn within one engine step. False if it is not running here."""
@@ -137,9 +139,8 @@ class LLMDeployment:
         return True
 
     async def close_session(self, session_id: str) -> None:
-        with self.engine._lock:
-            if session_id in self.engine.sessions.sessions:
-                self.engine.close_session(session_id)
+        if self.engine.has_session(session_id):
+            self.engine.close_session(session_id)
 
     # ---------------------------------------------------------------- gRPC
     @grpc_errors

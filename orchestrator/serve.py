@@ -1,0 +1,68 @@
+"""`baichuan-audio serve`: deploy the five Serve applications on a local or existing Ray cluster."""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+from services.common.settings import CONFIG_ENV, Settings
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def start_stack(settings_path: str | None, *, address: str | None = None, grpc_port: int | None = None,
+                http_port: int = 8000, env: dict[str, str] | None = None, num_cpus: int | None = None,
+                log=print) -> int:
+    """Start (or join) Ray, start Serve with its gRPC proxy and deploy every application.
+
+    Returns the gRPC port. Replicas read the settings file named by BAICHUAN_AUDIO_CONFIG and
+    the environment given here (REDIS_URL, MODEL_PATH, ...)."""
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    import ray
+    from ray import serve
+    from ray.serve.config import gRPCOptions
+
+    from orchestrator.app import APP_NAMES, BUILDERS, SERVICER_FUNCTIONS
+
+    settings = Settings.load(settings_path)  # fail early, naming the bad key
+    env = dict(env or {})
+    if settings_path:
+        env[CONFIG_ENV] = str(Path(settings_path).resolve())
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    os.environ.update(env)
+    port = grpc_port or settings.serving.grpc_port
+    if address:
+        ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=False)
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env={"env_vars": env}, log_to_driver=False)
+    serve.start(grpc_options=gRPCOptions(port=port, grpc_servicer_functions=SERVICER_FUNCTIONS),
+                http_options={"host": settings.serving.host, "port": http_port})
+    args = {"config": env.get(CONFIG_ENV)}
+    for name in APP_NAMES:  # the conversation app last: it looks up the others' handles
+        log(f"  starting {name} ...")
+        serve.run(BUILDERS[name](args), name=name, route_prefix=f"/{name}")
+    return port
+
+
+def serve_main(args: argparse.Namespace) -> int:
+    import ray
+
+    port = start_stack(args.config, address=args.address)
+    print(f"serving gRPC on port {port} (send metadata 'application: conversation'); Ctrl-C to stop")
+    if args.detach:
+        return 0
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        while not stop.wait(1.0):
+            pass
+    finally:
+        print("shutting down", file=sys.stderr)
+        ray.shutdown()
+    return 0
