@@ -6,6 +6,7 @@ model id), and the turn producer (turns.py) that merges the stage streams for th
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import threading
 import time
@@ -19,11 +20,11 @@ from ray import serve
 
 from baichuan_audio.v1 import conversation_pb2 as pb
 from services.common.bus import Bus
-from services.common.grpc_status import NotFound, ResourceExhausted, grpc_errors
+from services.common.grpc_status import NotFound, grpc_errors
 from services.common.runtime import load_settings, open_checkpoint
 from services.common.telemetry import inject_context, setup_telemetry, start_span
 from services.common.text_tokenizer import DEFAULT_SYSTEM_PROMPT, load_text_tokenizer
-from services.llm.prompts import Audio, Message, PromptBuilder, ProtocolTokens
+from services.llm.prompts import Audio, GeneratedAudio, Message, PromptBuilder, ProtocolTokens
 from orchestrator import turns
 from orchestrator.merge import ReplyMerger
 from orchestrator.sessions import SessionSettingsRecord, SessionStore
@@ -31,6 +32,14 @@ from orchestrator.sessions import SessionSettingsRecord, SessionStore
 log = logging.getLogger(__name__)
 
 SAMPLING_LIMITS = {"temperature": (0.0, 2.0), "top_p": (0.0, 1.0), "top_k": (1, 1000)}
+
+
+def _codes_to_b64(codes) -> str:
+    return base64.b64encode(np.ascontiguousarray(np.asarray(codes), dtype="<i4").tobytes()).decode()
+
+
+def _codes_from_b64(data: str, codebooks: int) -> torch.Tensor:
+    return torch.from_numpy(np.frombuffer(base64.b64decode(data), dtype="<i4").astype(np.int64).reshape(-1, codebooks))
 
 
 def _settings_record(s: pb.SessionSettings) -> SessionSettingsRecord:
@@ -92,9 +101,6 @@ class ConversationDeployment:
 
     @grpc_errors
     async def CreateSession(self, request, grpc_context=None):
-        if request.settings.faithful_history:
-            raise ValueError("faithful_history is not supported yet: the default history keeps the generated "
-                             "codes and the KV cache (see README)")
         sess = self.sessions.create(_settings_record(request.settings), request.session_id)
         return self._session_proto(sess)
 
@@ -141,6 +147,44 @@ class ConversationDeployment:
         if cont.audio_codes is not None:
             codes.append(cont.audio_codes)
         return ids + cont.ids, torch.cat(codes)
+
+    async def _faithful_prompt(self, sess, user_part, spoken: bool):
+        """The reference's multi-turn prompt (§11.5): the whole conversation rebuilt, each
+        assistant segment's audio re-encoded from its 24 kHz waveform through the tokenizer
+        (codes re-quantised from the vocoded audio, not the generated ones)."""
+        turns_ = self.sessions.faithful_turns(sess.session_id)
+        nb = self.cfg.audio.num_codebooks
+        changed = False
+        system = sess.settings.system_prompt or DEFAULT_SYSTEM_PROMPT
+        messages = [Message("system", system)]
+        for t in turns_:
+            u = t["user"]
+            messages.append(Message("user", [Audio(_codes_from_b64(u["codes"], nb))] if "codes" in u else u["text"]))
+            parts: list = []
+            for seg in t["assistant"]:
+                if seg["text"]:
+                    parts.append(seg["text"])
+                if seg.get("pcm16") and "codes" not in seg:
+                    audio = pb.AudioInput(pcm16=pb.RawPcm16(data=base64.b64decode(seg["pcm16"]),
+                                                            sample_rate=24000, channels=1))
+                    codes, _ = await self._tokenize(audio)
+                    seg["codes"] = _codes_to_b64(codes)
+                    changed = True
+                if "codes" in seg:
+                    parts.append(GeneratedAudio(_codes_from_b64(seg["codes"], nb)))
+            messages.append(Message("assistant", parts or ""))
+        messages.append(Message("user", user_part))
+        if changed:  # re-encoding is deterministic: keep the codes for the following turns
+            self.sessions.save_faithful_turns(sess, turns_)
+        p = self.prompts.chat(messages, spoken=spoken)
+        return p.ids, p.audio_codes
+
+    def _record_faithful(self, sess, user_part, outcome) -> None:
+        turns_ = self.sessions.faithful_turns(sess.session_id)
+        user = {"text": user_part} if isinstance(user_part, str) else {"codes": _codes_to_b64(user_part[0].codes)}
+        assistant = [{"text": text, "pcm16": base64.b64encode(pcm).decode()} for text, pcm in outcome.segments]
+        turns_.append({"user": user, "assistant": assistant})
+        self.sessions.save_faithful_turns(sess, turns_)
 
     def _start_producer(self, turn_id: str, merger: ReplyMerger, on_done) -> None:
         flag = self.interrupts.setdefault(turn_id, threading.Event())
@@ -198,7 +242,10 @@ class ConversationDeployment:
                 else:
                     user_part = request.text
                 spoken = sess.settings.spoken
-                ids, codes = self._history_prompt(sess, user_part, spoken)
+                if sess.settings.faithful_history:
+                    ids, codes = await self._faithful_prompt(sess, user_part, spoken)
+                else:
+                    ids, codes = self._history_prompt(sess, user_part, spoken)
                 req = {"turn_id": turn_id, "session_id": sess.session_id, "mode": "spoken" if spoken else "text",
                        "prompt_ids": ids, "prompt_codes": None if codes is None else codes.numpy(),
                        "greedy": bool(sess.settings.sampling.get("greedy")), "seed": sess.settings.sampling.get("seed"),
@@ -208,7 +255,8 @@ class ConversationDeployment:
             self.sessions.end_turn(sess, entries=[], tokens=None, codes=None)
             raise
         prompt_codes = codes
-        merger = ReplyMerger(turn_id, spoken=spoken, started=t0)
+        nb = self.cfg.audio.num_codebooks
+        merger = ReplyMerger(turn_id, spoken=spoken, started=t0, num_codebooks=nb)
         user_entry = {"role": "user", "text": request.text if kind == "text" else "", "audio_seconds": user_seconds}
 
         def on_done(outcome):
@@ -217,15 +265,17 @@ class ConversationDeployment:
                 return
             entry = {"role": "assistant", "text": outcome.text, "audio_seconds": outcome.audio_seconds,
                      "interrupted": outcome.interrupted}
+            if sess.settings.faithful_history and outcome.error is None:
+                self._record_faithful(sess, user_part, outcome)
             tokens, all_codes = None, None
             if outcome.tokens is not None and not outcome.interrupted and outcome.error is None:
                 tokens = outcome.tokens
-                prev = prompt_codes.numpy() if prompt_codes is not None else np.zeros((0, 8), np.int64)
+                prev = prompt_codes.numpy() if prompt_codes is not None else np.zeros((0, nb), np.int64)
                 all_codes = np.concatenate([prev, outcome.generated_codes]).astype(np.int32)
             elif outcome.interrupted:
                 # keep only what was delivered: the user turn and the reply text the caller got
                 tokens = list(ids) + self.tokenizer.encode(outcome.text, add_special_tokens=False)
-                all_codes = (prompt_codes.numpy() if prompt_codes is not None else np.zeros((0, 8))).astype(np.int32)
+                all_codes = (prompt_codes.numpy() if prompt_codes is not None else np.zeros((0, nb))).astype(np.int32)
             self.sessions.end_turn(sess, entries=[user_entry, entry], tokens=tokens, codes=all_codes)
 
         self._start_producer(turn_id, merger, on_done)
@@ -245,14 +295,11 @@ class ConversationDeployment:
         return pb.InterruptResponse(interrupted=bool(cancelled or flag is not None), turn_id=turn_id)
 
     # ---------------------------------------------------------------- ASR / TTS
-    async def _one_shot(self, req: dict, spoken: bool) -> tuple[str, ReplyMerger]:
-        turn_id = req["turn_id"]
-        merger = ReplyMerger(turn_id, spoken=spoken)
+    async def _one_shot(self, req: dict, spoken: bool) -> None:
+        """ASR / TTS: no session; the reply is produced into its events stream like a turn."""
         await self.llm_app.generate.remote(req)
-        done = asyncio.get_running_loop().create_future()
-        loop = asyncio.get_running_loop()
-        self._start_producer(turn_id, merger, lambda o: loop.call_soon_threadsafe(done.set_result, o))
-        return turn_id, merger
+        merger = ReplyMerger(req["turn_id"], spoken=spoken, num_codebooks=self.cfg.audio.num_codebooks)
+        self._start_producer(req["turn_id"], merger, lambda _outcome: None)
 
     @grpc_errors
     async def Transcribe(self, request, grpc_context=None):

@@ -33,8 +33,9 @@ class _Segment:
 
 class ReplyMerger:
     def __init__(self, turn_id: str, *, sample_rate: int = 24000, spoken: bool = True,
-                 started: float | None = None):
+                 started: float | None = None, num_codebooks: int = 8):
         self.turn_id = turn_id
+        self.num_codebooks = num_codebooks
         self.sample_rate = sample_rate
         self.overlap = int(sample_rate * 0.01)           # 240 samples at 24 kHz (reference)
         self.spoken = spoken
@@ -50,6 +51,8 @@ class ReplyMerger:
         self.finished = False
         self.marks: dict[str, float] = {}
         self.codes: dict[int, list[np.ndarray]] = {}      # generated codes per segment (history)
+        self.segment_text: dict[int, str] = {}            # reply text per text segment
+        self.segment_audio: dict[int, list[np.ndarray]] = {}  # emitted samples per audio segment (no crossfade)
 
     # ------------------------------------------------------------------ helpers
     def _ms(self) -> float:
@@ -66,7 +69,7 @@ class ReplyMerger:
 
     def generated_codes(self) -> np.ndarray:
         rows = [c for i in sorted(self.codes) for c in self.codes[i]]
-        return np.concatenate(rows) if rows else np.zeros((0, 8), np.int32)
+        return np.concatenate(rows) if rows else np.zeros((0, self.num_codebooks), np.int32)
 
     # ------------------------------------------------------------------ feeding
     def feed(self, entry: bus.Entry) -> list[pb.TurnEvent]:
@@ -79,6 +82,7 @@ class ReplyMerger:
                 if m:
                     out.append(m)
                 self.text.append(entry.text)
+                self.segment_text[entry.segment] = self.segment_text.get(entry.segment, "") + entry.text
                 out.append(pb.TurnEvent(turn_id=self.turn_id, text=pb.TextDelta(text=entry.text, segment=entry.segment)))
         elif isinstance(entry, bus.SegmentBoundary):
             if entry.kind == "text":
@@ -90,6 +94,8 @@ class ReplyMerger:
         elif isinstance(entry, bus.AudioFrames):
             self.codes.setdefault(entry.segment, []).append(np.array(entry.codes_array()))
         elif isinstance(entry, bus.PcmChunk):
+            if entry.sample_rate != self.sample_rate:   # the vocoder's rate rules
+                self.sample_rate, self.overlap = entry.sample_rate, int(entry.sample_rate * 0.01)
             self._seg(entry.segment).received.setdefault(entry.chunk, entry)
         elif isinstance(entry, bus.TurnEnd):
             self.llm_done = entry
@@ -124,6 +130,7 @@ class ReplyMerger:
                 if m:
                     out.append(m)
                 out.append(self._audio_event(samples, self.next_segment))
+                self.segment_audio.setdefault(self.next_segment, []).append(samples)
                 if len(samples) >= self.overlap:
                     self.prev_tail = samples[-self.overlap:].copy()
                 seg.next_chunk += 1

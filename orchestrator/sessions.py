@@ -94,17 +94,30 @@ class SessionStore:
             raise NotFound(f"session {session_id!r} not found (unknown, deleted or expired)")
         return self._decode(session_id, raw)
 
+    # ---------------------------------------------------------------- faithful history
+    # Per turn: the user part (codes or text) and the assistant's segments (text and its 24 kHz
+    # audio), so the next prompt can be rebuilt as the reference demo does (§11.5): assistant
+    # audio re-encoded from the waveform. Kept beside the session hash, with its expiry.
+    def faithful_turns(self, session_id: str) -> list[dict[str, Any]]:
+        raw = self.r.get(_key(session_id) + ":faithful")
+        return json.loads(raw) if raw else []
+
+    def save_faithful_turns(self, sess: Session, turns: list[dict[str, Any]]) -> None:
+        self.r.set(_key(sess.session_id) + ":faithful", json.dumps(turns), ex=self._ttl(sess.settings))
+
     def delete(self, session_id: str) -> bool:
         pipe = self.r.pipeline()
+        pipe.delete(_key(session_id) + ":faithful")
         pipe.delete(_key(session_id))
         pipe.zrem(LIVE_SET, session_id)
-        return bool(pipe.execute()[0])
+        return bool(pipe.execute()[1])
 
     def touch(self, sess: Session) -> None:
         ttl = self._ttl(sess.settings)
         sess.expires_ms = int(time.time() * 1000) + ttl * 1000
         pipe = self.r.pipeline()
         pipe.expire(_key(sess.session_id), ttl)
+        pipe.expire(_key(sess.session_id) + ":faithful", ttl)
         pipe.hset(_key(sess.session_id), "expires_ms", str(sess.expires_ms))
         pipe.zadd(LIVE_SET, {sess.session_id: sess.expires_ms})
         pipe.execute()

@@ -7,6 +7,8 @@ last id it got. The producer runs on its own, so a dropped caller loses nothing.
 from __future__ import annotations
 
 import time
+
+import numpy as np
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -30,7 +32,7 @@ class TurnOutcome:
     text: str = ""
     audio_seconds: float = 0.0
     interrupted: bool = False
-    segment_pcm: dict[int, bytearray] = field(default_factory=dict)
+    segments: list[tuple[str, bytes]] = field(default_factory=list)   # (text, 24 kHz pcm16) per segment
 
 
 def produce(bus: B.Bus, merger, turn_id: str, *, interrupted: Callable[[], bool],
@@ -69,8 +71,6 @@ def produce(bus: B.Bus, merger, turn_id: str, *, interrupted: Callable[[], bool]
             if isinstance(m.entry, B.TurnEnd):
                 out.tokens = m.entry.token_list()
             for ev in merger.feed(m.entry):
-                if ev.HasField("audio"):
-                    out.segment_pcm.setdefault(ev.audio.segment, bytearray()).extend(ev.audio.pcm16)
                 if ev.HasField("timing"):
                     if ev.timing.name == "first_text":
                         metrics.record_time_to_first_text(ev.timing.ms_since_turn_start)
@@ -87,6 +87,10 @@ def produce(bus: B.Bus, merger, turn_id: str, *, interrupted: Callable[[], bool]
     out.text = "".join(merger.text)
     out.audio_seconds = merger.audio_samples / merger.sample_rate
     out.generated_codes = merger.generated_codes()
+    from services.common.audio import to_pcm16
+    for k in sorted(set(merger.segment_text) | set(merger.segment_audio)):
+        pcm = to_pcm16(np.concatenate(merger.segment_audio[k]), limit=1.0) if k in merger.segment_audio else b""
+        out.segments.append((merger.segment_text.get(k, ""), pcm))
     return out
 
 

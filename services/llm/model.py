@@ -78,8 +78,9 @@ def attention_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torc
     kvh, L = k.shape[1], k.shape[2]
     g = H // kvh
     s = math.sqrt(1.0 / math.sqrt(d))                 # SDPA math scales q and k by sqrt(scale)
-    q32 = (q.float() * s).reshape(B, kvh, g * T, d)   # (B, KVH, g·T, d)
-    k32 = k.float() * s
+    # one fp32 copy each, scaled in place (the same two roundings as upcast-then-multiply)
+    q32 = q.to(torch.float32, copy=True).mul_(s).reshape(B, kvh, g * T, d)   # (B, KVH, g·T, d)
+    k32 = k.to(torch.float32, copy=True).mul_(s)
     att = q32 @ k32.transpose(-1, -2)                 # (B, KVH, g·T, L) fp32
     att = att.view(B, kvh, g, T, L).masked_fill(~mask[:, None, None], float("-inf"))
     att = att.softmax(dim=-1).view(B, kvh, g * T, L)

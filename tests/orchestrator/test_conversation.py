@@ -187,3 +187,21 @@ def test_reflection_client_lists_and_calls_the_service(serve_stack, stub):
     resp = call(req_cls(), metadata=META, timeout=30)
     assert len(resp.session_id) == 32
     channel.close()
+
+
+def test_faithful_history_re_encodes_the_assistant_audio(stub, serve_stack):
+    import json
+
+    import redis
+
+    sid = session(stub, faithful_history=True)
+    end1, pcm1 = check_turn(converse(stub, sid))
+    end2, _ = check_turn(converse(stub, sid))
+    assert end1.reason == end2.reason == "complete"
+    turns = json.loads(redis.Redis.from_url(serve_stack.redis_url).get(f"session:{sid}:faithful"))
+    assert len(turns) == 2 and "codes" in turns[0]["user"]
+    first = turns[0]["assistant"]
+    # every segment of turn 1 that had audio was re-encoded from its waveform for turn 2
+    with_audio = [s for s in first if s["pcm16"]]
+    assert with_audio and all("codes" in s for s in with_audio)
+    assert "".join(s["text"] for s in first) == end1.text
