@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import time
 from typing import Callable
 
@@ -27,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from services.common.model_config import ModelConfig
-from services.llm.model import AudioLLM, apply_rope, rope_cos_sin
+from services.llm.model import ATTENTION, AudioLLM, apply_rope, rope_cos_sin
 
 # ---------------------------------------------------------------------------- configs
 # Real dimensions: Qwen2.5-7B backbone (reference-model.md §2.2, §6) and the 3-layer audio
@@ -346,6 +347,18 @@ def check_head(model: AudioLLM, batch_sizes=(1, 16), seed: int = 0, print_fn: Ca
     same = torch.equal(torch.cumsum(e, 1), torch.cumsum(e.float(), 1).to(w.dtype))
     print_fn(f"# check: {w.device.type} cumsum in {w.dtype} rounds like an fp32-accumulated cumsum: {same}")
     g = torch.Generator(device=w.device).manual_seed(seed)
+    c = cfg.llm
+    q = torch.randn(8, c.num_attention_heads, 3, c.head_dim, device=w.device, generator=g).to(w.dtype)
+    kv = torch.randn(2, 8, c.num_key_value_heads, 1100, c.head_dim, device=w.device, generator=g).to(w.dtype)
+    mask = torch.arange(1100, device=w.device)[None, None, :] <= (
+        torch.randint(10, 1097, (8, 1, 1), device=w.device, generator=g) + torch.arange(3, device=w.device)[:, None])
+    rep = c.num_attention_heads // c.num_key_value_heads
+    kf, vf = (t.float().repeat_interleave(rep, 1) for t in kv)
+    exact = ((q.float() @ kf.transpose(-1, -2)) / math.sqrt(c.head_dim)).masked_fill(~mask[:, None], float("-inf"))
+    exact = (exact.softmax(-1) @ vf).to(w.dtype)
+    for name in ("math", "sdpa"):
+        d = (ATTENTION[name](q, kv[0], kv[1], mask).float() - exact.float()).abs().max().item()
+        print_fn(f"# check: attention '{name}' vs fp32 attention rounded once: max|diff| {d:.3g}")
     for B in batch_sizes:
         x = torch.randn(B, cfg.llm.hidden_size, device=w.device, generator=g).to(w.dtype)
         codes = torch.stack([torch.randint(0, K, (B,), device=w.device, generator=g)

@@ -68,12 +68,42 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 # ---------------------------------------------------------------------- attention
+def _bmm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(..., m, k) @ (..., k, n) of bf16/fp16 tensors with an fp32 result (CUDA): the products
+    are exact in fp32 and the GEMM accumulates in fp32, so no fp32 copy of K or V is needed."""
+    out = torch.bmm(a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:]), out_dtype=torch.float32)
+    return out.view(*a.shape[:-2], a.shape[-2], b.shape[-1])
+
+
+def _attention_math_cuda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """attention_math for half-precision CUDA tensors, without fp32 copies of the cache.
+
+    Scores: bf16 GEMM with fp32 output, scaled once by 1/sqrt(d) (the reference scales q and
+    k by sqrt of it first: the two differ by fp32 rounding, ~1e-7 relative). P·V: P in fp32 is
+    split into bf16 hi + lo parts, each multiplied with fp32 output and summed (P kept to
+    ~2^-17 relative, far below the bf16 rounding of the result)."""
+    B, H, T, d = q.shape
+    kvh, L = k.shape[1], k.shape[2]
+    g = H // kvh
+    k, v = k.to(q.dtype), v.to(q.dtype)
+    att = _bmm_f32(q.reshape(B, kvh, g * T, d), k.transpose(-1, -2)) * (1.0 / math.sqrt(d))
+    att = att.view(B, kvh, g, T, L).masked_fill(~mask[:, None, None], float("-inf"))
+    p = att.softmax(dim=-1).view(B, kvh, g * T, L)    # fp32
+    hi = p.to(q.dtype)
+    lo = (p - hi.float()).to(q.dtype)
+    y = _bmm_f32(hi, v) + _bmm_f32(lo, v)             # (B, KVH, g·T, d) fp32
+    return y.view(B, H, T, d).to(q.dtype)
+
+
 def attention_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Reference attention numerics (correction 3).
 
     q (B, H, T, d); k, v (B, KVH, L, d); mask Bool[B, T, L], True = may attend.
     Each KV head serves H/KVH consecutive query heads (the reference's repeat_kv); the
-    group is folded into the rows of one matmul instead of repeating K and V."""
+    group is folded into the rows of one matmul instead of repeating K and V.
+    Half-precision CUDA inputs take `_attention_math_cuda` (same fp32 math, no fp32 copies)."""
+    if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
+        return _attention_math_cuda(q, k, v, mask)
     B, H, T, d = q.shape
     kvh, L = k.shape[1], k.shape[2]
     g = H // kvh

@@ -12,7 +12,7 @@ import redis
 
 from services.common import bus as busmod
 from services.common.bus import (
-    AudioFrames, BacklogFull, Bus, BusError, DecodeJob, Job, PcmChunk, PermanentError,
+    AudioFrames, BacklogFull, ClientEvent, Bus, BusError, DecodeJob, Job, PcmChunk, PermanentError,
     SegmentBoundary, TextDelta, Timing, TurnEnd, TurnError, VocodeJob, decode_entry,
     start_worker,
 )
@@ -47,6 +47,7 @@ def every_entry(turn: str) -> list[busmod.Entry]:
         Timing(turn, "first_audio", 1.7e12 + 0.125),
         TurnEnd.with_tokens(turn, "eos", [151643, 0, 7], text="done"),
         TurnError(turn, "decoder", 13, "decoder replica crashed", segment=2, chunk=0),
+        ClientEvent(turn, b"\x00\x01serialized-event\xff", last=True),
     ]
 
 
