@@ -13,8 +13,9 @@ Numerics follow the reference as run on torch 2.11 (the golden fixtures):
 - RMSNorm: variance in fp32, the normalised value cast to the weight dtype, then × weight.
 - RoPE: rotate-half, fp32 cos/sin of *1-based* positions, q/k upcast, rotated, cast back.
 - Attention: SDPA's math kernel, which upcasts to fp32 and scales q and k each by
-  sqrt(1/sqrt(head_dim)) (correction 3). `attn_impl="sdpa"` uses the fused kernels in the
-  model dtype instead (faster on a GPU; differs by bf16 rounding of the probabilities).
+  sqrt(1/sqrt(head_dim)) (correction 3); on CUDA the same fp32 math is done without fp32
+  copies of the cache (within 1 bf16 ulp of it). `attn_impl="sdpa"` uses the fused kernels
+  in the model dtype instead (faster on a GPU; differs by bf16 rounding of the probabilities).
 
 The KV cache is a slotted, preallocated `KVCache`; `forward` writes the new keys/values
 into each row's slot and attends causally to that slot. No host synchronisation happens
