@@ -129,7 +129,6 @@ class DecoderSettings:
     first_chunk_frames: int = 4           # 320 ms of audio in the first chunk
     chunk_growth: float = 2.0             # each next chunk is this many times longer
     max_chunk_frames: int = 50            # ... up to this size
-    context_frames: int = 4               # left context re-decoded for each later chunk
 
 
 @dataclass(frozen=True)
@@ -397,7 +396,6 @@ def _validate(s: Settings, origins: dict[tuple[str, ...], str]) -> None:
              "max_message_bytes", "max_new_tokens", "max_audio_frames")
     positive("llm", s.llm, "kv_budget_tokens", "max_slots", "prefill_chunk_tokens")
     positive("decoder", s.decoder, "first_chunk_frames", "max_chunk_frames")
-    positive("decoder", s.decoder, "context_frames", allow_zero=True)
     if s.decoder.chunk_growth < 1:
         fail(("decoder", "chunk_growth"), f"must be >= 1; got {s.decoder.chunk_growth}")
     if s.decoder.first_chunk_frames > s.decoder.max_chunk_frames:

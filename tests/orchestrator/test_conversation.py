@@ -205,3 +205,13 @@ def test_faithful_history_re_encodes_the_assistant_audio(stub, serve_stack):
     with_audio = [s for s in first if s["pcm16"]]
     assert with_audio and all("codes" in s for s in with_audio)
     assert "".join(s["text"] for s in first) == end1.text
+
+
+def test_low_latency_audio_streams_chunks_in_order(stub):
+    sid = session(stub, low_latency_audio=True)
+    events = converse(stub, sid)
+    end, pcm = check_turn(events)
+    assert end.reason == "complete"
+    # the first audio segment came as several chunks (4-frame first chunk of a 5-frame segment)
+    first_seg = [e.audio for e in events if e.HasField("audio") and e.audio.segment == 0]
+    assert len(first_seg) >= 2
