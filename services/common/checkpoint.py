@@ -96,12 +96,14 @@ class Checkpoint:
         prefixes = tuple(prefixes)
         return sorted({s for k, s in self.weight_map.items() if k.startswith(prefixes)})
 
-    def tensors(self, prefixes: Iterable[str]) -> dict[str, torch.Tensor]:
-        """Every tensor under the given prefixes (full keys), opening only their shards."""
+    def tensors(self, prefixes: Iterable[str], *, skip_unused: bool = True) -> dict[str, torch.Tensor]:
+        """Every tensor under the given prefixes (full keys), opening only their shards.
+        The documented unused keys are not read unless skip_unused=False (codebook EMA
+        statistics alone are ~200 MB in a real checkpoint)."""
         prefixes = tuple(prefixes)
         by_shard: dict[str, list[str]] = {}
         for k, s in self.weight_map.items():
-            if k.startswith(prefixes):
+            if k.startswith(prefixes) and not (skip_unused and is_unused(k)):
                 by_shard.setdefault(s, []).append(k)
         out: dict[str, torch.Tensor] = {}
         for shard, keys in sorted(by_shard.items()):

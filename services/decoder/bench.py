@@ -7,6 +7,10 @@ RTF = compute time / audio time of the decoded segments (audio time = (4L-1) fra
 segment), so RTF < 1 is faster than real time. A batch of B segments of L tokens counts B x the audio.
 Timed: the whole `DecoderRunner.decode` (RVQ sum + proj_decoder, audio decoder, Pre-Net, 20
 estimator calls), after warm-up, with the device synchronised.
+
+At small batches on a GPU the eager decode is launch-bound: one 4 s segment launches about 30k
+kernels for 41 ms of GPU work but takes 209 ms (H200, bf16, batch_cfg); torch.compile of the
+estimator with CUDA graphs took it to 54 ms.
 """
 from __future__ import annotations
 

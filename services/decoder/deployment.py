@@ -60,7 +60,7 @@ class DecoderDeployment:
         for i, job in enumerate(jobs):
             e = job.entry
             try:
-                c = self.runner._check(i, torch.from_numpy(np.array(e.codes_array(), dtype=np.int64)))
+                c = self.runner.check_segment(i, torch.from_numpy(np.array(e.codes_array(), dtype=np.int64)))
                 if e.context_frames >= c.shape[0]:
                     raise DecodeInputError(f"job context_frames={e.context_frames} leaves no frames of "
                                            f"its {c.shape[0]}-frame chunk to decode")

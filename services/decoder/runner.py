@@ -144,8 +144,9 @@ class DecoderRunner:
         return cls(ckpt.config, tensors, device=device, dtype=dtype, source=str(ckpt.path), **kw)
 
     # ------------------------------------------------------------------ validation
-    def _check(self, i: int, codes) -> torch.Tensor:
-        """One segment -> Long[L, n_books] on the CPU, the trailing end-of-audio frame (if any) removed."""
+    def check_segment(self, i: int, codes) -> torch.Tensor:
+        """Validate segment i: -> Long[L, n_books] on the CPU, a trailing end-of-audio frame removed.
+        Raises DecodeInputError naming the segment, frame and codebook of what is wrong."""
         n_books = len(self.codebook_sizes)
         if not isinstance(codes, torch.Tensor):
             try:
@@ -184,6 +185,8 @@ class DecoderRunner:
                 f"codebook {k} has {self.codebook_sizes[k]} entries (0..{self.codebook_sizes[k] - 1})")
         return codes
 
+    _check = check_segment          # the name services/decoder/deployment.py uses
+
     def _check_noise(self, noise, frames: list[int]) -> list[torch.Tensor]:
         if len(noise) != len(frames):
             raise DecodeInputError(f"got {len(noise)} noise tensors for {len(frames)} segments")
@@ -202,7 +205,7 @@ class DecoderRunner:
     @torch.inference_mode()
     def embed(self, segments: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Validated code segments -> per-segment (L_i, d_model) inputs of the audio decoder."""
-        codes = [self._check(i, s) for i, s in enumerate(segments)]
+        codes = [self.check_segment(i, s) for i, s in enumerate(segments)]
         rows = self.code_decoder(torch.cat(codes).to(self.device))               # (sum L, d)
         return list(torch.split(rows, [c.shape[0] for c in codes]))
 
@@ -212,7 +215,7 @@ class DecoderRunner:
         """segments: list of Long[L_i, 8] -> list of Float[80, 4 L_i - 1] (fp32, on the runner's device).
 
         noise: optional per-segment initial CFM states Float[80, 4 L_i - 1]; else drawn (seeded if
-        `seed` is given). A trailing end-of-audio frame is dropped; see `_check` for what is refused."""
+        `seed` is given). A trailing end-of-audio frame is dropped; see `check_segment` for what is refused."""
         if len(segments) == 0:
             raise DecodeInputError("decode() got no segments; pass a list of (frames, 8) code tensors")
         return self.decode_embeddings(self.embed(segments), noise, seed)

@@ -74,7 +74,7 @@ def test_every_schema_key_present_and_index_consistent(ckpt_dir, ckpt):
 
 
 def test_buffers_are_reference_sinusoids(ckpt):
-    stored = ckpt.tensors(["audio_tokenizer."])
+    stored = ckpt.tensors(["audio_tokenizer."], skip_unused=False)
     for k, spec in model_schema(ckpt.config).items():
         if spec.kind == BUFFER:
             assert torch.equal(stored[k], sinusoid_table(*spec.shape)), k
@@ -106,7 +106,7 @@ def test_generation_config_and_tokenizer(ckpt):
 
 
 def test_random_init_recipe(ckpt):
-    t = {k: v.float() for k, v in ckpt.tensors(["audio_tokenizer."]).items()}
+    t = {k: v.float() for k, v in ckpt.tensors(["audio_tokenizer."], skip_unused=False).items()}
     enc = "audio_tokenizer.audio_model."
     assert abs(t[enc + "layers.0.fc1.weight"].std().item() * 64 ** 0.5 - 1) < 0.1   # N(0,1)/sqrt(fan_in)
     assert abs(t[enc + "conv1.weight"].std().item() * (128 * 3) ** 0.5 - 1) < 0.1    # conv: fan_in = in * k
