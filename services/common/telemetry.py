@@ -64,12 +64,17 @@ def _otlp_exporters(endpoint: str) -> tuple[Any, Any]:
 
 
 def build_providers(settings: "Settings | TelemetrySettings") -> tuple[Any, Any]:
-    """(TracerProvider, MeterProvider) for the configured exporter, or (None, None) for 'none'.
+    """(TracerProvider, MeterProvider) for the configured exporter.
 
+    'none' still gives a TracerProvider, without any exporter: spans then have real ids, so the
+    trace context travels through the stream entries (and can be logged) at almost no cost;
+    its MeterProvider is None (metrics stay no-ops).
     Nothing global is touched; `setup_telemetry` installs them. Tests build their own."""
     t = _telemetry_settings(settings)
     if t.exporter == "none":
-        return None, None
+        from opentelemetry.sdk.resources import Resource
+        from opentelemetry.sdk.trace import TracerProvider
+        return TracerProvider(resource=Resource.create({"service.name": t.service_name})), None
     from opentelemetry.sdk.metrics import MeterProvider
     from opentelemetry.sdk.metrics.export import ConsoleMetricExporter, PeriodicExportingMetricReader
     from opentelemetry.sdk.resources import Resource
@@ -95,17 +100,17 @@ def build_providers(settings: "Settings | TelemetrySettings") -> tuple[Any, Any]
 def setup_telemetry(settings: "Settings | TelemetrySettings") -> tuple[Any, Any]:
     """Install the configured tracer and meter providers globally, once per process.
 
-    Returns (tracer_provider, meter_provider), both None for exporter 'none'. OpenTelemetry
-    allows one global provider per process, so a second call returns the first providers."""
+    Returns (tracer_provider, meter_provider); the meter provider is None for exporter 'none'.
+    OpenTelemetry allows one global provider per process, so a second call returns the first
+    providers."""
     global _tracer_provider, _meter_provider
     with _lock:
         if _tracer_provider is not None:
             return _tracer_provider, _meter_provider
         tracer_provider, meter_provider = build_providers(settings)
-        if tracer_provider is None:
-            return None, None
         trace.set_tracer_provider(tracer_provider)
-        metrics.set_meter_provider(meter_provider)
+        if meter_provider is not None:
+            metrics.set_meter_provider(meter_provider)
         _tracer_provider, _meter_provider = tracer_provider, meter_provider
         return tracer_provider, meter_provider
 

@@ -115,9 +115,14 @@ def test_metrics_are_a_noop_when_not_configured():
     assert get_metrics() is get_metrics()
 
 
-def test_exporter_none_installs_nothing():
-    assert build_providers(TelemetrySettings()) == (None, None)
-    assert setup_telemetry(Settings()) == (None, None)
+def test_exporter_none_exports_nothing_but_keeps_real_trace_ids():
+    tp, mp = build_providers(TelemetrySettings())
+    assert mp is None                                          # metrics stay no-ops
+    assert isinstance(tp, TracerProvider)
+    assert tp._active_span_processor._span_processors == ()     # no exporter behind it
+    with start_span("turn", tracer_provider=tp):
+        carrier = inject_context()
+    assert TRACEPARENT_RE.match(carrier["traceparent"])         # ... yet the context propagates
 
 
 def test_console_exporter_builds_sdk_providers():

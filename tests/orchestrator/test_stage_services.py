@@ -1,0 +1,130 @@
+"""The stage services called directly through Serve's gRPC proxy, and the work streams'
+exactly-once delivery as the deployed decoder and vocoder replicas run them."""
+from __future__ import annotations
+
+import time
+
+import grpc
+import numpy as np
+import pytest
+
+from baichuan_audio.v1 import stages_pb2, stages_pb2_grpc
+from services.common import bus as B
+
+
+@pytest.fixture(scope="module")
+def channel(serve_stack):
+    for app in ("tokenizer", "llm", "decoder", "vocoder", "conversation"):
+        serve_stack.deploy(app)
+    ch = grpc.insecure_channel(serve_stack.address)
+    yield ch
+    ch.close()
+
+
+@pytest.fixture(scope="module")
+def cfg(serve_stack):
+    from services.common.model_config import ModelConfig
+    return ModelConfig.from_file(serve_stack.checkpoint)
+
+
+def codes_msg(codes: np.ndarray) -> stages_pb2.Codes:
+    return stages_pb2.Codes(frames=codes.shape[0], codebooks=codes.shape[1], values=codes.flatten().tolist())
+
+
+def random_codes(cfg, frames: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return np.stack([rng.integers(0, k, frames) for k in cfg.audio.codebook_sizes], axis=1)
+
+
+def test_llm_generate_streams_a_tts_reply(channel, cfg):
+    from services.common.text_tokenizer import load_text_tokenizer
+    from services.llm.prompts import PromptBuilder, ProtocolTokens
+    from services.common.checkpoint import Checkpoint
+
+    ckpt = Checkpoint(cfg.raw and channel and __import__("os").environ["MODEL_PATH"])
+    tok = load_text_tokenizer(ckpt.path)
+    builder = PromptBuilder(tok, ProtocolTokens.from_tokenizer(tok, cfg, ckpt.generation_config()), 8)
+    chunks = builder.tts_chunks("你好，欢迎收听今天的节目。")
+    stub = stages_pb2_grpc.LLMStub(channel)
+    events = list(stub.Generate(stages_pb2.GenerateRequest(
+        mode=stages_pb2.GENERATE_MODE_TTS, prompt_ids=chunks[0]), metadata=(("application", "llm"),), timeout=120))
+    frames = [e.frames for e in events if e.HasField("frames")]
+    assert frames and all(len(f.codes.values) == 8 for f in frames)
+    assert events[-1].HasField("done") and list(events[-1].done.sequence[:len(chunks[0])]) == chunks[0]
+
+
+def test_decode_and_vocode_directly(channel, cfg):
+    codes = random_codes(cfg, 6)
+    mel = stages_pb2_grpc.DecoderStub(channel).Decode(stages_pb2.DecodeRequest(codes=codes_msg(codes), seed=3),
+                                                      metadata=(("application", "decoder"),), timeout=60).mel
+    assert (mel.rows, mel.cols) == (80, 4 * 6 - 1)
+    r = stages_pb2_grpc.VocoderStub(channel).Vocode(stages_pb2.VocodeRequest(mel=mel, seed=3),
+                                                     metadata=(("application", "vocoder"),), timeout=60)
+    assert r.sample_rate == 24000 and len(r.pcm16) == 2 * 480 * mel.cols
+
+
+@pytest.mark.parametrize("frames, fix, words", [
+    (0, None, "no codes"),
+    (4, lambda c, cfg: c.__setitem__((1, 2), cfg.audio.codebook_sizes[2] + 5), "out of range"),
+    (4, lambda c, cfg: c.__setitem__((1, 0), cfg.audio.codebook_sizes[0]), "end-of-audio"),
+    (600, None, "limit"),
+])
+def test_decoder_bad_codes_are_invalid_argument(channel, cfg, frames, fix, words):
+    codes = random_codes(cfg, frames) if frames else np.zeros((0, 8), np.int64)
+    if fix:
+        fix(codes, cfg)
+    with pytest.raises(grpc.RpcError) as e:
+        stages_pb2_grpc.DecoderStub(channel).Decode(stages_pb2.DecodeRequest(codes=codes_msg(codes)),
+                                                    metadata=(("application", "decoder"),), timeout=60)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert words in e.value.details()
+
+
+def test_vocoder_bad_mel_is_invalid_argument(channel):
+    bad = stages_pb2.Tensor2D(rows=80, cols=3, float32_le=b"\x00" * 7)
+    with pytest.raises(grpc.RpcError) as e:
+        stages_pb2_grpc.VocoderStub(channel).Vocode(stages_pb2.VocodeRequest(mel=bad),
+                                                     metadata=(("application", "vocoder"),), timeout=60)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_a_job_delivered_twice_is_published_once(channel, cfg, serve_stack):
+    """The same decode job submitted twice (a re-delivery after a crash looks like this to the
+    stages) reaches the turn's audio stream exactly once, through both stages."""
+    bus = B.Bus(serve_stack.redis_url)
+    turn = f"dup-{time.time_ns()}"
+    job = B.DecodeJob.from_codes(turn, 0, 0, random_codes(cfg, 5, seed=1).astype(np.int32), seed=11)
+    bus.submit(B.DECODER_JOBS, job)
+    bus.submit(B.DECODER_JOBS, job)
+    stream = bus.turn_stream(turn, "audio")
+    deadline = time.time() + 60
+    got = []
+    while time.time() < deadline and not got:
+        got = [m for m in bus.read({stream: "0"}, block_ms=500) if isinstance(m.entry, B.PcmChunk)]
+    time.sleep(2.0)  # give the duplicate every chance to arrive
+    got = [m for m in bus.read({stream: "0"}) if isinstance(m.entry, B.PcmChunk)]
+    assert len(got) == 1
+    assert got[0].entry.samples == 480 * (4 * 5 - 1)
+
+
+def test_one_trace_spans_the_stages(channel, serve_stack):
+    """Every stream entry of a turn carries the W3C context of the turn's trace."""
+    import redis
+
+    from baichuan_audio.v1 import conversation_pb2 as pb
+    from baichuan_audio.v1 import conversation_pb2_grpc as pb_grpc
+    from tests.orchestrator.test_conversation import META, QUESTION
+
+    stub = pb_grpc.ConversationServiceStub(channel)
+    sid = stub.CreateSession(pb.CreateSessionRequest(), metadata=META, timeout=30).session_id
+    req = pb.ConverseRequest(session_id=sid)
+    req.audio.file = QUESTION.read_bytes()
+    turn = [e for e in stub.Converse(req, metadata=META, timeout=180)][-1].turn_id
+    bus = B.Bus(serve_stack.redis_url)
+    ids = set()
+    for kind in ("llm", "audio"):
+        for m in bus.read({bus.turn_stream(turn, kind): "0"}, count=10000):
+            tp = m.entry.traceparent
+            assert tp, f"{kind} entry {type(m.entry).__name__} without trace context"
+            ids.add(tp.split("-")[1])
+    assert len(ids) == 1
