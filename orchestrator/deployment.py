@@ -334,5 +334,11 @@ class ConversationDeployment:
 
     # ---------------------------------------------------------------- health
     async def Check(self, request, grpc_context=None):
+        """grpc.health.v1: SERVING while this replica reaches Redis (sessions and streams live there)."""
         from grpc_health.v1 import health_pb2
-        return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
+        try:
+            ok = await asyncio.get_running_loop().run_in_executor(None, self.bus.redis.ping)
+        except Exception:  # noqa: BLE001 - any failure means not serving
+            ok = False
+        status = health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING
+        return health_pb2.HealthCheckResponse(status=status)

@@ -61,13 +61,10 @@ APPS = {
 }
 CONFIG_PATH = "/etc/baichuan-audio/config.yaml"
 GRPC_PORT = 9000
-GRPC_SERVICERS = {
-    "baichuan_audio.v1.conversation_pb2_grpc.add_ConversationServiceServicer_to_server",
-    "baichuan_audio.v1.stages_pb2_grpc.add_TokenizerServicer_to_server",
-    "baichuan_audio.v1.stages_pb2_grpc.add_LLMServicer_to_server",
-    "baichuan_audio.v1.stages_pb2_grpc.add_DecoderServicer_to_server",
-    "baichuan_audio.v1.stages_pb2_grpc.add_VocoderServicer_to_server",
-}
+# the servicers `baichuan-audio serve` registers: the manifests must register the same
+from orchestrator.app import SERVICER_FUNCTIONS  # noqa: E402
+
+GRPC_SERVICERS = set(SERVICER_FUNCTIONS)
 GPU = "nvidia.com/gpu"
 WORKLOAD_KINDS = {"Deployment", "StatefulSet", "DaemonSet", "ReplicaSet", "Job"}
 

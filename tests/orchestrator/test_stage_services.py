@@ -128,3 +128,11 @@ def test_one_trace_spans_the_stages(channel, serve_stack):
             assert tp, f"{kind} entry {type(m.entry).__name__} without trace context"
             ids.add(tp.split("-")[1])
     assert len(ids) == 1
+
+
+def test_standard_health_check(channel):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    r = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(),
+                                                  metadata=(("application", "conversation"),), timeout=30)
+    assert r.status == health_pb2.HealthCheckResponse.SERVING
