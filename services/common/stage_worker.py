@@ -69,3 +69,22 @@ class StageWorker:
     @property
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
+
+
+class WorkStreamReplica:
+    """Mixin for a Serve deployment whose replicas also serve a work stream: starts the
+    worker thread, reports it in Serve's health check, stops it when the replica goes."""
+
+    worker: StageWorker | None = None
+
+    def start_worker(self, settings: Settings, stream: str, stage: str,
+                     handler: Callable[[list[Job]], list], batch_size: int) -> None:
+        self.worker = StageWorker(settings, stream, stage, handler, batch_size).start()
+
+    def check_health(self) -> None:
+        if self.worker is None or not self.worker.alive:
+            raise RuntimeError("the work-stream thread of this replica is not running")
+
+    def __del__(self):
+        if self.worker is not None:
+            self.worker.stop()

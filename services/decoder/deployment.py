@@ -22,7 +22,7 @@ from services.common.bus import DECODER_JOBS, VOCODER_JOBS, Bus, Job, PermanentE
 from services.common.grpc_status import grpc_errors
 from services.common.telemetry import setup_telemetry
 from services.common.runtime import device_and_dtype, load_settings, open_checkpoint
-from services.common.stage_worker import StageWorker
+from services.common.stage_worker import WorkStreamReplica
 from services.decoder.noise import prefix_noise
 from services.decoder.runner import DecodeInputError, DecoderRunner, mel_frames
 
@@ -37,7 +37,7 @@ def chunk_window(context_tokens: int, stride: int) -> int:
 
 
 @serve.deployment(name="Decoder")
-class DecoderDeployment:
+class DecoderDeployment(WorkStreamReplica):
     def __init__(self, config: Any = None):
         self.settings = load_settings(config)
         setup_telemetry(self.settings)
@@ -45,13 +45,8 @@ class DecoderDeployment:
         self.runner = DecoderRunner.from_checkpoint(open_checkpoint(self.settings), device=device, dtype=dtype,
                                                     max_batch=self.settings.stages.decoder.max_batch_size)
         self.bins = self.runner.config.flow.in_channels
-        self.worker = StageWorker(self.settings, DECODER_JOBS, "decoder", self.handle_jobs,
-                                  self.settings.stages.decoder.max_batch_size).start()
-
-    def __del__(self):
-        worker = getattr(self, "worker", None)
-        if worker is not None:
-            worker.stop()
+        self.start_worker(self.settings, DECODER_JOBS, "decoder", self.handle_jobs,
+                          self.settings.stages.decoder.max_batch_size)
 
     def handle_jobs(self, jobs: list[Job]) -> list:
         """One batched decode for all claimed jobs; bad codes fail only their own job."""
@@ -79,10 +74,6 @@ class DecoderDeployment:
                                      final=e.final, context_frames=ctx, seed=e.seed, session_id=e.session_id)
             outcomes[i] = [(VOCODER_JOBS, job, Bus.result_key("decoder", e.turn_id, e.segment, e.chunk))]
         return outcomes
-
-    def check_health(self):
-        if not self.worker.alive:
-            raise RuntimeError("decoder work-stream thread is not running")
 
     @grpc_errors
     async def Decode(self, request, grpc_context=None):

@@ -17,25 +17,20 @@ from services.common.bus import VOCODER_JOBS, Bus, Job, PcmChunk, PermanentError
 from services.common.grpc_status import grpc_errors
 from services.common.telemetry import setup_telemetry
 from services.common.runtime import load_settings, open_checkpoint
-from services.common.stage_worker import StageWorker
+from services.common.stage_worker import WorkStreamReplica
 from services.vocoder.runner import VocodeInputError, VocoderRunner
 
 
 @serve.deployment(name="Vocoder")
-class VocoderDeployment:
+class VocoderDeployment(WorkStreamReplica):
     def __init__(self, config: Any = None):
         self.settings = load_settings(config)
         setup_telemetry(self.settings)
         device = "cuda" if torch.cuda.is_available() else "cpu"
         self.runner = VocoderRunner.from_checkpoint(open_checkpoint(self.settings), device=device,
                                                     max_batch=self.settings.stages.vocoder.max_batch_size)
-        self.worker = StageWorker(self.settings, VOCODER_JOBS, "vocoder", self.handle_jobs,
-                                  self.settings.stages.vocoder.max_batch_size).start()
-
-    def __del__(self):
-        worker = getattr(self, "worker", None)
-        if worker is not None:
-            worker.stop()
+        self.start_worker(self.settings, VOCODER_JOBS, "vocoder", self.handle_jobs,
+                          self.settings.stages.vocoder.max_batch_size)
 
     def handle_jobs(self, jobs: list[Job]) -> list:
         """One batched forward for all claimed jobs; a bad mel fails only its own job."""
@@ -59,10 +54,6 @@ class VocoderDeployment:
             outcomes[i] = [(Bus.turn_stream(e.turn_id, "audio"), chunk,
                             Bus.result_key("vocoder", e.turn_id, e.segment, e.chunk))]
         return outcomes
-
-    def check_health(self):
-        if not self.worker.alive:
-            raise RuntimeError("vocoder work-stream thread is not running")
 
     @grpc_errors
     async def Vocode(self, request, grpc_context=None):
