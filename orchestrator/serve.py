@@ -12,6 +12,7 @@ from pathlib import Path
 from services.common.settings import CONFIG_ENV, Settings
 
 REPO = Path(__file__).resolve().parents[1]
+MESSAGE_SIZE_ENV = "RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"
 
 
 def start_stack(settings_path: str | None, *, address: str | None = None, grpc_port: int | None = None,
@@ -31,6 +32,9 @@ def start_stack(settings_path: str | None, *, address: str | None = None, grpc_p
 
     settings = Settings.load(settings_path)  # fail early, naming the bad key
     env = dict(env or {})
+    # Serve's gRPC proxy reads its message cap from the environment; a bigger request gets
+    # RESOURCE_EXHAUSTED from gRPC itself before it reaches a replica
+    env.setdefault(MESSAGE_SIZE_ENV, str(settings.limits.max_message_bytes))
     if settings_path:
         env[CONFIG_ENV] = str(Path(settings_path).resolve())
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))

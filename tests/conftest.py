@@ -54,6 +54,8 @@ stages:
   decoder:      {num_cpus: 0.1}
   vocoder:      {num_cpus: 0.1}
   orchestrator: {num_cpus: 0.1}
+limits:
+  max_message_bytes: 8388608
 bus:
   visibility_timeout_ms: 3000
   reclaim_interval_ms: 500
@@ -81,6 +83,7 @@ def serve_stack(tmp_path_factory, redis_url, tiny_checkpoint):
     cfg.write_text(TEST_SETTINGS)
     env = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "MODEL_PATH": str(tiny_checkpoint),
            "REDIS_URL": redis_url, "BAICHUAN_AUDIO_CONFIG": str(cfg),
+           "RAY_SERVE_GRPC_MAX_MESSAGE_SIZE": str(8 * 1024 * 1024),
            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     os.environ.update(env)
     ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 1024 * 1024,

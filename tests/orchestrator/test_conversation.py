@@ -215,3 +215,12 @@ def test_low_latency_audio_streams_chunks_in_order(stub):
     # the first audio segment came as several chunks (4-frame first chunk of a 5-frame segment)
     first_seg = [e.audio for e in events if e.HasField("audio") and e.audio.segment == 0]
     assert len(first_seg) >= 2
+
+
+def test_oversized_message_is_resource_exhausted(stub):
+    # the test stack caps messages at 8 MiB (limits.max_message_bytes)
+    sid = session(stub)
+    with pytest.raises(grpc.RpcError) as e:
+        converse(stub, sid, audio=b"\0" * (9 * 1024 * 1024))
+    assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    check_turn(converse(stub, sid, text="Hello"))   # the service and the session are fine
