@@ -1,0 +1,90 @@
+"""ReplyMerger: ordering, gap-free numbering, the reference's inserted crossfade, interrupts."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from orchestrator.merge import ReplyMerger
+from services.common import bus as B
+from services.common.audio import from_pcm16, to_pcm16
+from services.vocoder.crossfade import join_segments
+
+T = "turn-1"
+
+
+def chunk(seg: int, idx: int, samples: np.ndarray, final: bool = True) -> B.PcmChunk:
+    return B.PcmChunk(turn_id=T, segment=seg, chunk=idx, pcm16=to_pcm16(samples, limit=1.0),
+                      sample_rate=24000, final=final)
+
+
+def audio_of(events) -> np.ndarray:
+    parts = [from_pcm16(e.audio.pcm16) for e in events if e.HasField("audio")]
+    return np.concatenate(parts) if parts else np.zeros(0, np.float32)
+
+
+def feed_all(m: ReplyMerger, entries) -> list:
+    out = []
+    for e in entries:
+        out.extend(m.feed(e))
+    return out
+
+
+def test_segments_join_with_the_reference_inserted_crossfade_in_any_arrival_order():
+    rng = np.random.default_rng(0)
+    a = (rng.uniform(-0.5, 0.5, 1440 * 2)).astype(np.float32)
+    b1, b2 = (rng.uniform(-0.5, 0.5, 1920)).astype(np.float32), (rng.uniform(-0.5, 0.5, 960)).astype(np.float32)
+    c = (rng.uniform(-0.5, 0.5, 1440)).astype(np.float32)
+    m = ReplyMerger(T)
+    # audio arrives before its announcements and out of order across segments and chunks
+    events = feed_all(m, [
+        B.TextDelta(turn_id=T, segment=0, text="Hi,"),
+        chunk(2, 0, c),
+        chunk(1, 1, b2),
+        B.SegmentBoundary(turn_id=T, segment=0, kind="text"),
+        chunk(0, 0, a),
+        B.SegmentBoundary(turn_id=T, segment=0, kind="audio", audio_frames=6, chunks=1),
+        chunk(1, 0, b1, final=False),
+        B.SegmentBoundary(turn_id=T, segment=1, kind="audio", audio_frames=4, chunks=2),
+        B.SegmentBoundary(turn_id=T, segment=2, kind="audio", audio_frames=3, chunks=1),
+        B.TextDelta(turn_id=T, segment=1, text=" there"),
+        B.TurnEnd(turn_id=T, reason="eos"),
+    ])
+    seqs = [e.audio.sequence for e in events if e.HasField("audio")]
+    assert seqs == list(range(len(seqs)))
+    q = lambda x: from_pcm16(to_pcm16(x, limit=1.0))                          # noqa: E731 (PCM16 rounding)
+    import torch
+    expected = join_segments([torch.from_numpy(q(a)), torch.from_numpy(np.concatenate([q(b1), q(b2)])),
+                              torch.from_numpy(q(c))], 240).numpy()
+    np.testing.assert_allclose(audio_of(events), expected, atol=1.5 / 32768)
+    assert len(audio_of(events)) == len(a) + len(b1) + len(b2) + len(c) + 2 * 240
+    end = events[-1].end
+    assert end.reason == "complete" and end.text == "Hi, there"
+    assert end.audio_seconds == pytest.approx(len(expected) / 24000)
+    assert [e.segment.kind for e in events if e.HasField("segment")].count(2) == 3   # AUDIO_END per segment
+
+
+def test_end_waits_for_announced_audio_and_zero_frame_segments_emit_nothing():
+    m = ReplyMerger(T)
+    assert feed_all(m, [B.SegmentBoundary(turn_id=T, segment=0, kind="audio", audio_frames=0, chunks=0),
+                        B.SegmentBoundary(turn_id=T, segment=1, kind="audio", audio_frames=2, chunks=1),
+                        B.TurnEnd(turn_id=T, reason="eos")]) == []        # segment 1's audio is due
+    out = m.feed(chunk(1, 0, np.zeros(1440, np.float32)))
+    assert out[-1].HasField("end") and m.finished
+    assert m.feed(chunk(1, 0, np.zeros(1440, np.float32))) == []            # a late duplicate is ignored
+
+
+def test_interrupt_ends_now_with_only_what_was_sent():
+    m = ReplyMerger(T)
+    sent = feed_all(m, [B.TextDelta(turn_id=T, segment=0, text="Hello"),
+                        B.SegmentBoundary(turn_id=T, segment=0, kind="audio", audio_frames=8, chunks=2),
+                        chunk(0, 0, np.zeros(1920, np.float32), final=False)])
+    out = m.interrupt()
+    assert out[-1].end.reason == "interrupted" and out[-1].end.text == "Hello"
+    assert out[-1].end.audio_seconds == pytest.approx(1920 / 24000)
+    assert m.feed(chunk(0, 1, np.zeros(1920, np.float32))) == []
+
+
+def test_a_stage_error_ends_the_turn_with_it():
+    m = ReplyMerger(T)
+    out = feed_all(m, [B.TurnError(turn_id=T, stage="decoder", code=13, message="lost segment 0 chunk 0")])
+    assert out[-1].error.code == 13 and "decoder" in out[-1].error.message and m.finished
