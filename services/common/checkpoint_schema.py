@@ -21,6 +21,7 @@ from typing import NamedTuple
 import torch
 
 from services.common.checkpoint import PREFIX
+from services.common.layers import sinusoids
 from services.common.model_config import ConfigError, HiFTConfig, ModelConfig
 
 PARAM = "param"
@@ -40,17 +41,13 @@ def _p(*shape: int) -> TensorSpec:
 
 
 def sinusoid_table(length: int, channels: int) -> torch.Tensor:
-    """The reference `sinusoids(length, channels)` buffer (§4), in fp32: (length, channels).
+    """The reference `sinusoids(length, channels)` buffer (§4) as stored, in fp32: (length, channels).
 
-    inc = ln(10000) / (C/2 - 1); P[t] = [sin(t * exp(-inc * k)), cos(...)], k = 0..C/2-1.
-    Computed in the same fp32 order as the reference so the stored tables match bit for bit."""
+    `services.common.layers.sinusoids` in fp32 arithmetic, which matches the stored tables bit
+    for bit; an odd width is a config error here."""
     if channels % 2:
         raise ConfigError(f"sinusoid table needs an even channel count, got {channels}")
-    half = channels // 2
-    inc = math.log(10000) / (half - 1)
-    inv = torch.exp(-inc * torch.arange(half, dtype=torch.float32))         # (C/2,)
-    t = torch.arange(length, dtype=torch.float32)[:, None] * inv[None, :]   # (L, C/2)
-    return torch.cat([torch.sin(t), torch.cos(t)], dim=1)                   # (L, C)
+    return sinusoids(length, channels, torch.float32)
 
 
 # ------------------------------------------------------------------ shared blocks

@@ -167,8 +167,9 @@ TINY_CORPUS = (
 )
 
 
-def _bytes_to_unicode() -> list[str]:
-    """GPT-2/Qwen2 byte -> printable character map, in its canonical order (id = position)."""
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/Qwen2 byte-level alphabet: byte -> printable character, in its canonical order
+    (printable bytes first; a byte-level BPE gives the i-th entry id i)."""
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     cs = bs[:]
     n = 0
@@ -177,7 +178,7 @@ def _bytes_to_unicode() -> list[str]:
             bs.append(b)
             cs.append(256 + n)
             n += 1
-    return [chr(c) for c in cs]
+    return dict(zip(bs, (chr(c) for c in cs)))
 
 
 def _pipeline(model):
@@ -234,7 +235,7 @@ def build_tiny_tokenizer(out_dir: str | Path, cfg: ModelConfig, vocab_size: int)
         raise TokenizerError(f"special ids must lie in [256, vocab_size={vocab_size}): "
                              + ", ".join(f"{t}={i}" for t, i in bad.items()))
     merges = _train_merges(vocab_size - 256 - len(layout))
-    vocab = {c: i for i, c in enumerate(_bytes_to_unicode())}
+    vocab = {c: i for i, c in enumerate(bytes_to_unicode().values())}
     vocab.update(layout)
     taken = set(layout.values())
     free = (i for i in range(256, vocab_size) if i not in taken)

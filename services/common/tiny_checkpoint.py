@@ -42,6 +42,20 @@ _REAL_AUDIO_IDS = {
 TINY_HIFT = HiFTConfig(base_channels=32, f0_cond_channels=32)
 
 
+def reference_cfm_params() -> dict:
+    """The published `flow_matching_config.cfm_params` (reference-model.md §2.2)."""
+    return {"sigma_min": 1e-6, "solver": "euler", "t_scheduler": "cosine",
+            "training_cfg_rate": 0.2, "inference_cfg_rate": 0.7, "reg_loss_type": "l1"}
+
+
+def legacy_vocoder_config(width: int) -> dict:
+    """The published `vocoder_config` (§2.2) with `width` channels in each of its 5 stages (256 in
+    the real model). Only num_mel_bins and channels matter: they shape the unused post_net keys."""
+    return {"enable": True, "enable_multi_scale": True, "max_audio_seconds": 30, "sampling_rate": 16000,
+            "hop_length": 256, "split_overlap": 0.0, "n_fft": 1024, "num_mel_bins": 80,
+            "channels": [width] * 5}
+
+
 def tiny_config_dict(seed: int = 0) -> dict:
     """A tiny config.json in the real format. Dimensions are small but keep every structural
     constraint of the reference (hidden % 128 == 0 for the audio head, prenet_in_dim ==
@@ -133,14 +147,9 @@ def tiny_config_dict(seed: int = 0) -> dict:
             "num_heads": 2,
             "act_fn": "gelu",
             "cal_mel_mae": True,
-            "cfm_params": {"sigma_min": 1e-06, "solver": "euler", "t_scheduler": "cosine",
-                           "training_cfg_rate": 0.2, "inference_cfg_rate": 0.7, "reg_loss_type": "l1"},
+            "cfm_params": reference_cfm_params(),
         },
-        "vocoder_config": {
-            "enable": True, "enable_multi_scale": True, "max_audio_seconds": 30, "sampling_rate": 16000,
-            "hop_length": 256, "split_overlap": 0.0, "n_fft": 1024, "num_mel_bins": 80,
-            "channels": [32, 32, 32, 32, 32],
-        },
+        "vocoder_config": legacy_vocoder_config(32),
         "visual_config": {"enable": False},
         "video_config": {"enable": False},
         "tiny_checkpoint": {"seed": seed, "note": "random weights for tests and demos; not a trained model"},

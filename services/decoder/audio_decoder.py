@@ -11,97 +11,16 @@ Batching: segments are right-padded. The reference's GroupNorm takes its statist
 padded batch, which couples segments (correction 5); here each segment is normalised over its
 own valid frames, so a segment decodes the same alone or in any batch.
 
-The layer classes (attention, transformer layer, RMSNorm) are shared with the Pre-Net (§9.1),
-which uses the same Whisper-style layer with RMSNorm.
+The layers, the table and the masks are `services.common.layers`: the encoder's Whisper layer,
+causal here, with attention in fp32 (`WhisperAttention`'s fp32=True, the numerics of fixture 04).
 """
 from __future__ import annotations
 
-import math
-
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from services.common.layers import WhisperLayer, length_mask, sinusoids
 from services.common.model_config import ModelConfig
-
-
-def sinusoids(length: int, channels: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Whisper positional table (length, channels): sines in the first half, cosines in the second.
-
-    `dtype` is the arithmetic dtype. The reference builds the table at init under the model's
-    default dtype, so a checkpoint that does not store it gets a bf16-arithmetic table when loaded
-    in bf16 (positions above 256 are rounded, max |diff| 2.0 vs fp32; §12 item 16)."""
-    half = channels // 2
-    inc = math.log(10000) / (half - 1)
-    inv = torch.exp(torch.arange(half).to(dtype) * (-inc))            # (half,)
-    angle = torch.arange(length).to(dtype)[:, None] * inv[None, :]    # (length, half)
-    return torch.cat([angle.sin(), angle.cos()], dim=1)
-
-
-def length_mask(lengths: torch.Tensor, max_len: int) -> torch.Tensor:
-    """(B,) lengths -> (B, max_len) bool, True on valid frames."""
-    return torch.arange(max_len, device=lengths.device)[None, :] < lengths[:, None]
-
-
-class RMSNorm(nn.Module):
-    """Reference RMSNorm: variance in fp32, normalised value rounded to the weight dtype, then scaled."""
-
-    def __init__(self, dim: int, eps: float = 1e-6):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        var = x.float().pow(2).mean(-1, keepdim=True)
-        return self.weight * (x.float() * torch.rsqrt(var + self.eps)).to(self.weight.dtype)
-
-
-class SelfAttention(nn.Module):
-    """Whisper attention: q/v/out with bias, k without. Causal within each padded row."""
-
-    def __init__(self, dim: int, heads: int):
-        super().__init__()
-        self.heads = heads
-        self.q_proj = nn.Linear(dim, dim, bias=True)
-        self.k_proj = nn.Linear(dim, dim, bias=False)
-        self.v_proj = nn.Linear(dim, dim, bias=True)
-        self.out_proj = nn.Linear(dim, dim, bias=True)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, T, C = x.shape
-        H = self.heads
-        q = self.q_proj(x).view(B, T, H, C // H).transpose(1, 2)   # (B, H, T, D)
-        k = self.k_proj(x).view(B, T, H, C // H).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, H, C // H).transpose(1, 2)
-        # Scores, softmax and P.V in fp32, output back in the activation dtype: the numerics of the
-        # fixtures' varlen kernel. Causal alone is exact for valid rows of a right-padded batch
-        # (row i < L only sees keys j <= i < L); padded rows are discarded by the caller.
-        o = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True)
-        o = o.to(x.dtype).transpose(1, 2).reshape(B, T, C)
-        return self.out_proj(o)
-
-
-class TransformerLayer(nn.Module):
-    """Pre-norm layer: x + attn(norm1(x)); x + fc2(gelu(fc1(norm2(x)))). norm: LayerNorm or RMSNorm."""
-
-    def __init__(self, dim: int, heads: int, ffn: int, rms: bool = False):
-        super().__init__()
-        norm = (lambda: RMSNorm(dim)) if rms else (lambda: nn.LayerNorm(dim))
-        self.self_attn = SelfAttention(dim, heads)
-        self.self_attn_layer_norm = norm()
-        self.fc1 = nn.Linear(dim, ffn)
-        self.fc2 = nn.Linear(ffn, dim)
-        self.final_layer_norm = norm()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.self_attn_layer_norm(x))
-        x = x + self.fc2(F.gelu(self.fc1(self.final_layer_norm(x))))
-        if x.dtype in (torch.float16, torch.bfloat16):
-            # The reference clamps +-inf to +-(max - 1000) in half precision; an unconditional clamp
-            # is the same (identity on finite values) without a host sync on `isinf().any()`.
-            big = torch.finfo(x.dtype).max - 1000
-            x = x.clamp(-big, big)
-        return x
 
 
 class CausalUpsample(nn.Module):
@@ -147,7 +66,8 @@ class AudioDecoder(nn.Module):
         # Stored in real checkpoints (fp32, correction 8); computed here when absent.
         self.register_buffer("positional_embedding", sinusoids(a.decoder_max_positions, a.d_model))
         self.layers = nn.ModuleList(
-            TransformerLayer(a.d_model, a.decoder_attention_heads, a.decoder_ffn_dim)
+            WhisperLayer(a.d_model, a.decoder_attention_heads, a.decoder_ffn_dim, causal=True,
+                         fp32_attention=True)
             for _ in range(a.decoder_layers))
         self.layer_norm = nn.LayerNorm(a.d_model)
 

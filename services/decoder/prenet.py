@@ -13,8 +13,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from services.common.layers import RMSNorm, WhisperLayer, length_mask
 from services.common.model_config import FlowConfig
-from services.decoder.audio_decoder import RMSNorm, TransformerLayer, length_mask
 
 
 class Prenet(nn.Module):
@@ -28,7 +28,8 @@ class Prenet(nn.Module):
         d = flow.prenet_d_model
         self.in_mlp = nn.Sequential(nn.Linear(flow.prenet_in_dim, 4 * d), nn.SiLU(), nn.Linear(4 * d, d))
         self.transformer_layers = nn.ModuleList(
-            TransformerLayer(d, flow.prenet_attention_heads, flow.prenet_ffn_dim, rms=True)
+            WhisperLayer(d, flow.prenet_attention_heads, flow.prenet_ffn_dim, causal=True, rms=True,
+                         fp32_attention=True)
             for _ in range(flow.prenet_nlayers))
         self.final_norm = RMSNorm(d)
         self.out_proj = nn.Linear(d, flow.prenet_out_dim, bias=False)

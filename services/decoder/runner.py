@@ -19,7 +19,6 @@ in input order (seeded when `seed` is given), or passed by the caller.
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -27,9 +26,10 @@ import torch
 from torch import nn
 
 from services.common.checkpoint import PREFIX, Checkpoint, load_state
+from services.common.layers import length_mask, sinusoids
 from services.common.model_config import ModelConfig
 from services.decoder import cfm
-from services.decoder.audio_decoder import AudioDecoder, length_mask, sinusoids
+from services.decoder.audio_decoder import AudioDecoder
 from services.decoder.estimator import Estimator
 from services.decoder.prenet import Prenet
 from services.tokenizer.rvq import CodeDecoder

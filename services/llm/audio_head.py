@@ -30,24 +30,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from services.common.layers import RMSNorm
 from services.common.model_config import ModelConfig
 
 # The reference builds the head's attention with heads of 128 and its norms with the
 # RMSNorm default eps; neither comes from config.json.
 HEAD_DIM = 128
 NORM_EPS = 1e-6
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float = NORM_EPS):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * y.to(self.weight.dtype)
 
 
 class DepthAttention(nn.Module):
@@ -98,8 +87,8 @@ class DepthLayer(nn.Module):
         super().__init__()
         self.dim, self.depth = dim, depth
         self.self_attention = DepthAttention(dim, dim // HEAD_DIM)
-        self.layernorm1 = RMSNorm(dim)
-        self.layernorm2 = RMSNorm(dim)
+        self.layernorm1 = RMSNorm(dim, NORM_EPS)
+        self.layernorm2 = RMSNorm(dim, NORM_EPS)
         # position-specific FFN; the checkpoint's linear1/linear2 biases are unused (§7.3)
         self.linear1 = nn.Linear(depth * dim, 2 * dim, bias=False)      # (2E, D·E)
         self.linear2 = nn.Linear(2 * dim * depth, dim, bias=False)      # (E, D·2E)
@@ -147,7 +136,7 @@ class AudioHead(nn.Module):
         self.depth = len(self.sizes)
         self.transformer_layers = nn.ModuleList(DepthLayer(E, self.depth)
                                                 for _ in range(cfg.audio.audio_head_transformer_layers))
-        self.headnorm = RMSNorm(E)
+        self.headnorm = RMSNorm(E, NORM_EPS)
         self.heads = nn.ModuleList(nn.Linear(E, K + 1) for K in self.sizes)   # last class = end of audio
         # The reference's in-projection rounding depends on memory layout: F.linear fuses the
         # bias into the product for a contiguous input and rounds x·W first otherwise. Its

@@ -10,7 +10,8 @@ State dict keys are the checkpoint's `model.*`, `lm_head.*`, `audio_head.*` (the
 audio-head linear biases are not declared; the loader skips them).
 
 Numerics follow the reference as run on torch 2.11 (the golden fixtures):
-- RMSNorm: variance in fp32, the normalised value cast to the weight dtype, then × weight.
+- RMSNorm (services.common.layers): variance in fp32, the normalised value cast to the weight
+  dtype, then × weight.
 - RoPE: rotate-half, fp32 cos/sin of *1-based* positions, q/k upcast, rotated, cast back.
 - Attention: SDPA's math kernel, which upcasts to fp32 and scales q and k each by
   sqrt(1/sqrt(head_dim)) (correction 3); on CUDA the same fp32 math is done without fp32
@@ -31,21 +32,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from services.common.checkpoint import PREFIX, Checkpoint, LoadReport, load_state
+from services.common.layers import RMSNorm
 from services.common.model_config import ModelConfig
 from services.llm.audio_head import AudioHead
 from services.llm.kv_cache import KVCache
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float = 1e-6):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * y.to(self.weight.dtype)
 
 
 # ---------------------------------------------------------------------- RoPE

@@ -18,23 +18,12 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from services.common.text_tokenizer import bytes_to_unicode
+
 _PREFIX = "abcdef"  # the static prefix transformers decodes each token after
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2 / Qwen2 byte-level alphabet: byte -> printable character."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, (chr(c) for c in cs)))
-
-
-_BYTE_OF = {c: b for b, c in _bytes_to_unicode().items()}
+_BYTE_OF = {c: b for b, c in bytes_to_unicode().items()}    # byte-level character -> byte
 
 
 def _is_byte_level(tokenizer) -> bool:

@@ -16,6 +16,7 @@ import time
 import torch
 
 from services.common.model_config import ModelConfig
+from services.common.tiny_checkpoint import legacy_vocoder_config, reference_cfm_params
 from services.tokenizer.runner import TokenizerRunner, default_device_dtype
 
 # reference-model.md §2.2 (Baichuan-Audio-Instruct; the audio token ids of §2.3).
@@ -47,14 +48,9 @@ _REAL: dict = {
         "prenet_target_mel_length_scale_ratio": 1.0, "in_channels": 80, "spk_emb_dim": 0,
         "diffusion_steps": 10, "channels": [256], "dropout": 0.0, "attention_head_dim": 64,
         "n_blocks": 4, "num_mid_blocks": 12, "num_heads": 8, "act_fn": "gelu",
-        "cfm_params": {"sigma_min": 1e-6, "solver": "euler", "t_scheduler": "cosine",
-                       "training_cfg_rate": 0.2, "inference_cfg_rate": 0.7, "reg_loss_type": "l1"},
+        "cfm_params": reference_cfm_params(),
     },
-    "vocoder_config": {
-        "enable": True, "enable_multi_scale": True, "max_audio_seconds": 30, "sampling_rate": 16000,
-        "hop_length": 256, "split_overlap": 0.0, "n_fft": 1024, "num_mel_bins": 80,
-        "channels": [256, 256, 256, 256, 256],
-    },
+    "vocoder_config": legacy_vocoder_config(256),
     "visual_config": {"enable": False}, "video_config": {"enable": False},
 }
 

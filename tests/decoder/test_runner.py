@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import save_file
 
 from services.common.checkpoint import PREFIX, CheckpointError
-from services.decoder.audio_decoder import sinusoids
+from services.common.layers import sinusoids
 from services.decoder.runner import DecodeInputError, DecoderRunner, chunk_plan, mel_frames, waveform_distance
 from tests.decoder.conftest import DTYPES, FIX
 

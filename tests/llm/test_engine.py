@@ -9,7 +9,9 @@ from services.llm.engine import Engine, EngineConfig, EngineError, Request, Unkn
 from services.llm.kv_cache import KVCache
 from services.llm.prompts import Audio, Message, PromptBuilder
 from services.llm.scheduler import AudioFrame, Done, SegmentEnd
-from tests.llm.test_parity_protocol import RUNS, check_run, one_thread, protocol_env  # noqa: F401 (fixtures)
+from tests.llm.test_parity_protocol import RUNS, check_run, protocol_env  # noqa: F401 (fixture)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _ends(events, kind=None):

@@ -13,13 +13,7 @@ from services.llm.kv_cache import KVCache
 from services.llm.model import AudioLLM, attention_math, attention_sdpa
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny ops on a shared 2-core machine: one thread avoids OpenMP contention (10-20x)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,8 @@ from services.llm.scheduler import Done, SegmentEnd, TextDelta
 FIX = "06_protocol"
 RUNS = ("spoken", "text", "tts", "asr")
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 @dataclass
 class ProtocolEnv:
@@ -61,15 +63,6 @@ def protocol_env(fixtures) -> ProtocolEnv:
     if not fixtures.has(FIX):
         pytest.skip(f"fixture {FIX} not in {fixtures.root}")
     return ProtocolEnv(fixtures, *_load(fixtures.root))
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Many tiny ops per step: one thread is several times faster on a shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def display(decoded: str) -> str:

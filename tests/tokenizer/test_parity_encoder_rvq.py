@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from services.common.checkpoint import PREFIX, load_state
-from services.tokenizer.encoder import AudioEncoder, sinusoids
+from services.common.layers import sinusoids
+from services.tokenizer.encoder import AudioEncoder
 from services.tokenizer.rvq import VQBridge
 
 FX = "02_tokenizer"

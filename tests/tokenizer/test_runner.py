@@ -9,8 +9,8 @@ import torch
 from safetensors.torch import save_file
 
 from services.common.checkpoint import PREFIX, Checkpoint, CheckpointError
+from services.common.layers import sinusoids
 from services.tokenizer.audio_io import AudioInputError
-from services.tokenizer.encoder import sinusoids
 from services.tokenizer.runner import TokenizerRunner
 
 
