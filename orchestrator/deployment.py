@@ -31,7 +31,23 @@ from orchestrator.sessions import SessionSettingsRecord, SessionStore
 
 log = logging.getLogger(__name__)
 
-SAMPLING_LIMITS = {"temperature": (0.0, 2.0), "top_p": (0.0, 1.0), "top_k": (1, 1000)}
+# Caller overrides of the reference's per-phase sampling (§11.3), accepted within these bounds.
+SAMPLING_LIMITS = {"temperature": (0.05, 2.0), "top_k": (1, 1000), "top_p": (0.05, 1.0)}
+
+
+def sampling_overrides(msg: pb.SamplingOverrides) -> dict:
+    """The fields a caller set, checked against SAMPLING_LIMITS (INVALID_ARGUMENT otherwise)."""
+    out = {f.name: v for f, v in msg.ListFields()}
+    for name, value in out.items():
+        for key, (lo, hi) in SAMPLING_LIMITS.items():
+            if name.endswith(key) and not lo <= value <= hi:
+                raise ValueError(f"sampling.{name}={value:g} is out of range [{lo:g}, {hi:g}]")
+    return out
+
+
+def engine_sampling(overrides: dict) -> dict | None:
+    """The overrides the LLM engine takes per request (seed and greedy travel separately)."""
+    return {k: v for k, v in overrides.items() if k not in ("seed", "greedy")} or None
 
 
 def _codes_to_b64(codes) -> str:
@@ -43,17 +59,7 @@ def _codes_from_b64(data: str, codebooks: int) -> torch.Tensor:
 
 
 def _settings_record(s: pb.SessionSettings) -> SessionSettingsRecord:
-    sampling = {}
-    for f, v in s.sampling.ListFields():
-        sampling[f.name] = v
-    for name, value in sampling.items():
-        for key, (lo, hi) in SAMPLING_LIMITS.items():
-            if name.endswith(key) and not (lo < value <= hi if key != "top_k" else lo <= value <= hi):
-                raise ValueError(f"sampling.{name}={value} is out of range ({lo}, {hi}]")
-    unsupported = sorted(n for n in sampling if n not in ("seed", "greedy"))
-    if unsupported:
-        raise ValueError(f"sampling overrides {unsupported} are not supported yet; the reference's per-phase "
-                         f"values apply (seed and greedy are supported)")
+    sampling = sampling_overrides(s.sampling)
     return SessionSettingsRecord(
         system_prompt=s.system_prompt, spoken=s.reply_mode != pb.REPLY_MODE_TEXT,
         faithful_history=s.faithful_history, low_latency_audio=s.low_latency_audio,
@@ -249,6 +255,7 @@ class ConversationDeployment:
                 req = {"turn_id": turn_id, "session_id": sess.session_id, "mode": "spoken" if spoken else "text",
                        "prompt_ids": ids, "prompt_codes": None if codes is None else codes.numpy(),
                        "greedy": bool(sess.settings.sampling.get("greedy")), "seed": sess.settings.sampling.get("seed"),
+                       "sampling": engine_sampling(sess.settings.sampling),
                        "low_latency": sess.settings.low_latency_audio, "trace": inject_context()}
                 await self.llm_app.options(multiplexed_model_id=sess.session_id).generate.remote(req)
         except BaseException:
@@ -325,10 +332,11 @@ class ConversationDeployment:
                              f"{self.settings.limits.max_text_chars}")
         chunks = self.prompts.tts_chunks(request.text)
         turn_id = uuid.uuid4().hex
-        sampling = request.sampling
+        sampling = sampling_overrides(request.sampling)
+        # the base TTS demo is greedy; a caller may ask for sampling (greedy: false)
         await self._one_shot({"turn_id": turn_id, "mode": "tts", "prompt_ids": chunks[0], "tts_chunks": chunks[1:],
-                              "greedy": True, "seed": sampling.seed if sampling.HasField("seed") else None},
-                             spoken=True)
+                              "greedy": sampling.get("greedy", True), "seed": sampling.get("seed"),
+                              "sampling": engine_sampling(sampling)}, spoken=True)
         async for ev in self._stream(turn_id):
             yield ev
 

@@ -74,7 +74,7 @@ class LLMDeployment:
                        tts_chunks=[list(c) for c in req.get("tts_chunks", ())],
                        session_id=req.get("session_id") or None, greedy=bool(req.get("greedy")),
                        seed=req.get("seed"), request_id=req["turn_id"],
-                       max_audio_frames=req.get("max_audio_frames"))
+                       max_audio_frames=req.get("max_audio_frames"), sampling=req.get("sampling"))
 
     async def generate(self, req: dict) -> dict:
         """Start a turn; its events go to Redis. Returns when the engine accepted it.
@@ -146,11 +146,13 @@ class LLMDeployment:
     @grpc_errors
     async def Generate(self, request, grpc_context=None):
         """Direct streaming generation (no Redis): events as they come."""
-        codes = np.asarray(request.prompt_codes.values, dtype=np.int64).reshape(-1, request.prompt_codes.codebooks or 8)
+        nb = self.engine.cfg.audio.num_codebooks
+        codes = np.asarray(request.prompt_codes.values, dtype=np.int64).reshape(-1, request.prompt_codes.codebooks or nb)
+        sampling = {f.name: v for f, v in request.sampling.ListFields()}
         r = Request(prompt_ids=list(request.prompt_ids), mode=MODES.get(request.mode, "spoken"),
                     audio_codes=torch.from_numpy(codes) if len(codes) else None,
-                    greedy=request.sampling.greedy if request.HasField("sampling") else False,
-                    seed=request.sampling.seed if request.HasField("sampling") and request.sampling.HasField("seed") else None)
+                    greedy=bool(sampling.pop("greedy", False)), seed=sampling.pop("seed", None),
+                    sampling=sampling or None, request_id=request.turn_id or None)
         if request.session_id:
             self._open(request.session_id)
         r.session_id = request.session_id or None

@@ -20,6 +20,8 @@ Pure Python (no model, no device): testable on its own.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import itertools
 import re
 from collections import OrderedDict, deque
@@ -111,6 +113,9 @@ class Request:
     forced: Optional[Seq[tuple[str, int]]] = None
     max_audio_frames: Optional[int] = None
     request_id: Optional[str] = None
+    # per-request sampling overrides of the §11.3 table: keys text_temperature, text_top_k,
+    # text_top_p (every text phase) and audio_temperature, audio_top_k, audio_top_p
+    sampling: Optional[dict] = None
 
 
 @dataclass(frozen=True)
@@ -157,6 +162,26 @@ class Done(Event):
     prefix_reused: int = 0     # prompt tokens taken from the session's cache
     host_writes: tuple[tuple[int, int, int], ...] = ()   # (position, old id, new id), no-ops included
     error: Optional[str] = None
+
+
+OVERRIDE_KEYS = ("temperature", "top_k", "top_p")
+
+
+def _override(specs: dict, sampling: dict, mode: "Mode") -> dict:
+    """The phase table with a request's overrides applied (text phases / audio phases)."""
+    unknown = sorted(set(sampling) - {f"{k}_{n}" for k in ("text", "audio") for n in OVERRIDE_KEYS})
+    if unknown:
+        raise EngineError(f"unknown sampling overrides {unknown}: use text_/audio_ + {OVERRIDE_KEYS}")
+    out = {}
+    for name, spec in specs.items():
+        kind = "audio" if name == "audio" or (name == "first" and mode == Mode.TTS) else "text"
+        changes = {n: sampling[f"{kind}_{n}"] for n in OVERRIDE_KEYS if f"{kind}_{n}" in sampling}
+        try:
+            params = dataclasses.replace(spec.params, **changes)
+        except ValueError as e:
+            raise EngineError(f"sampling override: {e}") from None
+        out[name] = PhaseSpec(params, spec.max_new, spec.stops)
+    return out
 
 
 # ---------------------------------------------------------------------------- protocol context
@@ -244,6 +269,8 @@ class Sequence:
             "text": cfg.spoken_text,
             "audio": cfg.tts_audio if self.mode == Mode.TTS else cfg.spoken_audio,
         }
+        if request.sampling:
+            self._specs = _override(self._specs, request.sampling, self.mode)
         if greedy:
             self._specs = {k: PhaseSpec(s.params.as_greedy(), s.max_new, s.stops) for k, s in self._specs.items()}
         self.phase = Phase.PREFILL

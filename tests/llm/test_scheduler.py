@@ -202,6 +202,19 @@ def test_greedy_request():
     assert s.spec.params.greedy and s.spec.params.repetition_penalty == 1.3
 
 
+def test_sampling_overrides_apply_per_phase_kind():
+    s = seq(sampling={"text_temperature": 0.6, "audio_top_k": 3})
+    first = s.spec.params
+    assert (first.temperature, first.top_k, first.repetition_penalty) == (0.6, 20, 1.1)
+    text(s, AG_START)
+    audio = s.spec.params
+    assert (audio.temperature, audio.top_k, audio.top_p, audio.repetition_penalty) == (0.5, 3, 0.85, 1.3)
+    with pytest.raises(EngineError, match="temperature"):
+        seq(sampling={"text_temperature": 0.0})
+    with pytest.raises(EngineError, match="unknown"):
+        seq(sampling={"temperature": 0.5})
+
+
 def test_forced_schedule():
     s = seq(forced=[("text", 2), ("audio", 3), ("text", 1)])
     text(s, EOS, EOS)                            # EOS is ignored

@@ -224,3 +224,11 @@ def test_oversized_message_is_resource_exhausted(stub):
         converse(stub, sid, audio=b"\0" * (9 * 1024 * 1024))
     assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     check_turn(converse(stub, sid, text="Hello"))   # the service and the session are fine
+
+
+def test_sampling_overrides_within_limits(stub):
+    sid = session(stub, sampling=pb.SamplingOverrides(text_temperature=0.5, audio_top_k=3, seed=7))
+    check_turn(converse(stub, sid))
+    with pytest.raises(grpc.RpcError) as e:
+        session(stub, sampling=pb.SamplingOverrides(text_temperature=5.0))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "text_temperature" in e.value.details()
