@@ -10,6 +10,7 @@ from typing import Any
 from ray.serve import Application
 from ray.serve.deployment import Deployment
 
+from services.common.autoscaling import POLICY as AUTOSCALING_POLICY
 from services.common.runtime import load_settings
 from services.common.settings import Settings, StageSettings
 
@@ -25,17 +26,22 @@ SERVICER_FUNCTIONS = [
 ]
 
 
-def deployment_options(stage: StageSettings) -> dict[str, Any]:
+def deployment_options(stage: StageSettings, work_stream: bool = False) -> dict[str, Any]:
+    """Replicas and resources of a stage. A work-stream stage (decoder, vocoder) autoscales on
+    its Redis backlog, which Serve's request counts do not see (services/common/autoscaling.py)."""
     actor = {"num_cpus": stage.num_cpus, "num_gpus": stage.num_gpus}
     if stage.max_replicas > stage.min_replicas:
-        return {"ray_actor_options": actor, "autoscaling_config": {
-            "min_replicas": stage.min_replicas, "max_replicas": stage.max_replicas,
-            "target_ongoing_requests": stage.target_ongoing_requests}}
+        autoscaling = {"min_replicas": stage.min_replicas, "max_replicas": stage.max_replicas,
+                       "target_ongoing_requests": stage.target_ongoing_requests}
+        if work_stream:
+            autoscaling["policy"] = {"policy_function": AUTOSCALING_POLICY}
+        return {"ray_actor_options": actor, "autoscaling_config": autoscaling}
     return {"ray_actor_options": actor, "num_replicas": stage.min_replicas}
 
 
-def _build(deployment: Deployment, stage: StageSettings, args: dict | None) -> Application:
-    return deployment.options(**deployment_options(stage)).bind((args or {}).get("config"))
+def _build(deployment: Deployment, stage: StageSettings, args: dict | None,
+           work_stream: bool = False) -> Application:
+    return deployment.options(**deployment_options(stage, work_stream)).bind((args or {}).get("config"))
 
 
 def _settings(args: dict | None) -> Settings:
@@ -54,12 +60,12 @@ def llm_app(args: dict | None = None) -> Application:
 
 def decoder_app(args: dict | None = None) -> Application:
     from services.decoder.deployment import DecoderDeployment
-    return _build(DecoderDeployment, _settings(args).stages.decoder, args)
+    return _build(DecoderDeployment, _settings(args).stages.decoder, args, work_stream=True)
 
 
 def vocoder_app(args: dict | None = None) -> Application:
     from services.vocoder.deployment import VocoderDeployment
-    return _build(VocoderDeployment, _settings(args).stages.vocoder, args)
+    return _build(VocoderDeployment, _settings(args).stages.vocoder, args, work_stream=True)
 
 
 def conversation_app(args: dict | None = None) -> Application:

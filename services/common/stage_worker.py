@@ -12,6 +12,7 @@ import threading
 import uuid
 from typing import Callable
 
+from services.common.autoscaling import BACKLOG_METRIC
 from services.common.bus import Bus, Job, TurnError, run_worker, worker_options
 from services.common.settings import Settings
 
@@ -80,6 +81,13 @@ class WorkStreamReplica:
     def start_worker(self, settings: Settings, stream: str, stage: str,
                      handler: Callable[[list[Job]], list], batch_size: int) -> None:
         self.worker = StageWorker(settings, stream, stage, handler, batch_size).start()
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Serve calls this on every replica; the backlog drives autoscaling.backlog_policy
+        (acked jobs are deleted, so the stream's length is what waits or runs)."""
+        if self.worker is None:
+            return {BACKLOG_METRIC: 0.0}
+        return {BACKLOG_METRIC: float(self.worker.bus.redis.xlen(self.worker.stream))}
 
     def check_health(self) -> None:
         if self.worker is None or not self.worker.alive:
