@@ -89,7 +89,7 @@ class StageSettings:
     min_replicas: int = 1
     max_replicas: int = 1
     target_ongoing_requests: float = 2.0  # autoscaling target per replica
-    num_cpus: float = 1.0
+    num_cpus: float = 0.25                # Ray CPU share; the defaults fit five stages on 2 cores
     num_gpus: float = 0.0                 # a share of one GPU (0.5 = two replicas per card)
     max_batch_size: int = 8               # requests (jobs) merged into one forward
     batch_wait_timeout_s: float = 0.01    # how long a partial batch waits for more requests
