@@ -44,13 +44,12 @@ class VocoderDeployment(WorkStreamReplica):
             except VocodeInputError as e:
                 outcomes[i] = PermanentError(str(e))
         seed = jobs[good[0]].entry.seed if good and jobs[good[0]].entry.seed else None
-        waves = self.runner.vocode(mels, seed=seed) if mels else []
-        hop = self.runner.hop
+        contexts = [jobs[i].entry.context_frames for i in good]
+        waves = self.runner.vocode(mels, seed=seed, context_frames=contexts) if mels else []
         for i, wave in zip(good, waves):
             e = jobs[i].entry
-            samples = wave[e.context_frames * hop:]           # left context was for continuity only
             chunk = PcmChunk(turn_id=e.turn_id, segment=e.segment, chunk=e.chunk, final=e.final,
-                             pcm16=to_pcm16(samples.numpy()), sample_rate=self.runner.config.sampling_rate)
+                             pcm16=to_pcm16(wave.numpy()), sample_rate=self.runner.config.sampling_rate)
             outcomes[i] = [(Bus.turn_stream(e.turn_id, "audio"), chunk,
                             Bus.result_key("vocoder", e.turn_id, e.segment, e.chunk))]
         return outcomes

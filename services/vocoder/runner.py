@@ -74,10 +74,16 @@ class VocoderRunner:
 
     # ------------------------------------------------------------------ vocoding
     @torch.inference_mode()
-    def vocode(self, mels: Sequence[torch.Tensor], seed: int | None = None) -> list[torch.Tensor]:
+    def vocode(self, mels: Sequence[torch.Tensor], seed: int | None = None,
+               context_frames: Sequence[int] | None = None, quiet_source: bool = False) -> list[torch.Tensor]:
         """mels: list of Float[80, T_i] -> list of Float[hop·T_i] (CPU, fp32), in input order.
 
-        seed: makes the random source reproducible (None: fresh randomness). An empty list gives []."""
+        seed: makes the random source reproducible (None: fresh randomness). An empty list gives [].
+        context_frames: per mel, leading frames that are left context (a streamed chunk's
+        continuity with the previous one): synthesised, then their samples dropped.
+        quiet_source: no random source noise and zero harmonic start phases, so that two
+        vocodings differ only through their mels (for measurements, not for serving: the
+        reference's source is stochastic)."""
         checked = [self.check(i, m) for i, m in enumerate(mels)]
         if not checked:
             return []
@@ -86,6 +92,8 @@ class VocoderRunner:
             gen = torch.Generator(device=self.device).manual_seed(seed)
         draws = [draw_source(1, self.config.nb_harmonics, m.shape[1] * self.hop, generator=gen, device=self.device)
                  for m in checked]
+        if quiet_source:
+            draws = [SourceDraws(torch.zeros_like(d.phase), torch.zeros_like(d.noise)) for d in draws]
         out: list[torch.Tensor | None] = [None] * len(checked)
         # Longest first, so that each batch pads as little as possible.
         order = sorted(range(len(checked)), key=lambda i: -checked[i].shape[1])
@@ -94,6 +102,10 @@ class VocoderRunner:
             waves = self._run([checked[i] for i in idx], [draws[i] for i in idx])
             for i, w in zip(idx, waves):
                 out[i] = w
+        if context_frames is not None:
+            if len(context_frames) != len(out) or any(not 0 <= c < m.shape[1] for c, m in zip(context_frames, checked)):
+                raise VocodeInputError("context_frames must give, per mel, fewer leading frames than it has")
+            out = [w[c * self.hop:] for w, c in zip(out, context_frames)]
         return out  # type: ignore[return-value]
 
     def _run(self, mels: list[torch.Tensor], draws: list[SourceDraws]) -> list[torch.Tensor]:
