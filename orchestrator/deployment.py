@@ -196,15 +196,22 @@ class ConversationDeployment:
         flag = self.interrupts.setdefault(turn_id, threading.Event())
         loop = asyncio.get_running_loop()
 
+        def interrupted() -> bool:  # this replica's Interrupt, or one that reached another replica
+            return flag.is_set() or turns.interrupt_requested(self.bus, turn_id)
+
         def run():
+            outcome = None
             try:
-                outcome = turns.produce(self.bus, merger, turn_id, interrupted=flag.is_set)
-                on_done(outcome)
+                outcome = turns.produce(self.bus, merger, turn_id, interrupted=interrupted)
+                on_done(outcome)            # the history first, then the caller hears the end
             except Exception:  # noqa: BLE001
                 log.exception("turn %s failed", turn_id)
-                on_done(None)
+                if outcome is None:
+                    on_done(None)
+                outcome = None
             finally:
                 self.interrupts.pop(turn_id, None)
+                turns.finish(self.bus, turn_id, outcome)
 
         task = loop.run_in_executor(None, run)
         self.producers.add(task)
@@ -237,7 +244,8 @@ class ConversationDeployment:
             raise ValueError(f"text of {len(request.text)} characters is over the limit of "
                              f"{self.settings.limits.max_text_chars}")
         turn_id = uuid.uuid4().hex
-        sess = self.sessions.begin_turn(request.session_id, turn_id)
+        sess = self.sessions.begin_turn(request.session_id, turn_id,
+                                        is_over=lambda t: turns.is_over(self.bus, t, turns.STALL_TIMEOUT_S))
         t0 = time.time()
         try:
             with start_span("turn", attributes={"session.id": sess.session_id, "turn.id": turn_id}):
@@ -295,11 +303,14 @@ class ConversationDeployment:
         turn_id = sess.active_turn
         if not turn_id:
             return pb.InterruptResponse(interrupted=False)
+        if turns.is_over(self.bus, turn_id, turns.STALL_TIMEOUT_S):
+            return pb.InterruptResponse(interrupted=False, turn_id=turn_id)
+        turns.request_interrupt(self.bus, turn_id)     # the producing replica may be another one
         flag = self.interrupts.get(turn_id)
-        cancelled = await self.llm_app.options(multiplexed_model_id=sess.session_id).cancel.remote(turn_id)
         if flag is not None:
             flag.set()
-        return pb.InterruptResponse(interrupted=bool(cancelled or flag is not None), turn_id=turn_id)
+        await self.llm_app.options(multiplexed_model_id=sess.session_id).cancel.remote(turn_id)
+        return pb.InterruptResponse(interrupted=True, turn_id=turn_id)
 
     # ---------------------------------------------------------------- ASR / TTS
     async def _one_shot(self, req: dict, spoken: bool) -> None:

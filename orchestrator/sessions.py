@@ -17,7 +17,7 @@ import re
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import redis
@@ -122,10 +122,14 @@ class SessionStore:
         pipe.zadd(LIVE_SET, {sess.session_id: sess.expires_ms})
         pipe.execute()
 
-    def begin_turn(self, session_id: str, turn_id: str) -> Session:
-        """Mark `turn_id` as the session's running turn; FAILED if another one runs."""
+    def begin_turn(self, session_id: str, turn_id: str,
+                   is_over: "Callable[[str], bool]" = lambda _turn: False) -> Session:
+        """Mark `turn_id` as the session's running turn; RESOURCE_EXHAUSTED if another one runs.
+
+        is_over(turn): the previous turn ended or was abandoned (its orchestrator replica died
+        before recording it): then the session is not blocked by it."""
         sess = self.get(session_id)
-        if sess.active_turn:
+        if sess.active_turn and not is_over(sess.active_turn):
             raise ResourceExhausted(f"session {session_id} already has a running turn "
                                     f"({sess.active_turn}); wait for it or Interrupt it")
         self.r.hset(_key(session_id), "active_turn", turn_id)

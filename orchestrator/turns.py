@@ -7,16 +7,18 @@ last id it got. The producer runs on its own, so a dropped caller loses nothing.
 from __future__ import annotations
 
 import time
-
-import numpy as np
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
+import numpy as np
+
 from baichuan_audio.v1 import conversation_pb2 as pb
 from services.common import bus as B
+from services.common.audio import to_pcm16
 from services.common.telemetry import get_metrics
 
 READ_BLOCK_MS = 200
+STALL_TIMEOUT_S = 120.0      # a turn whose stages wrote nothing for this long is abandoned
 
 
 class TurnStalled(RuntimeError):
@@ -33,65 +35,104 @@ class TurnOutcome:
     audio_seconds: float = 0.0
     interrupted: bool = False
     segments: list[tuple[str, bytes]] = field(default_factory=list)   # (text, 24 kHz pcm16) per segment
+    final: list[pb.TurnEvent] = field(default_factory=list)           # held back for `finish`
+
+
+def send(bus: B.Bus, turn_id: str, ev: pb.TurnEvent, final: bool = False) -> None:
+    """Append one caller event to turn:{id}:events (its entry id becomes the event id)."""
+    bus.publish(turn_id, "events", B.ClientEvent(turn_id=turn_id, payload=ev.SerializeToString(), last=final))
 
 
 def produce(bus: B.Bus, merger, turn_id: str, *, interrupted: Callable[[], bool],
-            stall_timeout_s: float = 120.0) -> TurnOutcome:
-    """Merge the stage streams into turn:{id}:events until the turn ends; return its outcome."""
-    from orchestrator.merge import ReplyMerger  # noqa: F401 (type of `merger`)
+            stall_timeout_s: float = STALL_TIMEOUT_S) -> TurnOutcome:
+    """Merge the stage streams into turn:{id}:events until the turn ends; return its outcome.
 
+    The final events (the end, or an error) are NOT sent: they are in `outcome.final`, for
+    `finish` to send once the caller has recorded the turn, so that a client which starts its
+    next turn as soon as it sees the end always finds this one in the history."""
     last = {bus.turn_stream(turn_id, "llm"): "0", bus.turn_stream(turn_id, "audio"): "0"}
     out = TurnOutcome()
     progress = time.monotonic()
     metrics = get_metrics()
 
-    def send(ev: pb.TurnEvent, final: bool = False) -> None:
-        ev_copy = pb.TurnEvent()
-        ev_copy.CopyFrom(ev)
-        bus.publish(turn_id, "events", B.ClientEvent(turn_id=turn_id, payload=ev_copy.SerializeToString(), last=final))
+    def emit(ev: pb.TurnEvent) -> None:
+        if ev.HasField("timing"):
+            if ev.timing.name == "first_text":
+                metrics.record_time_to_first_text(ev.timing.ms_since_turn_start)
+            elif ev.timing.name == "first_audio":
+                metrics.record_time_to_first_audio(ev.timing.ms_since_turn_start)
+        if ev.HasField("end"):
+            out.end = ev.end
+            if ev.end.audio_seconds:
+                metrics.record_real_time_factor(ev.end.real_time_factor)
+        if ev.HasField("error"):
+            out.error = ev.error
+        if ev.HasField("end") or ev.HasField("error") or out.final:
+            out.final.append(ev)        # the end and anything after it wait for `finish`
+        else:
+            send(bus, turn_id, ev)
 
     while not merger.finished:
         if interrupted():
-            for ev in merger.interrupt():
-                send(ev, final=ev.HasField("end"))
             out.interrupted = True
+            for ev in merger.interrupt():
+                emit(ev)
             break
         msgs = bus.read(last, block_ms=READ_BLOCK_MS)
         now = time.monotonic()
         if msgs:
             progress = now
         elif now - progress > stall_timeout_s:
-            ev = pb.TurnEvent(turn_id=turn_id, error=pb.TurnError(
-                code=14, message=f"no stage produced anything for {stall_timeout_s:.0f} s; the turn was abandoned"))
-            send(ev, final=True)
-            out.error = ev.error
+            emit(pb.TurnEvent(turn_id=turn_id, error=pb.TurnError(
+                code=14, message=f"no stage produced anything for {stall_timeout_s:.0f} s; the turn was abandoned")))
             return out
         for m in msgs:
             last[m.stream] = m.id
             if isinstance(m.entry, B.TurnEnd):
                 out.tokens = m.entry.token_list()
             for ev in merger.feed(m.entry):
-                if ev.HasField("timing"):
-                    if ev.timing.name == "first_text":
-                        metrics.record_time_to_first_text(ev.timing.ms_since_turn_start)
-                    elif ev.timing.name == "first_audio":
-                        metrics.record_time_to_first_audio(ev.timing.ms_since_turn_start)
-                final = ev.HasField("end") or ev.HasField("error")
-                if ev.HasField("end"):
-                    out.end = ev.end
-                    if ev.end.audio_seconds:
-                        metrics.record_real_time_factor(ev.end.real_time_factor)
-                if ev.HasField("error"):
-                    out.error = ev.error
-                send(ev, final=final)
+                emit(ev)
     out.text = "".join(merger.text)
     out.audio_seconds = merger.audio_samples / merger.sample_rate
     out.generated_codes = merger.generated_codes()
-    from services.common.audio import to_pcm16
     for k in sorted(set(merger.segment_text) | set(merger.segment_audio)):
         pcm = to_pcm16(np.concatenate(merger.segment_audio[k]), limit=1.0) if k in merger.segment_audio else b""
         out.segments.append((merger.segment_text.get(k, ""), pcm))
     return out
+
+
+def finish(bus: B.Bus, turn_id: str, outcome: "TurnOutcome | None") -> None:
+    """Send the held-back final events (the last one closes the caller's stream)."""
+    final = outcome.final if outcome is not None else []
+    if not final:
+        final = [pb.TurnEvent(turn_id=turn_id, error=pb.TurnError(
+            code=13, message="the turn failed in the orchestrator; see its logs"))]
+    for i, ev in enumerate(final):
+        send(bus, turn_id, ev, final=i == len(final) - 1)
+
+
+def interrupt_key(turn_id: str) -> str:
+    """Set by Interrupt on any orchestrator replica; read by the replica producing the turn."""
+    return f"turn:{turn_id}:interrupt"
+
+
+def request_interrupt(bus: B.Bus, turn_id: str) -> None:
+    bus.redis.set(interrupt_key(turn_id), b"1", ex=bus.turn_ttl_s)
+
+
+def interrupt_requested(bus: B.Bus, turn_id: str) -> bool:
+    return bool(bus.redis.exists(interrupt_key(turn_id)))
+
+
+def is_over(bus: B.Bus, turn_id: str, stall_timeout_s: float) -> bool:
+    """The turn's caller stream ended, or nothing was written to it for `stall_timeout_s`
+    (the producing replica died): a new turn may start."""
+    last = bus.redis.xrevrange(bus.turn_stream(turn_id, "events"), count=1)
+    if not last:
+        return False      # not started yet (a turn is being set up) or expired long ago
+    eid, fields = last[0]
+    entry = B.decode_entry(fields)
+    return bool(entry.last) or time.time() * 1000 - B.id_ms(eid.decode() if isinstance(eid, bytes) else eid) > stall_timeout_s * 1000
 
 
 def events(bus: B.Bus, turn_id: str, after: str = "0", *, wait_s: float = 600.0) -> Iterator[tuple[str, pb.TurnEvent]]:

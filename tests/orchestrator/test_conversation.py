@@ -232,3 +232,24 @@ def test_sampling_overrides_within_limits(stub):
     with pytest.raises(grpc.RpcError) as e:
         session(stub, sampling=pb.SamplingOverrides(text_temperature=5.0))
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "text_temperature" in e.value.details()
+
+
+def test_a_turn_abandoned_by_a_dead_replica_does_not_block_the_session(stub, serve_stack):
+    import redis
+
+    from services.common import bus as B
+
+    sid = session(stub)
+    r = redis.Redis.from_url(serve_stack.redis_url)
+    # a turn whose orchestrator replica died: marked running, its caller stream silent for long
+    ghost = "ghost-turn"
+    r.hset(f"session:{sid}", "active_turn", ghost)
+    stale_ms = int(time.time() * 1000) - 3600 * 1000
+    r.xadd(f"turn:{ghost}:events", B.ClientEvent(turn_id=ghost, payload=b"").encode(), id=f"{stale_ms}-0")
+    check_turn(converse(stub, sid, text="Hello"))
+    # while a turn really runs, a second one is refused
+    r.hset(f"session:{sid}", "active_turn", "live-turn")
+    r.xadd("turn:live-turn:events", B.ClientEvent(turn_id="live-turn", payload=b"").encode())
+    with pytest.raises(grpc.RpcError) as e:
+        converse(stub, sid, text="Hello again")
+    assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "running turn" in e.value.details()
