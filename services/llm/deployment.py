@@ -30,6 +30,8 @@ from services.llm.scheduler import AudioFrame, Done, SegmentEnd, TextDelta
 
 log = logging.getLogger(__name__)
 
+SESSIONS_PER_SLOT = 16   # sessions remembered (without KV) per KV slot before the oldest are forgotten
+
 MODES = {stages_pb2.GENERATE_MODE_UNSPECIFIED: "spoken", stages_pb2.GENERATE_MODE_SPOKEN: "spoken",
          stages_pb2.GENERATE_MODE_TEXT: "text", stages_pb2.GENERATE_MODE_ASR: "asr",
          stages_pb2.GENERATE_MODE_TTS: "tts"}
@@ -126,6 +128,8 @@ class LLMDeployment:
         try:
             if not self.engine.has_session(sid):
                 self.engine.open_session(sid)
+                # sessions that expired in Redis are never closed here: bound what is remembered
+                self.engine.forget_idle_sessions(keep=SESSIONS_PER_SLOT * self.engine.num_slots)
         except EngineError:  # opened meanwhile by a concurrent request
             pass
 

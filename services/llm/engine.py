@@ -167,6 +167,18 @@ class Engine:
         with self._lock:
             self.sessions.close(session_id)
 
+    def forget_idle_sessions(self, keep: int) -> int:
+        """Close the least recently used sessions that hold no KV slot and run no turn, so that
+        at most `keep` sessions stay known (sessions that expire elsewhere are never closed
+        here otherwise). Returns how many were closed."""
+        with self._lock:
+            table = self.sessions.sessions
+            idle = [sid for sid, s in table.items() if not s.busy and s.slot is None]   # oldest first
+            excess = idle[:max(0, len(table) - keep)]
+            for sid in excess:
+                self.sessions.close(sid)
+            return len(excess)
+
     def submit(self, request: Request) -> Handle:
         """Validate and queue a request. Errors (EngineError) name what is wrong."""
         with self._lock:

@@ -278,3 +278,14 @@ def test_bf16_model(protocol_env):
         for e in _ends(events, "audio"):
             c = torch.tensor(e.codes)
             assert (c >= 0).all() and (c < torch.tensor(sizes)).all()
+
+
+def test_forget_idle_sessions_keeps_busy_and_cached_ones(protocol_env):
+    env = protocol_env
+    eng = env.engine(num_slots=2, max_len=128)
+    for i in range(6):
+        eng.open_session(f"s{i}")
+    assert _asr_turn(env, eng, "s1", slice(30, 56)).prefix_reused == 0   # s1 now holds a slot (its KV)
+    eng.sessions.reserve("s2")                                         # s2 runs a turn
+    assert eng.forget_idle_sessions(keep=3) == 3
+    assert {s for s in ("s0", "s1", "s2", "s3", "s4", "s5") if eng.has_session(s)} == {"s1", "s2", "s5"}
