@@ -36,20 +36,21 @@ def random_codes(cfg, frames: int, seed: int = 0) -> np.ndarray:
     return np.stack([rng.integers(0, k, frames) for k in cfg.audio.codebook_sizes], axis=1)
 
 
-def test_llm_generate_streams_a_tts_reply(channel, cfg):
+def test_llm_generate_streams_a_tts_reply(channel, cfg, serve_stack):
+    from services.common.checkpoint import Checkpoint
     from services.common.text_tokenizer import load_text_tokenizer
     from services.llm.prompts import PromptBuilder, ProtocolTokens
-    from services.common.checkpoint import Checkpoint
 
-    ckpt = Checkpoint(cfg.raw and channel and __import__("os").environ["MODEL_PATH"])
+    ckpt = Checkpoint(serve_stack.checkpoint)
     tok = load_text_tokenizer(ckpt.path)
-    builder = PromptBuilder(tok, ProtocolTokens.from_tokenizer(tok, cfg, ckpt.generation_config()), 8)
+    builder = PromptBuilder(tok, ProtocolTokens.from_tokenizer(tok, cfg, ckpt.generation_config()),
+                            cfg.audio.num_codebooks)
     chunks = builder.tts_chunks("你好，欢迎收听今天的节目。")
     stub = stages_pb2_grpc.LLMStub(channel)
     events = list(stub.Generate(stages_pb2.GenerateRequest(
         mode=stages_pb2.GENERATE_MODE_TTS, prompt_ids=chunks[0]), metadata=(("application", "llm"),), timeout=120))
     frames = [e.frames for e in events if e.HasField("frames")]
-    assert frames and all(len(f.codes.values) == 8 for f in frames)
+    assert frames and all(len(f.codes.values) == cfg.audio.num_codebooks for f in frames)
     assert events[-1].HasField("done") and list(events[-1].done.sequence[:len(chunks[0])]) == chunks[0]
 
 
