@@ -21,8 +21,8 @@ from ray import serve
 from baichuan_audio.v1 import conversation_pb2 as pb
 from services.common.bus import Bus
 from services.common.grpc_status import NotFound, grpc_errors
-from services.common.runtime import load_settings, open_checkpoint
-from services.common.telemetry import inject_context, setup_telemetry, start_span
+from services.common.runtime import open_checkpoint, start_replica
+from services.common.telemetry import inject_context, start_span
 from services.common.text_tokenizer import DEFAULT_SYSTEM_PROMPT, load_text_tokenizer
 from services.llm.prompts import Audio, GeneratedAudio, Message, PromptBuilder, ProtocolTokens
 from orchestrator import turns
@@ -69,14 +69,12 @@ def _settings_record(s: pb.SessionSettings) -> SessionSettingsRecord:
 @serve.deployment(name="Conversation")
 class ConversationDeployment:
     def __init__(self, config: Any = None):
-        self.settings = load_settings(config)
-        setup_telemetry(self.settings)
+        self.settings = start_replica(config)
         ckpt = open_checkpoint(self.settings)
         self.tokenizer = load_text_tokenizer(ckpt.path)
         self.cfg = ckpt.config
         tokens = ProtocolTokens.from_tokenizer(self.tokenizer, self.cfg, ckpt.generation_config())
         self.prompts = PromptBuilder(self.tokenizer, tokens, self.cfg.audio.num_codebooks)
-        self.tokens = tokens
         self.bus = Bus.from_settings(self.settings)
         r = self.settings.redis
         client = redis.Redis.from_url(r.url, protocol=2, username=r.username or None, password=r.password or None,

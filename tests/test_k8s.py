@@ -33,7 +33,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -63,6 +62,7 @@ CONFIG_PATH = "/etc/baichuan-audio/config.yaml"
 GRPC_PORT = 9000
 # the servicers `baichuan-audio serve` registers: the manifests must register the same
 from orchestrator.app import SERVICER_FUNCTIONS  # noqa: E402
+from services.common.redis_server import free_port, stop_process  # noqa: E402
 
 GRPC_SERVICERS = set(SERVICER_FUNCTIONS)
 GPU = "nvidia.com/gpu"
@@ -234,8 +234,6 @@ def load_settings(docs: list[Doc], tmp_path: Path):
 
 def check_core_objects(docs: list[Doc]) -> None:
     """Every non-Ray object validates against the Kubernetes schemas, strictly."""
-    kubernetes_validate = _kubernetes_validate()
-
     for d in docs:
         if not d["apiVersion"].startswith("ray.io/"):
             _validate_core(d, name_of(d))
@@ -831,12 +829,6 @@ def test_redis_durable_with_password(docs):
         f"Secret url {url!r} does not point at Service {name_of(svc)}"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_redis_container_starts_from_rendered_config(tmp_path):
     """Runs the rendered container command and redis.conf with the local redis-server (paths
     moved into tmp_path, a free port): password required, AOF on, maxmemory from the limit."""
@@ -846,7 +838,7 @@ def test_redis_container_starts_from_rendered_config(tmp_path):
     import redis
 
     sts, c, conf = _redis(render("base"))
-    port = _free_port()
+    port = free_port()
     dirs = {p: tmp_path / p.strip("/").replace("/", "_") for p in ("/data", "/etc/redis", "/run/redis")}
     for d in dirs.values():
         d.mkdir()
@@ -893,12 +885,7 @@ def test_redis_container_starts_from_rendered_config(tmp_path):
                                timeout=10)
             assert r.returncode == 0, "the readiness probe fails against a healthy Redis"
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
     assert any(dirs["/data"].rglob("*.aof")), "no append-only file was written under dir"
 
 

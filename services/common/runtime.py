@@ -50,6 +50,15 @@ def load_settings(source: Any = None) -> Settings:
     return Settings.load(source)
 
 
+def start_replica(source: Any = None) -> Settings:
+    """What every replica does first: its settings, then telemetry as they configure it."""
+    from services.common.telemetry import setup_telemetry
+
+    settings = load_settings(source)
+    setup_telemetry(settings)
+    return settings
+
+
 def open_checkpoint(settings: Settings) -> Checkpoint:
     path = settings.model.path or str(ensure_tiny_checkpoint())
     return Checkpoint(path)

@@ -15,8 +15,7 @@ from ray import serve
 from baichuan_audio.v1 import stages_pb2
 from services.common.bus import DECODER_JOBS, VOCODER_JOBS, Bus, Job, PermanentError, VocodeJob
 from services.common.grpc_status import grpc_errors
-from services.common.telemetry import setup_telemetry
-from services.common.runtime import device_and_dtype, load_settings, open_checkpoint
+from services.common.runtime import device_and_dtype, open_checkpoint, start_replica
 from services.common.stage_worker import WorkStreamReplica
 from services.decoder.streaming import check_piece, chunk_window, decode_pieces
 from services.decoder.runner import DecodeInputError, DecoderRunner
@@ -25,8 +24,7 @@ from services.decoder.runner import DecodeInputError, DecoderRunner
 @serve.deployment(name="Decoder")
 class DecoderDeployment(WorkStreamReplica):
     def __init__(self, config: Any = None):
-        self.settings = load_settings(config)
-        setup_telemetry(self.settings)
+        self.settings = start_replica(config)
         device, dtype = device_and_dtype(self.settings)
         self.runner = DecoderRunner.from_checkpoint(open_checkpoint(self.settings), device=device, dtype=dtype,
                                                     max_batch=self.settings.stages.decoder.max_batch_size)

@@ -20,8 +20,8 @@ from ray import serve
 from baichuan_audio.v1 import conversation_pb2, stages_pb2
 from services.common.bus import DECODER_JOBS, Bus
 from services.common.grpc_status import grpc_errors
-from services.common.telemetry import setup_telemetry, start_span
-from services.common.runtime import device_and_dtype, load_settings, open_checkpoint
+from services.common.runtime import device_and_dtype, open_checkpoint, start_replica
+from services.common.telemetry import start_span
 from services.common.text_tokenizer import load_text_tokenizer
 from services.llm.engine import Engine, EngineConfig, EngineError, Request
 from services.llm.model import AudioLLM
@@ -40,8 +40,7 @@ MODES = {stages_pb2.GENERATE_MODE_UNSPECIFIED: "spoken", stages_pb2.GENERATE_MOD
 @serve.deployment(name="LLM")
 class LLMDeployment:
     def __init__(self, config: Any = None):
-        self.settings = load_settings(config)
-        setup_telemetry(self.settings)
+        self.settings = start_replica(config)
         device, dtype = device_and_dtype(self.settings)
         ckpt = open_checkpoint(self.settings)
         model = AudioLLM.from_checkpoint(ckpt, dtype=dtype, device=device,
@@ -49,7 +48,9 @@ class LLMDeployment:
         s = self.settings.llm
         self.engine = Engine(model, load_text_tokenizer(ckpt.path), generation_config=ckpt.generation_config(),
                              config=EngineConfig(num_slots=s.max_slots, max_len=max(256, s.kv_budget_tokens // s.max_slots),
-                                                 prefill_budget=s.prefill_chunk_tokens))
+                                                 prefill_budget=s.prefill_chunk_tokens,
+                                                 # sequences decoded together in one step
+                                                 max_batch=min(s.max_slots, self.settings.stages.llm.max_batch_size)))
         self.engine.run_forever()
         self.bus = Bus.from_settings(self.settings)
         d = self.settings.decoder

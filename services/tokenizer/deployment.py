@@ -12,8 +12,7 @@ from ray import serve
 
 from baichuan_audio.v1 import stages_pb2
 from services.common.grpc_status import grpc_errors
-from services.common.telemetry import setup_telemetry
-from services.common.runtime import device_and_dtype, load_settings, open_checkpoint
+from services.common.runtime import device_and_dtype, open_checkpoint, start_replica
 from services.tokenizer.audio_io import AudioInputError, pcm16_to_waveform, read_audio
 from services.tokenizer.runner import TokenizerRunner
 
@@ -26,8 +25,7 @@ def codes_to_proto(codes: torch.Tensor) -> stages_pb2.Codes:
 @serve.deployment(name="Tokenizer")
 class TokenizerDeployment:
     def __init__(self, config: Any = None):
-        self.settings = load_settings(config)
-        setup_telemetry(self.settings)
+        self.settings = start_replica(config)
         device, dtype = device_and_dtype(self.settings)
         self.runner = TokenizerRunner.from_checkpoint(
             open_checkpoint(self.settings), device=device, dtype=dtype,
@@ -57,8 +55,7 @@ class TokenizerDeployment:
         wave, sr = self.decode_audio(audio)
         codes = await self._batch((wave, sr))
         seconds = wave.shape[-1] / sr
-        chunks = max(1, -(-wave.shape[-1] // (sr * self.runner.audio.max_audio_seconds)))
-        return codes, seconds, chunks
+        return codes, seconds, self.runner.chunk_count(wave.shape[-1], sr)
 
     @grpc_errors
     async def Tokenize(self, request, grpc_context=None):

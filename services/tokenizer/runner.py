@@ -18,7 +18,7 @@ from services.common.checkpoint import PREFIX, Checkpoint, load_state
 from services.common.model_config import ModelConfig
 from services.tokenizer.audio_io import DEFAULT_MAX_SECONDS, AudioInputError, check_waveform, read_audio
 from services.tokenizer.encoder import AudioEncoder, sinusoid_dtype
-from services.tokenizer.log_mel import LogMel, plan_chunks, to_mono_16k
+from services.tokenizer.log_mel import LogMel, plan_chunks, resampled_length, to_mono_16k
 from services.tokenizer.rvq import VQBridge
 
 
@@ -57,6 +57,10 @@ class TokenizerRunner:
         return cls(ckpt.config, tensors, device=device, dtype=dtype, source=str(ckpt.path), **kw)
 
     # ------------------------------------------------------------------ API
+    def chunk_count(self, samples: int, sample_rate: int) -> int:
+        """How many 30 s chunks (each with at least one token) an audio of this length gives."""
+        return len(plan_chunks(resampled_length(samples, sample_rate, self.audio.sampling_rate), self.audio))
+
     def tokenize_bytes(self, items: Iterable[bytes], **kw) -> list[torch.Tensor]:
         """Encoded WAV/FLAC files -> codes per file (see tokenize)."""
         decoded = [read_audio(b, self.audio, self.max_seconds) for b in items]

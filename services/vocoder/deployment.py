@@ -15,8 +15,7 @@ from baichuan_audio.v1 import stages_pb2
 from services.common.audio import to_pcm16
 from services.common.bus import VOCODER_JOBS, Bus, Job, PcmChunk, PermanentError
 from services.common.grpc_status import grpc_errors
-from services.common.telemetry import setup_telemetry
-from services.common.runtime import load_settings, open_checkpoint
+from services.common.runtime import device_and_dtype, open_checkpoint, start_replica
 from services.common.stage_worker import WorkStreamReplica
 from services.vocoder.runner import VocodeInputError, VocoderRunner
 
@@ -24,9 +23,8 @@ from services.vocoder.runner import VocodeInputError, VocoderRunner
 @serve.deployment(name="Vocoder")
 class VocoderDeployment(WorkStreamReplica):
     def __init__(self, config: Any = None):
-        self.settings = load_settings(config)
-        setup_telemetry(self.settings)
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.settings = start_replica(config)
+        device, _ = device_and_dtype(self.settings)        # HiFT always runs in fp32
         self.runner = VocoderRunner.from_checkpoint(open_checkpoint(self.settings), device=device,
                                                     max_batch=self.settings.stages.vocoder.max_batch_size)
         self.start_worker(self.settings, VOCODER_JOBS, "vocoder", self.handle_jobs,

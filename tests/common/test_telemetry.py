@@ -16,7 +16,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from services.common.settings import Settings, TelemetrySettings
 from services.common.telemetry import (
     OTLP_PACKAGE, Metrics, TelemetryError, build_providers, extract_context, get_metrics,
-    inject_context, setup_telemetry, start_span, trace_id_hex,
+    inject_context, start_span, trace_id_hex,
 )
 
 TRACEPARENT_RE = re.compile(r"^00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")

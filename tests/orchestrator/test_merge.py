@@ -75,7 +75,7 @@ def test_end_waits_for_announced_audio_and_zero_frame_segments_emit_nothing():
 
 def test_interrupt_ends_now_with_only_what_was_sent():
     m = ReplyMerger(T)
-    sent = feed_all(m, [B.TextDelta(turn_id=T, segment=0, text="Hello"),
+    feed_all(m, [B.TextDelta(turn_id=T, segment=0, text="Hello"),
                         B.SegmentBoundary(turn_id=T, segment=0, kind="audio", audio_frames=8, chunks=2),
                         chunk(0, 0, np.zeros(1920, np.float32), final=False)])
     out = m.interrupt()

@@ -110,8 +110,6 @@ def test_a_job_delivered_twice_is_published_once(channel, cfg, serve_stack):
 
 def test_one_trace_spans_the_stages(channel, serve_stack):
     """Every stream entry of a turn carries the W3C context of the turn's trace."""
-    import redis
-
     from baichuan_audio.v1 import conversation_pb2 as pb
     from baichuan_audio.v1 import conversation_pb2_grpc as pb_grpc
     from tests.orchestrator.test_conversation import META, QUESTION

@@ -166,3 +166,13 @@ def test_bench_smoke(fixtures, capsys):
     assert real.audio.codebook_sizes == (8192, 4096, 2048, 1024, 1024, 1024, 1024, 1024)
     assert real.audio_tokens.audio_pad == 151659
     assert ModelConfig.from_dict(mid_config()).audio.codebook_sizes == real.audio.codebook_sizes
+
+
+def test_chunk_count_follows_the_reference_split(fixtures):
+    from services.tokenizer.runner import TokenizerRunner
+
+    runner = TokenizerRunner(fixtures.model_config, None)
+    for name, case in fixtures.json("01_frontend", "frontend.json")["cases"].items():
+        got = runner.chunk_count(case["source_num_samples"], case["source_sample_rate"])
+        assert got == len(case["chunks"]), name
+    assert runner.chunk_count(16000 * 30 + 1, 16000) == 1       # the 1-sample tail is dropped
