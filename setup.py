@@ -17,8 +17,6 @@ def generate_stubs() -> None:
 class BuildPyWithStubs(build_py):
     def run(self):
         generate_stubs()
-        # the generated package appeared after setuptools listed packages: list it again
-        self.packages = sorted(set(self.packages or []) | {"baichuan_audio", "baichuan_audio.v1"})
         super().run()
 
 

@@ -10,7 +10,6 @@ from pathlib import Path
 
 from services.common.settings import CONFIG_ENV, Settings
 
-REPO = Path(__file__).resolve().parents[1]
 MESSAGE_SIZE_ENV = "RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"
 
 
@@ -36,7 +35,6 @@ def start_stack(settings_path: str | None, *, address: str | None = None, grpc_p
     env.setdefault(MESSAGE_SIZE_ENV, str(settings.limits.max_message_bytes))
     if settings_path:
         env[CONFIG_ENV] = str(Path(settings_path).resolve())
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
     os.environ.update(env)
     port = grpc_port or settings.serving.grpc_port
     if address:

@@ -1,10 +1,10 @@
 """Generate the Python gRPC stubs of proto/ into the `baichuan_audio.v1` package.
 
-Runs at install time (setup.py) and, for a source checkout that was not installed, on first
-import of the stubs (`ensure_stubs`). The generated files are never committed."""
+Runs at install time (setup.py's build_py, editable or not) and on `make proto`. The package
+folders `baichuan_audio/` and `baichuan_audio/v1/` are committed, so setuptools' package discovery
+(and the editable install's import map) always includes them; the generated modules are not."""
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -25,24 +25,5 @@ def generate(root: Path = ROOT) -> list[Path]:
             f"--grpc_python_out={root}"] + [str(p.relative_to(src)) for p in protos]
     if protoc.main(args) != 0:
         raise RuntimeError("protoc failed on " + ", ".join(p.name for p in protos))
-    pkg = root
-    for part in PACKAGE:
-        pkg = pkg / part
-        (pkg / "__init__.py").touch()
     return protos
 
-
-def _stale(root: Path) -> bool:
-    out = root.joinpath(*PACKAGE)
-    for proto in root.joinpath(PROTO_DIR, *PACKAGE).glob("*.proto"):
-        gen = out / (proto.stem + "_pb2.py")
-        if not gen.exists() or gen.stat().st_mtime < proto.stat().st_mtime:
-            return True
-    return False
-
-
-def ensure_stubs() -> None:
-    """Make `import baichuan_audio.v1.*_pb2` work: regenerate in a source checkout if stale."""
-    if ROOT.joinpath(PROTO_DIR).is_dir() and _stale(ROOT):
-        generate(ROOT)
-        importlib.invalidate_caches()
