@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from services.common.redis_server import redis_server
-from tests.parity import Fixtures, fixture_root
+from tests.parity import Fixtures, fixture_root, missing
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
@@ -15,10 +15,7 @@ def fixtures() -> Fixtures:
     """The golden fixture root. Missing: skip, except under CI where it is a failure."""
     root = fixture_root()
     if not (root / "model_config.json").is_file():
-        msg = f"golden fixture root {root} not found (set BAICHUAN_AUDIO_FIXTURES)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(msg)
-        pytest.skip(msg)
+        missing(f"golden fixture root {root} not found (set BAICHUAN_AUDIO_FIXTURES)")
     return Fixtures(root)
 
 
@@ -77,14 +74,12 @@ def serve_stack(tmp_path_factory, redis_url, tiny_checkpoint):
 
     from orchestrator.app import BUILDERS, SERVICER_FUNCTIONS
     from services.common.redis_server import free_port
-    from tests.parity import REPO
 
     cfg = tmp_path_factory.mktemp("settings") / "settings.yaml"
     cfg.write_text(TEST_SETTINGS)
     env = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "MODEL_PATH": str(tiny_checkpoint),
            "REDIS_URL": redis_url, "BAICHUAN_AUDIO_CONFIG": str(cfg),
-           "RAY_SERVE_GRPC_MAX_MESSAGE_SIZE": str(8 * 1024 * 1024),
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+           "RAY_SERVE_GRPC_MAX_MESSAGE_SIZE": str(8 * 1024 * 1024)}
     os.environ.update(env)
     ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 1024 * 1024,
              runtime_env={"env_vars": env}, log_to_driver=False)
