@@ -12,6 +12,8 @@ import logging
 
 import grpc
 
+from services.common.telemetry import trace_id_hex
+
 log = logging.getLogger(__name__)
 
 
@@ -39,8 +41,43 @@ class StatusError(Exception):
     """Raised by `grpc_errors` after the status was set on the context; picklable."""
 
 
+def _from_ray(exc: BaseException) -> bool:
+    return type(exc).__module__.split(".")[0] == "ray"
+
+
+def unwrap(exc: BaseException) -> BaseException:
+    """The exception a stage raised, without Ray's wrapper.
+
+    An error raised in another replica arrives as Ray's RayTaskError, whose text is the remote
+    traceback (ANSI colours, replica class, pid, internal IP, actor id, server file paths): never
+    for a caller. Its `cause` is the original exception, which carries the human message."""
+    seen = {id(exc)}
+    while _from_ray(exc) and isinstance(getattr(exc, "cause", None), BaseException) and id(exc.cause) not in seen:
+        exc = exc.cause
+        seen.add(id(exc))
+    return exc
+
+
+# Ray's own failures, by class name (this module does not import Ray): what a caller can do.
+_RAY_STATUS = {
+    "ActorDiedError": (grpc.StatusCode.UNAVAILABLE, "a replica serving this request died; retry"),
+    "RayActorError": (grpc.StatusCode.UNAVAILABLE, "a replica serving this request died; retry"),
+    "ActorUnavailableError": (grpc.StatusCode.UNAVAILABLE, "a replica is temporarily unreachable; retry"),
+    "BackPressureError": (grpc.StatusCode.RESOURCE_EXHAUSTED, "the stage is at capacity; retry later"),
+    "GetTimeoutError": (grpc.StatusCode.DEADLINE_EXCEEDED, "a stage did not answer in time; retry"),
+    "TaskCancelledError": (grpc.StatusCode.CANCELLED, "the request was cancelled"),
+    "RequestCancelledError": (grpc.StatusCode.CANCELLED, "the request was cancelled"),
+}
+
+
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
-    """The gRPC status for an exception, and the message a person can act on."""
+    """The gRPC status for an exception, and the message a person can act on (never a traceback)."""
+    exc = unwrap(exc)
+    if _from_ray(exc):
+        for cls in type(exc).__mro__:
+            if cls.__name__ in _RAY_STATUS:
+                return _RAY_STATUS[cls.__name__]
+        return grpc.StatusCode.INTERNAL, f"internal error ({exc.__class__.__name__}); see the server log"
     msg = str(exc) or exc.__class__.__name__
     if isinstance(exc, NotFound):
         return grpc.StatusCode.NOT_FOUND, msg
@@ -59,13 +96,22 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, f"internal error ({exc.__class__.__name__}): {msg}"
 
 
-def _set(context, exc: BaseException) -> None:
+def _set(context, exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    """Log the failure with the request's trace id and set the status on the context."""
     code, msg = status_for(exc)
+    trace_id = trace_id_hex()
     if code == grpc.StatusCode.INTERNAL:
-        log.exception("internal error", exc_info=exc)
+        # the whole traceback (the remote one inside Ray's wrapper too) is for the operator; the
+        # caller gets the trace id to quote
+        log.error("internal error (trace %s): %s", trace_id or "-", msg, exc_info=exc)
+        if trace_id:
+            msg = f"{msg} (trace id {trace_id})"
+    else:
+        log.info("request failed with %s (trace %s): %s", code.name, trace_id or "-", msg)
     if context is not None:
         context.set_code(code)
         context.set_details(msg)
+    return code, msg
 
 
 def grpc_errors(fn):
@@ -82,9 +128,9 @@ def grpc_errors(fn):
                 async for item in fn(self, request, grpc_context):
                     yield item
             except Exception as e:  # noqa: BLE001 - mapped to a status, then re-raised
-                _set(grpc_context, e)
-                await _abort(grpc_context, e)
-                raise StatusError(status_for(e)[1]) from None
+                status = _set(grpc_context, e)
+                await _abort(grpc_context, status)
+                raise StatusError(status[1]) from None
         return agen
 
     if inspect.iscoroutinefunction(fn):
@@ -93,9 +139,9 @@ def grpc_errors(fn):
             try:
                 return await fn(self, request, grpc_context)
             except Exception as e:  # noqa: BLE001
-                _set(grpc_context, e)
-                await _abort(grpc_context, e)
-                raise StatusError(status_for(e)[1]) from None
+                status = _set(grpc_context, e)
+                await _abort(grpc_context, status)
+                raise StatusError(status[1]) from None
         return coro
 
     @functools.wraps(fn)
@@ -103,15 +149,13 @@ def grpc_errors(fn):
         try:
             return fn(self, request, grpc_context)
         except Exception as e:  # noqa: BLE001
-            _set(grpc_context, e)
-            raise StatusError(status_for(e)[1]) from None
+            raise StatusError(_set(grpc_context, e)[1]) from None
     return plain
 
 
-async def _abort(context, exc: BaseException) -> None:
+async def _abort(context, status: tuple[grpc.StatusCode, str]) -> None:
     # A real grpc.aio context (direct server, tests) needs abort() to send the status;
     # Ray Serve's serialisable context has no abort and reads the code we set.
     abort = getattr(context, "abort", None)
     if abort is not None and inspect.iscoroutinefunction(abort):
-        code, msg = status_for(exc)
-        await abort(code, msg)
+        await abort(*status)

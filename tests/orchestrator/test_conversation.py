@@ -12,6 +12,7 @@ import pytest
 
 from baichuan_audio.v1 import conversation_pb2 as pb
 from baichuan_audio.v1 import conversation_pb2_grpc as pb_grpc
+from tests.common.test_grpc_status import assert_clean
 
 QUESTION = Path(__file__).resolve().parents[2] / "orchestrator" / "samples" / "question.wav"
 META = (("application", "conversation"),)
@@ -108,6 +109,9 @@ def test_bad_requests_get_precise_status(stub):
     with pytest.raises(grpc.RpcError) as e:
         converse(stub, sid, audio=b"not audio at all")
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    # raised in the tokenizer replica: the caller reads the tokenizer's message, not Ray's traceback
+    assert "WAV or FLAC" in e.value.details()
+    assert_clean(e.value.details())
     with pytest.raises(grpc.RpcError) as e:
         stub.Synthesize(pb.SynthesizeRequest(text=""), metadata=META, timeout=30).next()
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
