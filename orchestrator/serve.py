@@ -13,6 +13,16 @@ from services.common.settings import CONFIG_ENV, Settings
 MESSAGE_SIZE_ENV = "RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"
 
 
+def grpc_options(settings: Settings, port: int | None = None):
+    """Serve's gRPC proxy: every service of the stack, reflection as `serving.reflection` says."""
+    from ray.serve.config import gRPCOptions
+
+    from orchestrator.app import SERVICER_FUNCTIONS
+
+    return gRPCOptions(port=port or settings.serving.grpc_port, grpc_servicer_functions=SERVICER_FUNCTIONS,
+                       enable_reflection=settings.serving.reflection)
+
+
 def start_stack(settings_path: str | None, *, address: str | None = None, grpc_port: int | None = None,
                 http_port: int = 8000, env: dict[str, str] | None = None, num_cpus: int | None = None,
                 log=print) -> int:
@@ -24,9 +34,8 @@ def start_stack(settings_path: str | None, *, address: str | None = None, grpc_p
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import ray
     from ray import serve
-    from ray.serve.config import gRPCOptions
 
-    from orchestrator.app import APP_NAMES, BUILDERS, SERVICER_FUNCTIONS
+    from orchestrator.app import APP_NAMES, BUILDERS
 
     settings = Settings.load(settings_path)  # fail early, naming the bad key
     env = dict(env or {})
@@ -41,8 +50,7 @@ def start_stack(settings_path: str | None, *, address: str | None = None, grpc_p
         ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=False)
     else:
         ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env={"env_vars": env}, log_to_driver=False)
-    serve.start(grpc_options=gRPCOptions(port=port, grpc_servicer_functions=SERVICER_FUNCTIONS),
-                http_options={"host": settings.serving.host, "port": http_port})
+    serve.start(grpc_options=grpc_options(settings, port), http_options={"host": settings.serving.host, "port": http_port})
     args = {"config": env.get(CONFIG_ENV)}
     for name in APP_NAMES:  # the conversation app last: it looks up the others' handles
         log(f"  starting {name} ...")

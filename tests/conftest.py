@@ -70,10 +70,11 @@ def serve_stack(tmp_path_factory, redis_url, tiny_checkpoint):
 
     import ray
     from ray import serve
-    from ray.serve.config import gRPCOptions
 
-    from orchestrator.app import BUILDERS, SERVICER_FUNCTIONS
+    from orchestrator.app import BUILDERS
+    from orchestrator.serve import grpc_options
     from services.common.redis_server import free_port
+    from services.common.settings import Settings
 
     cfg = tmp_path_factory.mktemp("settings") / "settings.yaml"
     cfg.write_text(TEST_SETTINGS)
@@ -84,7 +85,7 @@ def serve_stack(tmp_path_factory, redis_url, tiny_checkpoint):
     ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 1024 * 1024,
              runtime_env={"env_vars": env}, log_to_driver=False)
     port = free_port()
-    serve.start(grpc_options=gRPCOptions(port=port, grpc_servicer_functions=SERVICER_FUNCTIONS),
+    serve.start(grpc_options=grpc_options(Settings.load(str(cfg)), port),
                 http_options={"host": "127.0.0.1", "port": free_port()})
     deployed: set[str] = set()
 

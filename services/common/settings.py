@@ -111,8 +111,10 @@ class LimitsSettings:
     max_sessions: int = 1000              # live sessions; more is RESOURCE_EXHAUSTED
     session_ttl_s: int = 1800             # session (and its turn streams) expire after idle
     max_message_bytes: int = 64 * 1024 * 1024  # gRPC send/receive cap
-    max_new_tokens: int = 2048            # text + audio-pad tokens generated per turn
-    max_audio_frames: int = 7500          # 12.5 Hz frames generated per turn (600 s)
+    # per-turn caps on generation (LLM stage, gRPC and conversation paths alike); reaching one
+    # ends the turn with reason "length". The KV budget per slot (llm.*) is a further bound.
+    max_new_tokens: int = 8192            # tokens generated per turn: text tokens + one audio pad per frame
+    max_audio_frames: int = 7500          # 12.5 Hz audio frames generated per turn (600 s)
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ from services.common.telemetry import start_span
 from services.common.text_tokenizer import load_text_tokenizer
 from services.llm.engine import Engine, EngineConfig, EngineError, Request
 from services.llm.model import AudioLLM
+from services.llm.prompts import PromptBuilder
 from services.llm.publisher import ChunkPolicy, TurnPublisher
 from services.llm.scheduler import AudioFrame, Done, SegmentEnd, TextDelta
 
@@ -52,6 +53,10 @@ class LLMDeployment:
                                                  # sequences decoded together in one step
                                                  max_batch=min(s.max_slots, self.settings.stages.llm.max_batch_size)))
         self.engine.run_forever()
+        self.prompts = PromptBuilder(self.engine.tokenizer, self.engine.tokens, self.engine.cfg.audio.num_codebooks)
+        # the operator's per-turn limits, on every request whichever way it arrives
+        lim = self.settings.limits
+        self.limits = {"max_new_tokens": lim.max_new_tokens, "max_turn_frames": lim.max_audio_frames}
         self.bus = Bus.from_settings(self.settings)
         d = self.settings.decoder
         self.low_latency = ChunkPolicy(d.first_chunk_frames, d.chunk_growth, d.max_chunk_frames)
@@ -77,7 +82,7 @@ class LLMDeployment:
                        tts_chunks=[list(c) for c in req.get("tts_chunks", ())],
                        session_id=req.get("session_id") or None, greedy=bool(req.get("greedy")),
                        seed=req.get("seed"), request_id=req["turn_id"],
-                       max_audio_frames=req.get("max_audio_frames"), sampling=req.get("sampling"))
+                       max_audio_frames=req.get("max_audio_frames"), sampling=req.get("sampling"), **self.limits)
 
     async def generate(self, req: dict) -> dict:
         """Start a turn; its events go to Redis. Returns when the engine accepted it.
@@ -156,8 +161,9 @@ class LLMDeployment:
         sampling = {f.name: v for f, v in request.sampling.ListFields()}
         r = Request(prompt_ids=list(request.prompt_ids), mode=MODES.get(request.mode, "spoken"),
                     audio_codes=torch.from_numpy(codes) if len(codes) else None,
+                    tts_chunks=[self.prompts.tts_chunk(c) for c in request.tts_chunks],
                     greedy=bool(sampling.pop("greedy", False)), seed=sampling.pop("seed", None),
-                    sampling=sampling or None, request_id=request.turn_id or None)
+                    sampling=sampling or None, request_id=request.turn_id or None, **self.limits)
         if request.session_id:
             self._open(request.session_id)
         r.session_id = request.session_id or None

@@ -277,8 +277,9 @@ class Engine:
                 raise EngineError(f"forced schedule {list(r.forced)} must alternate text and audio, starting with text")
             if any(int(n) < 1 for _, n in r.forced):
                 raise EngineError("every forced segment needs at least 1 token or frame")
-        if r.max_audio_frames is not None and r.max_audio_frames < 1:
-            raise EngineError("max_audio_frames must be >= 1")
+        for name in ("max_audio_frames", "max_new_tokens", "max_turn_frames"):
+            if getattr(r, name) is not None and getattr(r, name) < 1:
+                raise EngineError(f"{name} must be >= 1")
         seed = r.seed if r.seed is not None else random.getrandbits(48)
         return Sequence(r, self.proto, rid, seed, limit, rows)
 

@@ -184,7 +184,11 @@ class PromptBuilder:
     def tts_chunks(self, text: str) -> list[list[int]]:
         """The base TTS demo: one id list per chunk, each ending in <audiogen_start>.
         Chunk 1 is the prompt; chunk k > 1 is appended after segment k - 1."""
-        return [self.encode(c) + [self.tokens.audio.audiogen_start] for c in split_tts_text(text)]
+        return [self.tts_chunk(c) for c in split_tts_text(text)]
+
+    def tts_chunk(self, chunk: str) -> list[int]:
+        """One TTS chunk's ids: its text, then <audiogen_start>."""
+        return self.encode(chunk) + [self.tokens.audio.audiogen_start]
 
 
 def split_tts_text(text: str) -> list[str]:

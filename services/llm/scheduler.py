@@ -101,7 +101,10 @@ class Request:
     of its `<audio_pad>` tokens in order. tts_chunks: TTS chunks 2.. (chunk 1 is the prompt).
     forced: a fixed pattern [("text", n), ("audio", m), ...] replacing every stop decision
     (benchmarks on random weights; spoken mode). greedy: argmax everywhere (penalties kept).
-    max_audio_frames: lower the audio-segment cap (default: the phase's, 500 / 700)."""
+    max_audio_frames: lower the audio-segment cap (default: the phase's, 500 / 700).
+    max_new_tokens / max_turn_frames: per-request totals (the operator's limits.max_new_tokens /
+    limits.max_audio_frames): tokens generated (text tokens and audio pads) and audio frames
+    over all segments; reaching one ends the request with reason "length"."""
 
     prompt_ids: Seq[int]
     mode: Mode | str = Mode.SPOKEN
@@ -112,6 +115,8 @@ class Request:
     seed: Optional[int] = None
     forced: Optional[Seq[tuple[str, int]]] = None
     max_audio_frames: Optional[int] = None
+    max_new_tokens: Optional[int] = None
+    max_turn_frames: Optional[int] = None
     request_id: Optional[str] = None
     # per-request sampling overrides of the §11.3 table: keys text_temperature, text_top_k,
     # text_top_p (every text phase) and audio_temperature, audio_top_k, audio_top_p
@@ -238,6 +243,8 @@ class Sequence:
         self.kv_len = 0                        # tokens[:kv_len] are in the KV cache
         self.pads_fwd = 0                      # audio_pads among tokens[:kv_len]
         self.prefix_reused = 0
+        self.generated = 0                     # tokens decided (text tokens + audio pads)
+        self.turn_frames = 0                   # audio frames over all segments
         self.slot: Optional[int] = None
         self.draws = 0                         # sampling-counter stream position
         self.cancelled = False
@@ -364,6 +371,7 @@ class Sequence:
     def on_text(self, tok: int) -> None:
         assert self.phase in (Phase.FIRST_TEXT, Phase.TEXT), self.phase
         self.draws += 1
+        self.generated += 1
         self._append([tok])
         self.seg_ids.append(tok)
         shown = self.proto.display(self.seg_ids, self.mode)
@@ -419,7 +427,9 @@ class Sequence:
         # a pad for every frame, the end-of-audio frame included; the last one is never forwarded
         self.pad_rows.append(codes)
         self._append([self.proto.audio_pad])
+        self.generated += 1
         if not eoa:
+            self.turn_frames += 1
             if not self.frames:
                 self.events.append(SegmentStart(self.id, "audio", self.n_audio))
             self.events.append(AudioFrame(self.id, self.n_audio, len(self.frames), codes))
@@ -457,7 +467,10 @@ class Sequence:
         self.n_audio += 1
 
     def _check_room(self) -> None:
-        if len(self.tokens) > self.max_len:
+        r = self.request
+        if (len(self.tokens) > self.max_len
+                or (r.max_new_tokens is not None and self.generated >= r.max_new_tokens)
+                or (r.max_turn_frames is not None and self.turn_frames >= r.max_turn_frames)):
             self.finish("length")
 
 

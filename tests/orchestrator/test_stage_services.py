@@ -10,6 +10,7 @@ import pytest
 
 from baichuan_audio.v1 import stages_pb2, stages_pb2_grpc
 from services.common import bus as B
+from services.decoder.runner import MAX_FRAMES
 
 
 @pytest.fixture(scope="module")
@@ -27,6 +28,20 @@ def cfg(serve_stack):
     return ModelConfig.from_file(serve_stack.checkpoint)
 
 
+@pytest.fixture(scope="module")
+def hift(serve_stack):
+    from services.common.checkpoint import Checkpoint
+    return Checkpoint(serve_stack.checkpoint).hift_config()
+
+
+def index_after(seq: list[int], sub: list[int], start: int) -> int:
+    """Where `sub` occurs in `seq` at or after `start` (-1 if it does not)."""
+    for i in range(start, len(seq) - len(sub) + 1):
+        if seq[i:i + len(sub)] == sub:
+            return i
+    return -1
+
+
 def codes_msg(codes: np.ndarray) -> stages_pb2.Codes:
     return stages_pb2.Codes(frames=codes.shape[0], codebooks=codes.shape[1], values=codes.flatten().tolist())
 
@@ -39,39 +54,53 @@ def random_codes(cfg, frames: int, seed: int = 0) -> np.ndarray:
 def test_llm_generate_streams_a_tts_reply(channel, cfg, serve_stack):
     from services.common.checkpoint import Checkpoint
     from services.common.text_tokenizer import load_text_tokenizer
-    from services.llm.prompts import PromptBuilder, ProtocolTokens
+    from services.llm.prompts import PromptBuilder, ProtocolTokens, split_tts_text
 
     ckpt = Checkpoint(serve_stack.checkpoint)
     tok = load_text_tokenizer(ckpt.path)
     builder = PromptBuilder(tok, ProtocolTokens.from_tokenizer(tok, cfg, ckpt.generation_config()),
                             cfg.audio.num_codebooks)
-    chunks = builder.tts_chunks("你好，欢迎收听今天的节目。")
+    text = "你好，欢迎收听今天的节目。我们马上开始！先听一段音乐，然后再聊天气。"
+    texts, chunks = split_tts_text(text), builder.tts_chunks(text)
+    assert len(texts) >= 3
     stub = stages_pb2_grpc.LLMStub(channel)
     events = list(stub.Generate(stages_pb2.GenerateRequest(
-        mode=stages_pb2.GENERATE_MODE_TTS, prompt_ids=chunks[0]), metadata=(("application", "llm"),), timeout=120))
+        mode=stages_pb2.GENERATE_MODE_TTS, prompt_ids=chunks[0], tts_chunks=texts[1:]),
+        metadata=(("application", "llm"),), timeout=120))
     frames = [e.frames for e in events if e.HasField("frames")]
     assert frames and all(len(f.codes.values) == cfg.audio.num_codebooks for f in frames)
-    assert events[-1].HasField("done") and list(events[-1].done.sequence[:len(chunks[0])]) == chunks[0]
+    assert events[-1].HasField("done")
+    seq = list(events[-1].done.sequence)
+    assert seq[:len(chunks[0])] == chunks[0]
+    # every later chunk was tokenized and appended after the previous chunk's audio, in order
+    at = len(chunks[0])
+    for k, ids in enumerate(chunks[1:], 1):
+        i = index_after(seq, ids, at)
+        assert i > at, f"chunk {k} ({texts[k]!r}) missing from the sequence, or not after chunk {k - 1}'s audio"
+        at = i + len(ids)
 
 
-def test_decode_and_vocode_directly(channel, cfg):
-    codes = random_codes(cfg, 6)
+def test_decode_and_vocode_directly(channel, cfg, hift):
+    from services.decoder.runner import mel_frames
+
+    n = 6
+    codes = random_codes(cfg, n)
     mel = stages_pb2_grpc.DecoderStub(channel).Decode(stages_pb2.DecodeRequest(codes=codes_msg(codes), seed=3),
                                                       metadata=(("application", "decoder"),), timeout=60).mel
-    assert (mel.rows, mel.cols) == (80, 4 * 6 - 1)
+    assert (mel.rows, mel.cols) == (cfg.flow.in_channels, mel_frames(n))
     r = stages_pb2_grpc.VocoderStub(channel).Vocode(stages_pb2.VocodeRequest(mel=mel, seed=3),
                                                      metadata=(("application", "vocoder"),), timeout=60)
-    assert r.sample_rate == 24000 and len(r.pcm16) == 2 * 480 * mel.cols
+    assert r.sample_rate == hift.sampling_rate and len(r.pcm16) == 2 * hift.hop_samples * mel.cols
 
 
 @pytest.mark.parametrize("frames, fix, words", [
     (0, None, "no codes"),
     (4, lambda c, cfg: c.__setitem__((1, 2), cfg.audio.codebook_sizes[2] + 5), "out of range"),
     (4, lambda c, cfg: c.__setitem__((1, 0), cfg.audio.codebook_sizes[0]), "end-of-audio"),
-    (600, None, "limit"),
+    (MAX_FRAMES + 1, None, "limit"),
 ])
 def test_decoder_bad_codes_are_invalid_argument(channel, cfg, frames, fix, words):
-    codes = random_codes(cfg, frames) if frames else np.zeros((0, 8), np.int64)
+    codes = random_codes(cfg, frames) if frames else np.zeros((0, cfg.audio.num_codebooks), np.int64)
     if fix:
         fix(codes, cfg)
     with pytest.raises(grpc.RpcError) as e:
@@ -81,15 +110,15 @@ def test_decoder_bad_codes_are_invalid_argument(channel, cfg, frames, fix, words
     assert words in e.value.details()
 
 
-def test_vocoder_bad_mel_is_invalid_argument(channel):
-    bad = stages_pb2.Tensor2D(rows=80, cols=3, float32_le=b"\x00" * 7)
+def test_vocoder_bad_mel_is_invalid_argument(channel, hift):
+    bad = stages_pb2.Tensor2D(rows=hift.in_channels, cols=3, float32_le=b"\x00" * 7)   # 7 bytes: not floats
     with pytest.raises(grpc.RpcError) as e:
         stages_pb2_grpc.VocoderStub(channel).Vocode(stages_pb2.VocodeRequest(mel=bad),
                                                      metadata=(("application", "vocoder"),), timeout=60)
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
-def test_a_job_delivered_twice_is_published_once(channel, cfg, serve_stack):
+def test_a_job_delivered_twice_is_published_once(channel, cfg, hift, serve_stack):
     """The same decode job submitted twice (a re-delivery after a crash looks like this to the
     stages) reaches the turn's audio stream exactly once, through both stages."""
     bus = B.Bus(serve_stack.redis_url)
@@ -105,7 +134,8 @@ def test_a_job_delivered_twice_is_published_once(channel, cfg, serve_stack):
     time.sleep(2.0)  # give the duplicate every chance to arrive
     got = [m for m in bus.read({stream: "0"}) if isinstance(m.entry, B.PcmChunk)]
     assert len(got) == 1
-    assert got[0].entry.samples == 480 * (4 * 5 - 1)
+    from services.decoder.runner import mel_frames
+    assert got[0].entry.samples == hift.hop_samples * mel_frames(5)
 
 
 def test_one_trace_spans_the_stages(channel, serve_stack):
