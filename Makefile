@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: install system-deps test demo parity proto clean
+.PHONY: install system-deps test demo parity parity-kernels proto clean
 
 # redis-server (tests and demo start their own) and venv support, from Debian's packages
 # when missing and we may install them.
@@ -27,13 +27,27 @@ $(STAMP): pyproject.toml setup.py $(wildcard proto/baichuan_audio/v1/*.proto)
 
 install: system-deps $(STAMP)
 
-# The whole suite against a private redis-server on a free port (started and stopped here).
+# The whole suite against a private redis-server on a free port (started and stopped here),
+# then the parity tests again on other CPU kernels (see parity-kernels).
 test: install
 	$(PY) -m services.common.redis_server -- $(PY) -m pytest -q $(PYTEST_ARGS)
+	@$(MAKE) --no-print-directory parity-kernels
 
 # Only the golden-fixture parity tests.
 parity: install
 	$(PY) -m pytest -q -k parity $(PYTEST_ARGS)
+
+# The parity tests on the kernels other CPUs run: ATen's scalar (default) and AVX2 paths, with
+# oneDNN and MKL held to the same instruction sets. A tolerance that only holds on this CPU's
+# kernels fails here instead of on a user's machine.
+PORTABLE_KERNELS = "ATEN_CPU_CAPABILITY=default DNNL_MAX_CPU_ISA=SSE41 MKL_ENABLE_INSTRUCTIONS=SSE4_2" \
+                   "ATEN_CPU_CAPABILITY=avx2 DNNL_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2"
+parity-kernels: install
+	@for kernels in $(PORTABLE_KERNELS); do \
+	  env $$kernels $(PY) -c "import torch; print('parity tests on torch CPU capability', \
+	    torch.backends.cpu.get_cpu_capability(), 'with', '$$kernels')"; \
+	  env $$kernels $(PY) -m pytest -q -p no:cacheprovider -k parity $(PYTEST_ARGS) || exit 1; \
+	done
 
 # One spoken turn through the whole local stack (see README).
 demo: install

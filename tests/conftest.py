@@ -9,6 +9,14 @@ from tests.parity import Fixtures, fixture_root, missing
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
+KERNEL_ENV = ("ATEN_CPU_CAPABILITY", "DNNL_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+
+
+def pytest_report_header(config):
+    """Which CPU kernels the float results come from (parity-kernels runs other ones)."""
+    forced = " ".join(f"{k}={os.environ[k]}" for k in KERNEL_ENV if k in os.environ)
+    return f"torch CPU capability: {torch.backends.cpu.get_cpu_capability()}" + (f" ({forced})" if forced else "")
+
 
 @pytest.fixture(scope="session")
 def fixtures() -> Fixtures:
