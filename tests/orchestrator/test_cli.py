@@ -4,6 +4,7 @@ from __future__ import annotations
 import soundfile as sf
 
 from orchestrator.cli import main
+from services.common.checkpoint import Checkpoint
 from tests.orchestrator.test_conversation import QUESTION
 
 
@@ -14,7 +15,7 @@ def test_converse_transcribe_synthesize(serve_stack, tmp_path, capsys):
     out = tmp_path / "reply.wav"
     assert main(["converse", str(QUESTION), "-o", str(out), *addr]) == 0
     info = sf.info(str(out))
-    assert info.samplerate == 24000 and info.frames > 0
+    assert info.samplerate == Checkpoint(serve_stack.checkpoint).hift_config().sampling_rate and info.frames > 0
     printed = capsys.readouterr()
     assert "time to first audio" in printed.out and "session " in printed.err
     sid = printed.err.split("session ", 1)[1].split()[0]
