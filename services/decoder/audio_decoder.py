@@ -63,6 +63,7 @@ class AudioDecoder(nn.Module):
         super().__init__()
         a = config.audio
         self.dconv1 = CausalUpsample(a.d_model, a.decoder_kernel_size, a.avg_pooler)
+        self.dconv1_stride = a.avg_pooler                                 # mel frames per code frame
         # Stored in real checkpoints (fp32, correction 8); computed here when absent.
         self.register_buffer("positional_embedding", sinusoids(a.decoder_max_positions, a.d_model))
         self.layers = nn.ModuleList(
@@ -84,7 +85,8 @@ class AudioDecoder(nn.Module):
         T = x.shape[1]
         if T > self.max_frames:
             raise ValueError(f"audio decoder: {T} output frames exceed the {self.max_frames}-row "
-                             f"positional table (segments are limited to {(self.max_frames + 1) // 4} tokens)")
+                             f"positional table (segments are limited to "
+                             f"{(self.max_frames + 1) // self.dconv1_stride} tokens)")
         # Table added in fp32, then back to the activation dtype (§8 step 2).
         x = (x.float() + self.positional_embedding[:T].float()).to(x.dtype)
         for layer in self.layers:

@@ -97,7 +97,7 @@ def bench_decoder(config: ModelConfig, batch_sizes=(1, 16), frames: int = 50, de
     g = torch.Generator().manual_seed(0)
     rows = []
     print(f"decoder bench: {device} {run.dtype} d_model {config.audio.d_model}, {frames} code frames "
-          f"({mel_frames(frames) * hop_s:.2f} s) per segment, batch_cfg={batch_cfg}")
+          f"({mel_frames(frames, run.stride) * hop_s:.2f} s) per segment, batch_cfg={batch_cfg}")
     for B in batch_sizes:
         segs = [torch.stack([torch.randint(0, k, (frames,), generator=g) for k in config.audio.codebook_sizes], 1)
                 for _ in range(B)]
@@ -111,7 +111,7 @@ def bench_decoder(config: ModelConfig, batch_sizes=(1, 16), frames: int = 50, de
             _sync(device)
             times.append(time.perf_counter() - t0)
         compute = sum(times) / len(times)
-        audio = B * mel_frames(frames) * hop_s
+        audio = B * mel_frames(frames, run.stride) * hop_s
         row = dict(batch=B, frames=frames, compute_s=compute, audio_s=audio, rtf=compute / audio)
         rows.append(row)
         print(f"  batch {B:3d}: {compute * 1000:9.1f} ms for {audio:7.2f} s of audio  RTF {compute / audio:.4f}")

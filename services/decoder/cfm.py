@@ -6,7 +6,8 @@
 t, dt and x live in the model dtype, so in bf16 the times accumulate with bf16 rounding
 (correction 4: 0, .0123, .0488, .1089, ...). The unconditional branch (zero mu) is a separate
 estimator call, as in the reference; `batch_cfg=True` runs both branches as one call of batch
-2B instead. That is bit-identical on CPU (tests/decoder/test_runner.py) but not on a GPU, where
+2B instead. That gave identical numbers on the CPUs we ran (tests/decoder/test_runner.py holds it to
+the fp32 tolerance, since other CPUs may pick other kernels for 2B) but not on a GPU, where
 cuBLAS picks kernels by batch size: on an H200 in bf16 it moved the mel by at most 0.047, the
 same as decoding a segment alone instead of in a batch, and it was 2.3x faster at batch 1.
 """

@@ -51,8 +51,8 @@ class FlowDecoder(nn.Module):
         self.conditional_decoder = Estimator(config.flow)
 
 
-def mel_frames(tokens: int, stride: int = 4) -> int:
-    """Mel frames of a segment of `tokens` code frames: 4L-1 (k=3 < stride=4, §8)."""
+def mel_frames(tokens: int, stride: int) -> int:
+    """Mel frames of a segment of `tokens` code frames: stride·L - 1 (4L-1 with k=3 < stride=4, §8)."""
     return tokens * stride - 1
 
 

@@ -29,21 +29,33 @@ def test_parity_audio_decoder_single(stage):
     stage.check(h[0], o["single.hidden_states_before_dconv2"], "single.hidden_states_before_dconv2")
 
 
+# The fixture's segments alone: segment a is `single.*`, segment b is `solo_b.*` (README 04).
+SOLO = {0: "single", 1: "solo_b"}
+
+
 @torch.inference_mode()
 def test_parity_audio_decoder_batch_per_segment(stage):
-    """Segments a (30 tokens) and b (17) in one batch: a equals the reference batch (the longest
-    segment is unaffected by the reference's batch GroupNorm), b equals b decoded alone."""
+    """Segments a and b in one padded batch: each equals itself decoded alone; the longest (from the
+    fixture's lengths) also equals the reference batch."""
     o, i = stage.out, stage.inputs
     lens = i["bridge_length_batch"]
+    n_single = int(i["bridge_length_single"][0])
+    assert lens.numel() == len(SOLO)
+    assert torch.equal(i["codes_single"], i["codes_batch"][:n_single]), "single must be segment a"
     h, out_len = stage.decoder(_pad(_split(o["batch.proj_decoder_out"], lens)), lens)
     assert out_len.tolist() == o["batch.output_length_before_dconv2"].tolist()
-    ta, tb = out_len.tolist()
-    ref_a, ref_b_coupled = _split(o["batch.hidden_states_before_dconv2"], out_len)
-    stage.check(h[0, :ta], ref_a, "batch.hidden_states_before_dconv2")
-    stage.check(h[1, :tb], o["solo_b.hidden_states_before_dconv2"], "batch.hidden_states_before_dconv2")
-    assert h[1, tb:].abs().max() == 0, "frames beyond a segment's length must be zero"
-    # Not the reference's batch coupling (max 0.93 in fp32): per-segment statistics are wanted.
-    assert (h[1, :tb].float() - ref_b_coupled.float()).abs().max() > 0.3
+    ref_batch = _split(o["batch.hidden_states_before_dconv2"], out_len)
+    longest = max(out_len.tolist())
+    name = "batch.hidden_states_before_dconv2"
+    for j, t in enumerate(out_len.tolist()):
+        solo = o[f"{SOLO[j]}.hidden_states_before_dconv2"]
+        stage.check(h[j, :t], solo, name)
+        assert bool((h[j, t:] == 0).all()), "frames beyond a segment's length must be zero"
+        if t == longest:
+            stage.check(h[j, :t], ref_batch[j], name)
+        # A shorter segment is not compared with the reference batch: its batch GroupNorm couples
+        # segments (max 0.93 in the public fp32 fixture), per-segment statistics are wanted, and
+        # matching the solo decode within tolerance already rules out a coupling larger than it.
 
 
 @torch.inference_mode()
@@ -63,17 +75,19 @@ def test_parity_estimator(stage):
     assert t.dtype == stage.dtype
     est = stage.estimator
     mask = torch.ones(1, 1, x.shape[-1])                            # float32, as the reference's call
-    # fp32 in both variants (only s = 1000 t is rounded to bf16), so the fp32 tolerance applies
-    stage.check(time_sinusoid(t, est.time_dim), o["estimator.time_sinusoid"], "estimator.time_sinusoid", "fp32")
+    # fp32 in both variants (only s = 1000 t is rounded to bf16), so the fp32 tolerance applies,
+    # relative to the largest angle s (an ulp of the exp'd frequencies grows with it)
+    stage.check(time_sinusoid(t, est.time_dim), o["estimator.time_sinusoid"], "estimator.time_sinusoid", "fp32",
+                scale=1000 * abs(float(t)))
     stage.check(est.time_embedding(t), o["estimator.time_mlp_out"], "estimator.time_mlp_out")
     stage.check(est(x, mask, mu, t), o["estimator.out"], "estimator.out")
     stage.check(est(x, mask, torch.zeros_like(mu), t), o["estimator.out_zero_mu"], "estimator.out_zero_mu")
 
 
-def test_parity_time_embedding_rounds_s_in_bf16():
+def test_parity_time_embedding_rounds_s_in_bf16(fixtures):
     """Correction 1: in bf16, s = 1000 t is rounded to bf16 (t = 0.30078125 -> s = 300, not 300.78)."""
     t = torch.tensor(0.30078125, dtype=torch.bfloat16)
-    emb = time_sinusoid(t, 160)
+    emb = time_sinusoid(t, 2 * fixtures.model_config.flow.in_channels)    # the U-Net's sinusoid width
     assert emb.dtype == torch.float32
     assert torch.allclose(emb[0, 0], torch.tensor(300.0).sin()), "s must be bf16(1000 t) = 300"
 
@@ -96,7 +110,13 @@ def test_parity_cfm_single_steps(stage):
                     stage.config.flow.cfm, on_call=on_call)
     t_calls = torch.stack(ts)
     assert t_calls.dtype == stage.dtype
-    assert torch.equal(t_calls, o["single.cfm_t_per_call"]), f"t per call {t_calls} != {o['single.cfm_t_per_call']}"
+    want = o["single.cfm_t_per_call"]
+    if stage.kind == "bf16":
+        # Exact: t is accumulated by deterministic bf16 adds from bf16 casts of the fp32 cos schedule,
+        # whose ulp-level CPU differences could change a bf16 value only at a rounding tie.
+        assert torch.equal(t_calls, want), f"t per call {t_calls} != {want}"
+    else:
+        stage.check(t_calls, want, "single.cfm_t_per_call")                # fp32 cos: an ulp per CPU
     for k, x in enumerate(xs):
         stage.check(x, o[f"single.cfm_step{k}.x_in"], f"single.cfm_step{k}.x_in")
     stage.check(v0["cond"], o["single.cfm_step0.v_cond"], "single.cfm_step0.v_cond")
@@ -119,6 +139,8 @@ def test_parity_cfm_batch_from_stored_mu(stage):
 
 @torch.inference_mode()
 def test_cfm_t_schedule_bf16_matches_correction_4():
+    """Known answer, independent of the fixture root: 10 steps (this test's choice) give the
+    bf16 times of correction 4."""
     ts = cfm.t_span(10, "cosine", torch.bfloat16)
     t, dt, acc = ts[0], ts[1] - ts[0], []
     for k in range(1, 11):

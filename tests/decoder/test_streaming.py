@@ -27,21 +27,25 @@ MEL_BOUND, WAVE_BOUND = 0.10, 1.05
 
 @pytest.fixture(scope="module")
 def runners(fixtures):
+    fixtures.require(FIX)
+    fixtures.require("05_vocoder")
     dec = DecoderRunner(fixtures.model_config, fixtures.load(FIX, "weights.safetensors"))
     voc = VocoderRunner(fixtures.hift_config, fixtures.load("05_vocoder", "weights.safetensors"))
     return dec, voc
 
 
+# Random codes of this test's own lengths (not fixture data): both give the deployed plan 3+ chunks.
 @pytest.mark.parametrize("tokens", [30, 150])
 def test_streamed_chunks_close_to_faithful(fixtures, runners, tokens):
     dec, voc = runners
+    assert tokens <= dec.max_frames
     g = torch.Generator().manual_seed(tokens)
     codes = torch.stack([torch.randint(0, k, (tokens,), generator=g)
                          for k in fixtures.model_config.audio.codebook_sizes], 1)
     d = DecoderSettings()                                   # the deployed chunk plan
     plan = chunk_plan(tokens, d.first_chunk_frames, d.chunk_growth, d.max_chunk_frames)
     assert len(plan) > 2
-    seed, T, bins = 1234, mel_frames(tokens), fixtures.model_config.flow.in_channels
+    seed, T, bins = 1234, mel_frames(tokens, dec.stride), fixtures.model_config.flow.in_channels
     pieces = decode_pieces(dec, [(codes[:e], s, seed) for s, e in plan])
     kept = torch.cat([mel[:, v:] for mel, v in pieces], dim=1)
     (faithful_mel, rerun_mel) = dec.decode([codes, codes], noise=[prefix_noise(seed, T, bins),

@@ -87,7 +87,7 @@ def test_decode_and_vocode_directly(channel, cfg, hift):
     codes = random_codes(cfg, n)
     mel = stages_pb2_grpc.DecoderStub(channel).Decode(stages_pb2.DecodeRequest(codes=codes_msg(codes), seed=3),
                                                       metadata=(("application", "decoder"),), timeout=60).mel
-    assert (mel.rows, mel.cols) == (cfg.flow.in_channels, mel_frames(n))
+    assert (mel.rows, mel.cols) == (cfg.flow.in_channels, mel_frames(n, cfg.audio.avg_pooler))
     r = stages_pb2_grpc.VocoderStub(channel).Vocode(stages_pb2.VocodeRequest(mel=mel, seed=3),
                                                      metadata=(("application", "vocoder"),), timeout=60)
     assert r.sample_rate == hift.sampling_rate and len(r.pcm16) == 2 * hift.hop_samples * mel.cols
@@ -135,7 +135,7 @@ def test_a_job_delivered_twice_is_published_once(channel, cfg, hift, serve_stack
     got = [m for m in bus.read({stream: "0"}) if isinstance(m.entry, B.PcmChunk)]
     assert len(got) == 1
     from services.decoder.runner import mel_frames
-    assert got[0].entry.samples == hift.hop_samples * mel_frames(5)
+    assert got[0].entry.samples == hift.hop_samples * mel_frames(5, cfg.audio.avg_pooler)
 
 
 def test_one_trace_spans_the_stages(channel, serve_stack):
