@@ -29,6 +29,13 @@ def model(cfg):
     return AudioLLM(cfg).eval()
 
 
+def _close(actual: torch.Tensor, expected: torch.Tensor, rel: float = 1e-5) -> None:
+    """Equal up to fp32 accumulation order (other matmul shapes or kernels), relative to the
+    tensor's scale above 1."""
+    atol = rel * max(1.0, expected.float().abs().max().item())
+    torch.testing.assert_close(actual, expected, rtol=0, atol=atol)
+
+
 def _run(model, embeds, positions, cache, slot, cache_pos, **kw):
     B = embeds.shape[0]
     return model(embeds, positions, cache, torch.full((B,), slot), torch.full((B,), cache_pos), **kw)
@@ -70,8 +77,9 @@ def test_load_skips_unused_biases_and_names_missing_keys(cfg, model):
 
 def test_embed_replaces_pads_in_batch_major_order(model, cfg):
     pad = cfg.audio_tokens.audio_pad
-    ids = torch.tensor([[5, pad, pad, 7], [pad, 9, pad, 11]])
-    codes = torch.randint(0, 8, (4, 8))
+    ids = torch.tensor([[5, pad, pad, 7], [pad, 9, pad, 11]])            # any text ids around the pads
+    sizes = cfg.audio.codebook_sizes
+    codes = torch.randint(0, min(sizes), (4, len(sizes)))
     with torch.no_grad():
         x = model.embed(ids, codes)
         a = model.audio_embed(codes)
@@ -91,10 +99,11 @@ def test_audio_embed_sums_in_model_dtype_in_order(model):
     m = AudioLLM(model.cfg)
     m.load_state_dict(model.state_dict())
     m = m.to(torch.bfloat16)
-    codes = torch.randint(0, 8, (6, 8))
+    sizes = m.cfg.audio.codebook_sizes
+    codes = torch.randint(0, min(sizes), (6, len(sizes)))
     tables = m.model.audio_embed_layers
     expect = tables[0](codes[:, 0])
-    for k in range(1, 8):
+    for k in range(1, len(sizes)):
         expect = expect + tables[k](codes[:, k])                          # rounded to bf16 after every add
     assert torch.equal(m.audio_embed(codes), expect)
 
@@ -109,7 +118,7 @@ def test_chunked_prefill_and_decode_match_one_shot(model, cfg):
         cache = model.new_cache(2, 16)
         parts = [_run(model, e[:, :5], pos[:, :5], cache, 1, 0), _run(model, e[:, 5:9], pos[:, 5:9], cache, 1, 5)]
         parts += [_run(model, e[:, i:i + 1], pos[:, i:i + 1], cache, 1, i, kv_len=12) for i in range(9, 12)]
-    torch.testing.assert_close(torch.cat(parts, 1), one, rtol=0, atol=1e-5)
+    _close(torch.cat(parts, 1), one)
 
 
 def test_batched_rows_in_any_slots_match_single_rows(model, cfg):
@@ -128,8 +137,8 @@ def test_batched_rows_in_any_slots_match_single_rows(model, cfg):
         E[0], E[1, :4] = a[0], b[0]
         pos = torch.arange(1, 10).expand(2, 9)
         h = model(E, pos, cache, torch.tensor([3, 1]), torch.tensor([0, 0]), n_new=torch.tensor([9, 4]))
-    torch.testing.assert_close(h[0], ra[0], rtol=0, atol=1e-5)
-    torch.testing.assert_close(h[1, :4], rb[0], rtol=0, atol=1e-5)
+    _close(h[0], ra[0])
+    _close(h[1, :4], rb[0])
     assert (cache.k[:, 1, :, 4:] == 7.0).all() and (cache.v[:, 1, :, 4:] == 7.0).all()
     assert (cache.k[:, [0, 2]] == 7.0).all()                            # other slots never touched
     assert torch.equal(AudioLLM.last_hidden(h, torch.tensor([9, 4])), torch.stack([h[0, 8], h[1, 3]]))
@@ -152,7 +161,7 @@ def test_sdpa_matches_math_in_fp32():
     torch.manual_seed(3)
     q, k, v = torch.randn(2, 4, 5, 32), torch.randn(2, 2, 11, 32), torch.randn(2, 2, 11, 32)
     mask = torch.arange(11)[None, None, :] <= (torch.tensor([6, 3])[:, None] + torch.arange(5))[:, :, None]
-    torch.testing.assert_close(attention_sdpa(q, k, v, mask), attention_math(q, k, v, mask), rtol=0, atol=1e-5)
+    _close(attention_sdpa(q, k, v, mask), attention_math(q, k, v, mask))
 
 
 def test_math_attention_is_fp32_softmax_attention():
@@ -166,7 +175,8 @@ def test_math_attention_is_fp32_softmax_attention():
     ref = (s.masked_fill(~mask[:, None], float("-inf")).softmax(-1) @ vr).bfloat16()
     out = attention_math(q, k, v, mask)
     assert out.dtype == torch.bfloat16
-    assert (out.float() - ref.float()).abs().max() <= 2 ** -7
+    # at most one bf16 rounding apart (ulp(m) <= 2^-7 m), whatever the fp32 kernels' order
+    assert (out.float() - ref.float()).abs().max() <= 2 ** -7 * ref.float().abs().max()
 
 
 def test_kv_cache_write_read_layout():

@@ -1,6 +1,6 @@
 """Parity of the LLM stage against fixture 03_llm_audiohead (fp32 and bf16).
 
-The reference ran a LEFT-padded batch (row 1 has 50 pads). The slotted cache has no pads:
+The reference ran a LEFT-padded batch (attention_mask 0 on the pads). The slotted cache has no pads:
 each row runs from its first real token (1-based positions from there), right-padded to
 the batch width with n_new, and only the valid positions are compared.
 """
@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from services.llm.model import AudioLLM
+from tests.llm.greedy import assert_greedy_frame, teacher_forced
 
 FX = "03_llm_audiohead"
 KINDS = ("fp32", "bf16")
@@ -42,8 +43,9 @@ class Run:
             for b in range(B):
                 E[b, : self.lengths[b]] = self.embeds_left[b, self.pads[b]:]
             positions = torch.arange(1, S + 1).expand(B, S)
-            self.cache = self.model.new_cache(num_slots=3, max_len=S + 8)
-            self.slots = torch.tensor([2, 0])                      # any free slots
+            # one spare slot, rows in reverse slot order: any free slots will do
+            self.cache = self.model.new_cache(num_slots=B + 1, max_len=S + 1)   # the prefill + one cached step
+            self.slots = torch.arange(B, 0, -1)
             self.hidden = self.model(E, positions, self.cache, self.slots,
                                      torch.zeros(B, dtype=torch.long), n_new=self.lengths)
             self.logits = self.model.logits(self.hidden)
@@ -69,8 +71,7 @@ class Run:
 
 @pytest.fixture(scope="module", params=KINDS)
 def run(request, fixtures):
-    if not fixtures.has(FX):
-        pytest.skip(f"fixture {FX} not in this root")
+    fixtures.require(FX)
     return Run(fixtures, request.param)
 
 
@@ -131,11 +132,11 @@ def test_parity_llm_chunked_prefill_one_row_at_a_time(run):
     m = run.model
     lens = run.lengths.tolist()
     with torch.no_grad():
-        cache = m.new_cache(num_slots=2, max_len=max(lens))
+        cache = m.new_cache(num_slots=len(lens), max_len=max(lens))
         got = []
         for b, n in enumerate(lens):
             e = run.embeds_left[b:b + 1, run.pads[b]:]
-            cut = n // 3
+            cut = max(1, n // 3)                                   # any split point
             parts = []
             for lo, hi in ((0, cut), (cut, n)):
                 h = m(e[:, lo:hi], torch.arange(lo + 1, hi + 1)[None], cache,
@@ -157,23 +158,11 @@ def head_mode(request, run):
     head.batched_reference_rounding = False
 
 
-def _teacher_forced(head, x, tables, frame_codes):
-    seen = {}
-
-    def choose(k, logits):
-        seen[k] = logits
-        return frame_codes[:, k]
-
-    codes = head.frame(x, tables, choose)
-    assert torch.equal(codes, frame_codes)
-    return seen
-
-
 def test_parity_audio_head_step_logits_from_stored_x(run, head_mode):
     m = run.model
     with torch.no_grad():
-        seen = _teacher_forced(m.audio_head, run.out["audios_emb_for_infer"], m.model.audio_embed_layers,
-                               run.inp["step_frame_codes"])
+        seen = teacher_forced(m.audio_head, run.out["audios_emb_for_infer"], m.model.audio_embed_layers,
+                              run.inp["step_frame_codes"])
     for k in range(m.audio_head.depth):
         assert seen[k].dtype == DTYPE[run.kind]                   # logits stay in the model dtype
         run.check(seen[k], run.out[f"head_step_logits.{k}"], f"head_step_logits.{k}")
@@ -183,7 +172,7 @@ def test_parity_audio_head_step_logits_end_to_end(run, head_mode):
     """The head driven by our own prefill hidden state."""
     m = run.model
     with torch.no_grad():
-        seen = _teacher_forced(m.audio_head, run.x, m.model.audio_embed_layers, run.inp["step_frame_codes"])
+        seen = teacher_forced(m.audio_head, run.x, m.model.audio_embed_layers, run.inp["step_frame_codes"])
     for k in range(m.audio_head.depth):
         run.check(seen[k], run.out[f"head_step_logits.{k}"], f"head_step_logits.{k}")
 
@@ -198,14 +187,24 @@ def test_parity_audio_head_fullframe(run, head_mode):
 
 
 def test_parity_audio_head_greedy_codes(run, head_mode):
-    m = run.model
+    """Our greedy frames (incremental and the reference-style full re-run) against the
+    reference's: exact up to the first decision whose top-1 margin is within the logit
+    tolerance (on the public root: every fp32 decision, 4 of 16 in bf16, whose tolerance is
+    8% of the logit scale); the reference codes are near-argmaxes of ours everywhere."""
+    m, x = run.model, run.out["audios_emb_for_infer"]
+    ref = run.out["head_greedy_codes"]
     argmax = lambda k, logits: logits.argmax(-1)                   # noqa: E731
     with torch.no_grad():
-        fast = m.audio_frame(run.out["audios_emb_for_infer"], argmax)
+        fast = m.audio_frame(x, argmax)
         # the reference loop: the full head re-run for each codebook
         t = torch.zeros_like(fast)
         for k in range(m.audio_head.depth):
-            lg = m.audio_head.forward_full(run.out["audios_emb_for_infer"], t, m.model.audio_embed_layers)[k]
+            lg = m.audio_head.forward_full(x, t, m.model.audio_embed_layers)[k]
             t[:, k] = (lg if k == 0 else lg[:, :-1]).argmax(-1)
-    assert torch.equal(fast, run.out["head_greedy_codes"])
-    assert torch.equal(t, run.out["head_greedy_codes"])
+        logits = teacher_forced(m.audio_head, x, m.model.audio_embed_layers, ref)
+
+    def tol(k, lg):
+        check = f"03/{run.kind}/head_fullframe_from_stored_x.{k}"
+        return run.fx.tol(check, run.kind) * max(1.0, lg.float().abs().max().item())
+
+    assert_greedy_frame(ref, logits, tol, fast, t, what=f"{run.kind} greedy")

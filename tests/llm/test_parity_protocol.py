@@ -38,9 +38,20 @@ class ProtocolEnv:
             return Request(ids, mode="tts", tts_chunks=self.inputs["tts_chunk_ids"][1:], greedy=True, **kw)
         return Request(ids, mode=run, audio_codes=self.tensors_in["speech.audio_codes"], greedy=True, **kw)
 
+    @property
+    def context(self) -> int:
+        """The smallest context (EngineConfig.max_len) every fixture run fits in. A sequence
+        ends with "length" only when it must go on holding more than max_len tokens; the
+        longest a run holds while going on is what its last forward leaves in the KV cache
+        (the final token is appended, never forwarded), i.e. its final_kv_len."""
+        return max(r["final_kv_len"] for r in self.outputs["runs"].values())
+
+    def strings(self, *ids: int) -> list[str]:
+        return self.tokenizer.convert_ids_to_tokens(list(ids))
+
     def engine(self, **cfg) -> Engine:
         cfg.setdefault("num_slots", 8)
-        cfg.setdefault("max_len", 256)
+        cfg.setdefault("max_len", self.context)
         return Engine(self.model, self.tokenizer, generation_config=self.gen_config, config=EngineConfig(**cfg))
 
 
@@ -60,14 +71,15 @@ def _load(root) -> tuple:
 
 @pytest.fixture(scope="module")
 def protocol_env(fixtures) -> ProtocolEnv:
-    if not fixtures.has(FIX):
-        pytest.skip(f"fixture {FIX} not in {fixtures.root}")
+    fixtures.require(FIX)
     return ProtocolEnv(fixtures, *_load(fixtures.root))
 
 
-def display(decoded: str) -> str:
-    """The demo's shown text: the decode with these three strings removed."""
-    for s in ("<|endoftext|>", "<audiogen_start_baichuan>", "<audiogen_end_baichuan>"):
+def display(env: ProtocolEnv, decoded: str) -> str:
+    """The demo's shown text: the decode with <|endoftext|>, <audiogen_start_baichuan> and
+    <audiogen_end_baichuan> removed (their token strings, from the tokenizer and config ids)."""
+    a = env.fixtures.model_config.audio_tokens
+    for s in env.strings(env.tokenizer.eos_token_id, a.audiogen_start, a.audiogen_end):
         decoded = decoded.replace(s, "")
     return decoded
 
@@ -97,7 +109,8 @@ def check_run(env: ProtocolEnv, run: str, events: list, trace=None) -> None:
         assert list(e.token_ids) == r["generated_ids"], f"{run}: text segment {i} ids"
         first = r["stop"][0]
         assert e.reason == stop_name.get(first, first.replace("stop_string:", "stop:")), (e.reason, r["stop"])
-        shown = env.outputs["runs"]["asr"]["result"][0]["generated"] if run == "asr" else display(r["decoded"])
+        shown = (env.outputs["runs"]["asr"]["result"][0]["generated"] if run == "asr"
+                 else display(env, r["decoded"]))
         assert e.text == shown, f"{run}: text segment {i} text"
         deltas = "".join(d.text for d in events if isinstance(d, TextDelta) and d.segment == i)
         assert deltas == e.text, f"{run}: streamed deltas of segment {i} do not add up to its text"
@@ -110,16 +123,38 @@ def check_run(env: ProtocolEnv, run: str, events: list, trace=None) -> None:
         assert torch.equal(log, out[f"{run}.forward_log"]), f"{run}: forward log differs"
 
 
+def record_forwards(model, monkeypatch) -> list:
+    """What the model is actually fed, per row of every forward: (new tokens, KV length
+    before, first and last RoPE position), the fixture's forward_log columns. The engine's
+    own trace derives positions from its KV bookkeeping; this catches a position bug the
+    logits would hide (RoPE is relative, so a uniform shift only changes rounding)."""
+    rows = []
+    orig = model.forward
+
+    def forward(embeds, positions, cache, slots, cache_pos, n_new=None, kv_len=None):
+        n = n_new.tolist() if n_new is not None else [embeds.shape[1]] * embeds.shape[0]
+        for b, (k, c) in enumerate(zip(n, cache_pos.tolist())):
+            rows.append((k, c, int(positions[b, 0]), int(positions[b, k - 1])))
+        return orig(embeds, positions, cache, slots, cache_pos, n_new, kv_len)
+
+    monkeypatch.setattr(model, "forward", forward)
+    return rows
+
+
 @pytest.mark.parametrize("run", RUNS)
-def test_parity_protocol(protocol_env, run):
+def test_parity_protocol(protocol_env, run, monkeypatch):
+    fed = record_forwards(protocol_env.model, monkeypatch)
     eng = protocol_env.engine(trace=True)
     h = eng.submit(protocol_env.request(run))
     eng.run_until_idle()
     check_run(protocol_env, run, h.drain(), eng.trace)
+    log = torch.tensor(fed, dtype=torch.int64)                      # one request: every row is its
+    assert torch.equal(log, protocol_env.tensors_out[f"{run}.forward_log"]), f"{run}: positions fed differ"
 
 
 def test_parity_protocol_all_runs_batched(protocol_env):
     """The four runs together in one engine (one forward per step for all of them)."""
+    assert set(protocol_env.outputs["runs"]) == set(RUNS)
     eng = protocol_env.engine()
     hs = {run: eng.submit(protocol_env.request(run)) for run in RUNS}
     eng.run_until_idle()

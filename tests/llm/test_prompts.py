@@ -13,8 +13,7 @@ FIX = "06_protocol"
 @pytest.fixture(scope="module")
 def env(fixtures):
     from transformers import AutoTokenizer
-    if not fixtures.has(FIX):
-        pytest.skip(f"fixture {FIX} missing")
+    fixtures.require(FIX)
     tok = AutoTokenizer.from_pretrained(str(fixtures.root / FIX / "tokenizer"))
     tokens = ProtocolTokens.from_tokenizer(tok, fixtures.model_config, fixtures.json(FIX, "generation_config.json"))
     builder = PromptBuilder(tok, tokens, fixtures.model_config.audio.num_codebooks)
@@ -52,8 +51,8 @@ def test_asr_prompt_matches_fixture(env):
 
 def test_tts_chunks_match_fixture(env):
     b, inp, _ = env
-    assert split_tts_text(inp["tts_text"]) == [c.replace("<audiogen_start_baichuan>", "")
-                                               for c in inp["tts_chunk_prompts"]]
+    start = b.tokenizer.convert_ids_to_tokens(b.tokens.audio.audiogen_start)   # each chunk prompt's tail
+    assert split_tts_text(inp["tts_text"]) == [c.replace(start, "") for c in inp["tts_chunk_prompts"]]
     assert b.tts_chunks(inp["tts_text"]) == inp["tts_chunk_ids"]
 
 
@@ -66,12 +65,16 @@ def test_split_tts_text_rules():
     assert split_tts_text("") == []
 
 
-def test_multi_turn_history(env):
+def test_multi_turn_history(env, fixtures):
     """Past assistant turns: [<audiotext_start>]<C_A> + text + <audiogen_start> pads <audiogen_end>;
     no separators or end-of-turn tokens."""
     b, _, codes = env
     t, a = b.tokens, b.tokens.audio
-    reply = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8], [8, 7, 6, 5, 4, 3, 2, 1]])
+    assert len(codes) >= 5                                       # the user audio is sliced [:3], [3:5]
+    # two generated frames (any valid codes): codebook k gets k + 1 and C - k
+    sizes = torch.tensor(fixtures.model_config.audio.codebook_sizes)
+    k = torch.arange(len(sizes))
+    reply = torch.stack([(k + 1) % sizes, (len(sizes) - k) % sizes])
     msgs = _turn(codes[:3]) + [Message("assistant", ["你好", GeneratedAudio(reply)]),
                                Message("user", [Audio(codes[3:5])])]
     p = b.chat(msgs, spoken=True)
@@ -91,11 +94,12 @@ def test_errors(env):
         b.chat([Message("bot", "hi")])
     with pytest.raises(PromptError, match="system message may only be the first"):
         b.chat([Message("user", "hi"), Message("system", "x")])
-    with pytest.raises(PromptError, match=r"shape \[frames, 8\]"):
-        b.asr(codes[:, :4])
+    with pytest.raises(PromptError, match=rf"shape \[frames, {b.num_codebooks}\]"):
+        b.asr(codes[:, :-1])
 
 
 def test_eos_must_agree_with_generation_config(env, fixtures):
     b, _, _ = env
+    other = (b.tokens.eos + 1) % fixtures.model_config.llm.vocab_size       # any id but <|endoftext|>
     with pytest.raises(PromptError, match="eos_token_id"):
-        ProtocolTokens.from_tokenizer(b.tokenizer, fixtures.model_config, {"eos_token_id": 2})
+        ProtocolTokens.from_tokenizer(b.tokenizer, fixtures.model_config, {"eos_token_id": other})

@@ -226,8 +226,9 @@ def test_forced_schedule():
 
 
 def test_context_limit_during_generation():
-    s = seq(max_len=5)
-    text(s, A, A)                                # 5 tokens fill the slot
+    prompt = (A, A, A)
+    s = seq(prompt, max_len=len(prompt) + 2)
+    text(s, A, A)                                # the prompt and 2 tokens fill the slot
     assert s.phase == Phase.FIRST_TEXT
     text(s, A)
     assert s.done.reason == "length" and ends(s, "text")[0].reason == "length"
