@@ -30,6 +30,7 @@ import torch
 
 from services.llm import sampler as S
 from services.llm.prompts import ProtocolTokens
+from services.llm.runner import DecodeRow, DecodeRunner
 from services.llm.scheduler import (AudioFrame, Done, EngineError, Event, Mode, Protocol,
                                     ProtocolConfig, Request, Scheduler, SegmentEnd, SegmentStart,
                                     Sequence, SessionTable, TextDelta, UnknownSessionError)
@@ -50,8 +51,9 @@ class EngineConfig:
     max_batch: Optional[int] = None      # running sequences at once (default num_slots)
     stop_mode: str = "text"              # "text": transformers 4.45 stop strings (the reference); "bytes": >= 4.50
     trace: bool = False                  # record every row of every forward in Engine.trace
-    kv_bucket: int = 128                 # attended KV length rounded up to this: few distinct shapes
-                                         # (fused attention kernels plan per shape; graphs need it)
+    kv_bucket: int = 128                 # attended KV length rounded up (prefill: to a multiple of
+                                         # it; decode: to it times a power of two): few distinct shapes
+    cuda_graphs: Optional[bool] = None   # decode steps replayed as CUDA graphs (None: on CUDA)
 
 
 class Handle:
@@ -137,11 +139,16 @@ class Engine:
                                   f"{config.max_len} tokens needs {per_slot} bytes")
         self.config = config
         self.num_slots = num_slots
-        self.cache = model.new_cache(num_slots, config.max_len)
-        self.counts = S.TokenCounts(num_slots, self.vocab_size, self.device)
-        self.codes = S.CodeHistory(num_slots, sizes, self.device)
+        # one more slot than sequences get: the decode runner's padding rows write there
+        self.cache = model.new_cache(num_slots + 1, config.max_len)
+        self.counts = S.TokenCounts(num_slots + 1, self.vocab_size, self.device)
+        self.codes = S.CodeHistory(num_slots + 1, sizes, self.device)
         self.sessions = SessionTable(num_slots)
-        self.scheduler = Scheduler(self.sessions, config.max_batch or num_slots, config.prefill_budget)
+        max_batch = config.max_batch or num_slots
+        self.scheduler = Scheduler(self.sessions, max_batch, config.prefill_budget)
+        self.runner = DecodeRunner(model, self.cache, self.counts, self.codes, audio_pad=self.proto.audio_pad,
+                                   eos=self.proto.eos, eoa=self.proto.eoa, max_batch=max_batch,
+                                   kv_bucket=config.kv_bucket, cuda_graphs=config.cuda_graphs)
         self.handles: dict[str, Handle] = {}
         self._ids = itertools.count()
         self._lock = threading.RLock()
@@ -342,64 +349,52 @@ class Engine:
 
     def _run(self, work) -> None:
         """Forward every row of `work`, then take the decisions of the rows whose pending
-        span ends. Decoding rows (1 token) and prefill chunks run as two forwards when both
-        are present, so a 512-token chunk never pads 31 single-token rows to 512. Everything
-        the device needs is copied before the first kernel; the decisions are read back once."""
-        dev = self.device
-        work = [w for w in work if w.n == 1] + [w for w in work if w.n > 1]
-        groups = [g for g in (work[:sum(w.n == 1 for w in work)], work[sum(w.n == 1 for w in work):]) if g]
-        inputs = [self._inputs(g) for g in groups]
-        text_rows = [i for i, w in enumerate(work) if w.decide and w.seq.kind == "text"]
-        audio_rows = [i for i, w in enumerate(work) if w.decide and w.seq.kind == "audio"]
-        text_batch = self._batch([work[i].seq for i in text_rows], 1) if text_rows else None
-        audio_batch = (self._batch([work[i].seq for i in audio_rows], self.proto.num_codebooks)
-                       if audio_rows else None)
-        forced = [work[i].seq.forced is not None for i in audio_rows]
-        ban = torch.tensor(forced).to(dev) if any(forced) else None
-        sel = {}
-        for name, rows in (("text", text_rows), ("audio", audio_rows)):
-            if rows and len(rows) < len(work):
-                sel[name] = torch.tensor(rows).to(dev)
-
-        m = self.model
-        lasts, slot_parts = [], []
-        for (ids_t, pos_t, slots, cache_pos, n_new, codes_t, T, bound) in inputs:
+        span ends. Single-token rows (decoding) go through the decode runner (CUDA graphs on
+        a GPU); prefill chunks are one eager forward beside them, so a 512-token chunk never
+        pads 31 single-token rows to 512. Their last hidden states join the decode rows' for
+        the decisions, which the host reads back once."""
+        decode = [w for w in work if w.n == 1]
+        prefill = [w for w in work if w.n > 1]
+        work = decode + prefill
+        rows = [self._row(w) for w in work]
+        if decode:
+            self.runner.forward(rows[:len(decode)])
+        if prefill:
+            ids_t, pos_t, slots, cache_pos, n_new, codes_t, T, bound = self._inputs(prefill)
+            m = self.model
             x = m.embed(ids_t, codes_t, check=False)                      # (B, T, H)
-            hidden = m.forward(x, pos_t, self.cache, slots, cache_pos, n_new if T > 1 else None, kv_len=bound)
-            lasts.append(m.last_hidden(hidden, n_new if T > 1 else None))  # (B, H)
-            slot_parts.append(slots)
-        last = lasts[0] if len(lasts) == 1 else torch.cat(lasts)
-        slots = slot_parts[0] if len(slot_parts) == 1 else torch.cat(slot_parts)
-        outs = []
-        if text_rows:
-            i = sel.get("text")
-            h, sl = (last, slots) if i is None else (last.index_select(0, i), slots.index_select(0, i))
-            outs.append(self._text_decisions(h, sl, text_batch))
-        if audio_rows:
-            i = sel.get("audio")
-            h, sl = (last, slots) if i is None else (last.index_select(0, i), slots.index_select(0, i))
-            outs.append(self._audio_decisions(h, sl, audio_batch, ban).flatten())
-        flat = torch.cat(outs).tolist() if outs else []                   # the step's one host read
+            hidden = m.forward(x, pos_t, self.cache, slots, cache_pos, n_new, kv_len=bound)
+            self.runner.put_hidden(len(decode), m.last_hidden(hidden, n_new))
+        texts, frames = self.runner.decide(rows)
 
-        self.stats["forwards"] += len(groups)
+        self.stats["forwards"] += bool(decode) + bool(prefill)
         self.stats["forward_tokens"] += sum(w.n for w in work)
         self.stats["max_rows"] = max(self.stats["max_rows"], len(work))
-        self.stats["mixed_steps"] += len(groups) > 1
+        self.stats["mixed_steps"] += bool(decode) and bool(prefill)
         if self.trace is not None:
             self.trace += [(w.seq.id, w.n, w.seq.kv_len, w.seq.kv_len + 1, w.seq.kv_len + w.n) for w in work]
         for w in work:
             w.seq.advance(w.n)
-        nt = len(text_rows)
-        for j, i in enumerate(text_rows):
-            work[i].seq.on_text(flat[j])
-        C = self.proto.num_codebooks
-        for j, i in enumerate(audio_rows):
-            work[i].seq.on_frame(flat[nt + j * C: nt + (j + 1) * C])
-        self.stats["text_decisions"] += nt
-        self.stats["audio_frames"] += len(audio_rows)
+        deciding = [(w, r.decide) for w, r in zip(work, rows) if r.decide]
+        for w, tok in zip([w for w, d in deciding if d == "text"], texts):
+            w.seq.on_text(tok)
+        for w, frame in zip([w for w, d in deciding if d == "audio"], frames):
+            w.seq.on_frame(frame)
+        self.stats["text_decisions"] += len(texts)
+        self.stats["audio_frames"] += len(frames)
+
+    def _row(self, w) -> DecodeRow:
+        """A work item as the runner sees it (the token fields matter for single-token rows)."""
+        seq = w.seq
+        k = seq.kv_len
+        ids, pads = seq.chunk(1)
+        kind = seq.kind if w.decide else None
+        return DecodeRow(token=ids[0], codes=tuple(pads[0]) if pads else None, position=k + 1,   # §6.1: 1-based
+                         slot=seq.slot, cache_pos=k, decide=kind, params=seq.spec.params if kind else None,
+                         seed=seq.seed, draws=seq.draws, ban_eoa=kind == "audio" and seq.forced is not None)
 
     def _inputs(self, group) -> tuple:
-        """Device inputs of one forward: ids and 1-based positions (B, T), right-padded;
+        """Device inputs of one prefill forward: ids and 1-based positions (B, T), right-padded;
         slots, cache positions and new-token counts (B); the pads' codes (N, C)."""
         T = max(w.n for w in group)
         filler = self.proto.eos                       # right padding: any id but audio_pad
@@ -416,33 +411,6 @@ class Engine:
         q = self.config.kv_bucket
         bound = min(-(-max(w.seq.kv_len + T for w in group) // q) * q, self.cache.max_len)
         return t[:, :T], t[:, T:2 * T], t[:, 2 * T], t[:, 2 * T + 1], t[:, 2 * T + 2], codes, T, bound
-
-    def _batch(self, seqs: list[Sequence], draws: int) -> S.SamplingBatch:
-        return S.SamplingBatch.build([s.spec.params for s in seqs], [s.seed for s in seqs],
-                                     [s.draws for s in seqs], self.device, draws)
-
-    def _text_decisions(self, h: torch.Tensor, slots: torch.Tensor, batch: S.SamplingBatch) -> torch.Tensor:
-        """h (Bt, H) -> Long[Bt]. Logits upcast to fp32 before processing (correction 15)."""
-        logits = self.model.logits(h).float()                             # (Bt, V)
-        # an <audio_pad> sampled as text would have no codes to embed (the reference asserts)
-        logits[:, self.proto.audio_pad] = float("-inf")
-        return S.choose(logits, self.counts.seen(slots), batch)
-
-    def _audio_decisions(self, h: torch.Tensor, slots: torch.Tensor, batch: S.SamplingBatch,
-                         ban: Optional[torch.Tensor]) -> torch.Tensor:
-        """h (Ba, H) -> Long[Ba, C]. Logits stay in the model dtype (correction 15); each
-        codebook's history is this segment's codes (§11.3). ban Bool[Ba]: rows on a forced
-        schedule, whose segments must not end early (end-of-audio masked)."""
-        eoa = self.proto.eoa
-
-        def choose(k: int, logits: torch.Tensor) -> torch.Tensor:
-            if k == 0 and ban is not None:
-                col = logits[:, eoa].masked_fill(ban, float("-inf"))
-                logits = torch.cat([logits[:, :eoa], col[:, None], logits[:, eoa + 1:]], dim=1)
-            seen = self.codes.seen(slots, k, logits.shape[-1])
-            return S.choose(logits, seen, batch.offset(k))
-
-        return self.model.audio_frame(h, choose)
 
     # ================================================================== after a step
     def _finish_step(self) -> None:

@@ -277,6 +277,15 @@ class AudioLLM(nn.Module):
         rep = a[row].view_as(x)
         return torch.where(is_pad[..., None], rep, x)
 
+    def embed_decode(self, input_ids: torch.Tensor, row_codes: torch.Tensor) -> torch.Tensor:
+        """One token per row (B, 1) -> (B, 1, H); a row whose token is audio_pad is embedded
+        from its own frame row_codes[b] (B, 8); other rows' codes are ignored. The same values
+        as `embed` with the pads' frames in row order, without its data-dependent gather, so a
+        decode step has static shapes."""
+        text = self.model.embed_tokens(input_ids)                       # (B, 1, H)
+        is_pad = (input_ids == self.cfg.audio_tokens.audio_pad)[..., None]
+        return torch.where(is_pad, self.audio_embed(row_codes)[:, None], text)
+
     # ------------------------------------------------------------------ backbone
     def forward(self, embeds: torch.Tensor, positions: torch.Tensor, cache: KVCache,
                 slots: torch.Tensor, cache_pos: torch.Tensor, n_new: torch.Tensor | None = None,

@@ -98,21 +98,41 @@ class SamplingBatch:
     any_top_k: bool = True
     any_top_p: bool = True
 
+    @staticmethod
+    def host_tables(params: Sequence[SamplingParams], seeds: Sequence[int], counters: Sequence[int],
+                    draws: int = 1) -> tuple[list[list[float]], list[list[int]]]:
+        """The rows of the two tables a batch is made of: float [penalty, temperature, 1 - top_p]
+        and integer [top_k, top_p on, greedy, key 0 .. key draws-1]."""
+        # 1 - top_p in double, then float: what HF compares with
+        f = [[p.repetition_penalty, p.temperature, 1.0 - p.top_p] for p in params]
+        i = [[p.top_k, p.top_p < 1.0, p.greedy] + [draw_key(s, c + j) for j in range(draws)]
+             for p, s, c in zip(params, seeds, counters)]
+        return f, i
+
+    @classmethod
+    def from_tables(cls, f: torch.Tensor, i: torch.Tensor, params: Sequence[SamplingParams] | None = None
+                    ) -> "SamplingBatch":
+        """A batch over device tables f [B, 3] f32 and i [B, 3 + D] i64 (views: no copy).
+
+        params: the rows' parameters, to skip the warpers no row needs; None runs every step for
+        every row (the same numbers: each step is the identity for a row that does not use it),
+        which a captured CUDA graph needs, since it replays one fixed sequence of kernels."""
+        full = params is None
+        return cls(penalty=f[:, 0], temperature=f[:, 1], top_k=i[:, 0], top_p_cut=f[:, 2],
+                   top_p_on=i[:, 1].bool(), greedy=i[:, 2].bool(), keys=i[:, 3:],
+                   all_greedy=not full and all(p.greedy for p in params),
+                   any_temperature=full or any(p.temperature != 1.0 and not p.greedy for p in params),
+                   any_top_k=full or any(p.top_k > 0 and not p.greedy for p in params),
+                   any_top_p=full or any(p.top_p < 1.0 and not p.greedy for p in params))
+
     @classmethod
     def build(cls, params: Sequence[SamplingParams], seeds: Sequence[int], counters: Sequence[int],
               device: torch.device | str, draws: int = 1) -> "SamplingBatch":
         """Row i draws with keys of (seeds[i], counters[i] + j), j < draws."""
         # two host->device copies per batch (one float, one integer table), split on the device
-        f = torch.tensor([[p.repetition_penalty, p.temperature, 1.0 - p.top_p] for p in params],
-                         dtype=torch.float32).to(device)   # 1 - top_p in double, then float: what HF compares with
-        i = torch.tensor([[p.top_k, p.top_p < 1.0, p.greedy] + [draw_key(s, c + j) for j in range(draws)]
-                          for p, s, c in zip(params, seeds, counters)], dtype=torch.int64).to(device)
-        return cls(penalty=f[:, 0], temperature=f[:, 1], top_k=i[:, 0], top_p_cut=f[:, 2],
-                   top_p_on=i[:, 1].bool(), greedy=i[:, 2].bool(), keys=i[:, 3:],
-                   all_greedy=all(p.greedy for p in params),
-                   any_temperature=any(p.temperature != 1.0 and not p.greedy for p in params),
-                   any_top_k=any(p.top_k > 0 and not p.greedy for p in params),
-                   any_top_p=any(p.top_p < 1.0 and not p.greedy for p in params))
+        f, i = cls.host_tables(params, seeds, counters, draws)
+        return cls.from_tables(torch.tensor(f, dtype=torch.float32).to(device),
+                               torch.tensor(i, dtype=torch.int64).to(device), params)
 
     def offset(self, k: int) -> "SamplingBatch":
         """The same rows, drawing with their k-th key (codebook k of one frame)."""

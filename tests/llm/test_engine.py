@@ -30,13 +30,35 @@ def _builder(env):
     return PromptBuilder(env.tokenizer, env.engine().tokens, env.model.cfg.audio.num_codebooks)
 
 
+def _codes(env):
+    """The fixture's user-audio codes [N, C] (N depends on the root)."""
+    return env.tensors_in["speech.audio_codes"]
+
+
+def _bound(env, r: Request) -> int:
+    """The longest sequence the engine can hold for request r, from the protocol's caps
+    (EngineConfig.max_len at least this never ends it with "length")."""
+    pc = env.engine(num_slots=1).protocol_config
+    n = len(r.prompt_ids)
+    if r.forced is not None:                 # text: n tokens; audio: a pad per frame
+        return n + sum(k for _, k in r.forced)
+    if r.mode == "tts":                      # per segment: frames + the end-of-audio frame's pad
+        cap = min(pc.tts_audio.max_new, r.max_audio_frames or pc.tts_audio.max_new)
+        return n + sum(len(c) for c in r.tts_chunks) + (1 + len(r.tts_chunks)) * (cap + 1)
+    if r.mode in ("text", "asr"):
+        return n + (pc.text_only if r.mode == "text" else pc.asr).max_new
+    raise ValueError(f"no bound for an unforced {r.mode} request")
+
+
 def _variants(env):
-    """Four more requests of other lengths and modes (their lengths are bounded)."""
+    """Five more requests of other lengths and modes (their lengths are bounded: `_bound`)."""
     b = _builder(env)
-    codes = env.tensors_in["speech.audio_codes"]
-    spoken = b.chat([Message("system", "hello"), Message("user", [Audio(codes[:9]), " weather?"])], spoken=True)
+    codes = _codes(env)
+    N = len(codes)
+    spoken = b.chat([Message("system", "hello"), Message("user", [Audio(codes[:max(1, N // 6)]), " weather?"])],
+                    spoken=True)
     text = b.chat([Message("user", "Good morning! What time is it now?")], spoken=False)
-    asr = b.asr(codes[30:56])
+    asr = b.asr(codes[N // 2:])
     tts = b.tts_chunks("Hello, how are you today? I am fine, thank you.")
     return [
         Request(spoken.ids, "spoken", spoken.audio_codes, forced=[("text", 4), ("audio", 5), ("text", 2)], greedy=True),
@@ -48,17 +70,27 @@ def _variants(env):
 
 
 def test_batched_equals_alone(protocol_env):
-    """A sequence gives the same tokens and codes alone or in one batch with 8 others of
-    other lengths and modes (prefill chunks, text steps and audio frames in one forward)."""
+    """A sequence gives the same tokens and codes alone or in one batch with the fixture runs
+    and the other variants, of other lengths and modes (prefill chunks, text steps and audio
+    frames in one forward). Ids and codes are compared exactly: batching changes at most the
+    rounding of the logits (~1e-6 in fp32), far below the decisions' top-1 margins (the
+    smallest greedy one is ~3e-4 of the logit scale on the public root)."""
     env = protocol_env
     variants = _variants(env)
+    max_len = max([env.context] + [_bound(env, r) for r in variants])
     alone = []
     for r in variants:
-        eng = env.engine(max_len=160)
+        eng = env.engine(max_len=max_len)
         h = eng.submit(r)
         eng.run_until_idle()
         alone.append(_comparable(h.drain()))
-    eng = env.engine(num_slots=9, max_len=160, prefill_budget=48, trace=True)
+    n_requests = len(RUNS) + len(variants)
+    fixture_prompts = [env.request(run).prompt_ids for run in RUNS]
+    assert min(len(p) for p in fixture_prompts + [r.prompt_ids for r in variants]) > 2
+    # every prompt but the last 2 tokens of the last one in the first step (all rows in one
+    # forward); those 2 then run as a prefill chunk beside the others' decoding rows
+    budget = sum(len(p) for p in fixture_prompts) + sum(len(r.prompt_ids) for r in variants) - 2
+    eng = env.engine(num_slots=n_requests, max_len=max_len, prefill_budget=budget, trace=True)
     fixture_handles = {run: eng.submit(env.request(run)) for run in RUNS}
     hs = [eng.submit(r) for r in variants]
     eng.run_until_idle()
@@ -66,9 +98,9 @@ def test_batched_equals_alone(protocol_env):
         check_run(env, run, h.drain())
     for i, h in enumerate(hs):
         assert _comparable(h.drain()) == alone[i], f"variant {i} differs when batched"
-    assert len({t[0] for t in eng.trace}) == 9
-    assert eng.stats["max_rows"] >= 7                       # many sequences in one forward
-    assert eng.stats["mixed_steps"] > 0                     # prefill chunks beside decoding rows
+    assert len({t[0] for t in eng.trace}) == n_requests
+    assert eng.stats["max_rows"] == n_requests              # every sequence in one forward
+    assert eng.stats["mixed_steps"] > 0                     # a prefill chunk beside decoding rows
 
 
 def test_cancellation(protocol_env):
@@ -76,7 +108,7 @@ def test_cancellation(protocol_env):
     eng = env.engine(num_slots=1)
     h1 = eng.submit(env.request("spoken"))
     h2 = eng.submit(env.request("asr"))                     # waits: one slot
-    for _ in range(3):
+    for _ in range(env.outputs["runs"]["spoken"]["forward_calls_total"] // 2):   # mid-reply
         eng.step()
     h1.cancel()
     h2.cancel()
@@ -101,39 +133,45 @@ def test_reused_slot_starts_clean(protocol_env):
 
 def test_context_limit(protocol_env):
     env = protocol_env
-    eng = env.engine(max_len=64)
-    with pytest.raises(EngineError, match=r"prompt has 66 tokens; the context limit is 64"):
+    P = len(env.request("spoken").prompt_ids)
+    eng = env.engine(max_len=P)                             # the prompt must leave room for the reply
+    with pytest.raises(EngineError, match=rf"prompt has {P} tokens; the context limit is {P} tokens"):
         eng.submit(env.request("spoken"))
-    eng = env.engine(max_len=70)
-    h = eng.submit(env.request("text"))                     # 65 prompt tokens: the reply runs out of room
+    ref = env.outputs["runs"]["text"]["final_sequence"]
+    P = len(env.request("text").prompt_ids)
+    assert len(ref) - P >= 2                                # the fixture's text reply has room to cut
+    max_len = P + (len(ref) - P) // 2                       # the reply runs out of room half-way
+    eng = env.engine(max_len=max_len)
+    h = eng.submit(env.request("text"))
     eng.run_until_idle()
     done = h.drain()[-1]
-    assert done.reason == "length" and len(done.final_sequence) == 71 and done.kv_len == 70
+    assert done.reason == "length" and done.kv_len == max_len
+    assert done.final_sequence == tuple(ref[:max_len + 1])  # the fixture's reply, cut
 
 
 def test_bad_requests(protocol_env):
     env = protocol_env
     eng = env.engine()
     ids = env.inputs["prompt_ids"]["asr"]
-    codes = env.tensors_in["speech.audio_codes"]
+    codes = _codes(env)
+    N = len(codes)
     with pytest.raises(UnknownSessionError, match="unknown session 'nope'"):
         eng.submit(Request(ids, "asr", codes, session_id="nope"))
     with pytest.raises(UnknownSessionError, match="unknown session 'nope'"):
         eng.close_session("nope")
-    with pytest.raises(EngineError, match="56 <audio_pad_baichuan> tokens but audio_codes has 3 frames"):
-        eng.submit(Request(ids, "asr", codes[:3]))
+    with pytest.raises(EngineError, match=f"{N} <audio_pad_baichuan> tokens but audio_codes has {N - 1} frames"):
+        eng.submit(Request(ids, "asr", codes[:N - 1]))
     with pytest.raises(EngineError, match="unknown mode"):
         eng.submit(Request(ids, "song", codes))
     with pytest.raises(EngineError, match="must alternate text and audio"):
         eng.submit(Request(ids, "spoken", codes, forced=[("audio", 3)]))
     with pytest.raises(EngineError, match="must end with <audiogen_start_baichuan>"):
-        eng.submit(Request([1, 2, 3], "tts"))
+        eng.submit(Request(env.inputs["prompt_ids"]["tts"][:-1], "tts"))
 
 
-def _asr_turn(env, eng, sid, frames):
-    b = _builder(env)
-    p = b.asr(env.tensors_in["speech.audio_codes"][frames])
-    h = eng.submit(Request(p.ids, "asr", p.audio_codes, session_id=sid, greedy=True))
+def _asr_turn(env, eng, sid):
+    """The fixture's ASR run as a turn of session sid: its length is known (final_kv_len)."""
+    h = eng.submit(env.request("asr", session_id=sid))
     eng.run_until_idle()
     return h.drain()[-1]
 
@@ -143,24 +181,29 @@ def test_prefix_reuse_equals_full_prefill(protocol_env):
     gives the same result as a fresh engine prefilling everything."""
     env = protocol_env
     b = _builder(env)
-    codes = env.tensors_in["speech.audio_codes"]
-    eng = env.engine(trace=True)
-    sid = eng.open_session()
-    first = _asr_turn(env, eng, sid, slice(0, 56))
-    assert first.final_sequence == tuple(env.outputs["runs"]["asr"]["final_sequence"])
-    turn2 = b.chat([Message("user", [Audio(codes[40:50])])], spoken=True)
-    ids = list(first.final_sequence) + turn2.ids
+    codes = _codes(env)
+    N = len(codes)
+    ref = env.outputs["runs"]["asr"]
+    turn2 = b.chat([Message("user", [Audio(codes[N // 2:N // 2 + max(1, N // 6)])])], spoken=True)
+    ids = list(ref["final_sequence"]) + turn2.ids
     all_codes = torch.cat([codes, turn2.audio_codes])
     forced = [("text", 3), ("audio", 4), ("text", 2)]
+    r2 = Request(ids, "spoken", all_codes, greedy=True, forced=forced)
+    max_len = max(env.context, _bound(env, r2))
+    eng = env.engine(max_len=max_len, trace=True)
+    sid = eng.open_session()
+    first = _asr_turn(env, eng, sid)
+    assert first.final_sequence == tuple(ref["final_sequence"])
     h = eng.submit(Request(ids, "spoken", all_codes, session_id=sid, greedy=True, forced=forced))
     eng.run_until_idle()
     reused = h.drain()
-    assert reused[-1].prefix_reused == first.kv_len == 62
+    kv = ref["final_kv_len"]
+    assert reused[-1].prefix_reused == first.kv_len == kv
     first_fwd = [t for t in eng.trace if t[0] == h.request_id][0]
-    assert first_fwd[1:3] == (len(ids) - 62, 62)           # only the new tokens, after the cached ones
+    assert first_fwd[1:3] == (len(ids) - kv, kv)           # only the new tokens, after the cached ones
 
-    fresh = env.engine()
-    h2 = fresh.submit(Request(ids, "spoken", all_codes, greedy=True, forced=forced))
+    fresh = env.engine(max_len=max_len)
+    h2 = fresh.submit(r2)
     fresh.run_until_idle()
     full = h2.drain()
     assert full[-1].prefix_reused == 0
@@ -169,22 +212,23 @@ def test_prefix_reuse_equals_full_prefill(protocol_env):
 
 def test_lru_eviction_under_small_budget(protocol_env):
     env = protocol_env
-    cache_bytes = KVCache.for_config(env.model.cfg, 1, 128, dtype=torch.float32).nbytes()
-    eng = env.engine(num_slots=8, max_len=128, kv_budget_bytes=2 * cache_bytes + 1)
+    max_len = env.outputs["runs"]["asr"]["final_kv_len"]            # what an ASR turn needs
+    cache_bytes = KVCache.for_config(env.model.cfg, 1, max_len, dtype=torch.float32).nbytes()
+    eng = env.engine(num_slots=8, max_len=max_len, kv_budget_bytes=2 * cache_bytes + 1)
     assert eng.num_slots == 2
     s1, s2, s3 = (eng.open_session(f"s{i}") for i in (1, 2, 3))
     for s in (s1, s2):
-        assert _asr_turn(env, eng, s, slice(30, 56)).prefix_reused == 0
-    assert _asr_turn(env, eng, s1, slice(30, 56)).prefix_reused > 0      # s1 kept its KV
-    assert _asr_turn(env, eng, s3, slice(30, 56)).prefix_reused == 0     # takes s2's slot (least recent)
+        assert _asr_turn(env, eng, s).prefix_reused == 0
+    assert _asr_turn(env, eng, s1).prefix_reused > 0      # s1 kept its KV
+    assert _asr_turn(env, eng, s3).prefix_reused == 0     # takes s2's slot (least recent)
     assert eng.sessions.evictions == 1
-    assert _asr_turn(env, eng, s2, slice(30, 56)).prefix_reused == 0     # evicted: full prefill; evicts s1
-    assert _asr_turn(env, eng, s3, slice(30, 56)).prefix_reused > 0
+    assert _asr_turn(env, eng, s2).prefix_reused == 0     # evicted: full prefill; evicts s1
+    assert _asr_turn(env, eng, s3).prefix_reused > 0
     assert eng.sessions.evictions == 2
     eng.close_session(s3)
     assert len(eng.sessions.free) == 1
     with pytest.raises(EngineError, match="holds no slot"):
-        env.engine(max_len=128, kv_budget_bytes=cache_bytes - 1)
+        env.engine(max_len=max_len, kv_budget_bytes=cache_bytes - 1)
 
 
 def test_background_thread(protocol_env):
@@ -226,6 +270,9 @@ class NeverEndingAudio(torch.nn.Module):
     def embed(self, ids, codes=None, check=True):
         return torch.zeros(*ids.shape, 1)
 
+    def embed_decode(self, ids, codes):
+        return torch.zeros(*ids.shape, 1)
+
     def forward(self, x, positions, cache, slots, cache_pos, n_new=None, kv_len=None):
         return x
 
@@ -242,21 +289,26 @@ class NeverEndingAudio(torch.nn.Module):
 
 def test_500_frame_cap(protocol_env):
     env = protocol_env
-    t = env.engine().tokens
+    base = env.engine(num_slots=1)
+    t, cap = base.tokens, base.protocol_config.spoken_audio.max_new          # the reference's 500
     fake = NeverEndingAudio(env.model.cfg, t.eos, t.audio.audiogen_start)
-    eng = Engine(fake, env.tokenizer, generation_config=env.gen_config, config=EngineConfig(num_slots=1, max_len=1024))
-    h = eng.submit(Request([1, 2, 3], "spoken", greedy=True))
+    prompt = _builder(env).encode("Hello")              # plain text: no special id the fake's logits favour
+    P = len(prompt)
+    final_len = P + 1 + cap + 1                          # <audiogen_start>, the pads, <|endoftext|>
+    eng = Engine(fake, env.tokenizer, generation_config=env.gen_config,
+                 config=EngineConfig(num_slots=1, max_len=final_len))
+    h = eng.submit(Request(prompt, "spoken", greedy=True))
     eng.run_until_idle()
     events = h.drain()
     audio = _ends(events, "audio")
-    assert len(audio) == 1 and len(audio[0].codes) == 500 and audio[0].reason == "max_new"
-    assert sum(isinstance(e, AudioFrame) for e in events) == 500
+    assert len(audio) == 1 and len(audio[0].codes) == cap and audio[0].reason == "max_new"
+    assert sum(isinstance(e, AudioFrame) for e in events) == cap
     done = events[-1]
     a = env.model.cfg.audio_tokens
-    # the 500th frame's pad was never forwarded: the host wrote audiogen_end over it
-    assert done.final_sequence[3:5] == (a.audiogen_start, a.audio_pad)
+    # the last frame's pad was never forwarded: the host wrote audiogen_end over it
+    assert done.final_sequence[P:P + 2] == (a.audiogen_start, a.audio_pad)
     assert done.final_sequence[-3:] == (a.audio_pad, a.audiogen_end, t.eos)
-    assert len(done.final_sequence) == 3 + 1 + 500 + 1 and done.reason == "eos"
+    assert len(done.final_sequence) == final_len and done.reason == "eos"
 
 
 def test_bf16_model(protocol_env):
@@ -265,12 +317,16 @@ def test_bf16_model(protocol_env):
     import copy
     env = protocol_env
     model = copy.deepcopy(env.model).to(torch.bfloat16)
-    eng = Engine(model, env.tokenizer, generation_config=env.gen_config, config=EngineConfig(num_slots=4, max_len=256))
+    # bf16 replies may differ from the fixture's and run out of room ("length" is accepted)
+    max_len = env.context
+    eng = Engine(model, env.tokenizer, generation_config=env.gen_config,
+                 config=EngineConfig(num_slots=4, max_len=max_len))
     assert eng.cache.k.dtype == torch.bfloat16
     hs = [eng.submit(env.request(run, max_audio_frames=20)) for run in RUNS]
-    hs.append(eng.submit(Request(env.inputs["prompt_ids"]["spoken"], "spoken", env.tensors_in["speech.audio_codes"],
+    hs.append(eng.submit(Request(env.inputs["prompt_ids"]["spoken"], "spoken", _codes(env),
                                  forced=[("text", 2), ("audio", 3)], seed=5)))
-    eng.run_until_idle(max_steps=400)
+    # a running sequence forwards >= 1 token a step, so each ends within max_len steps
+    eng.run_until_idle(max_steps=len(hs) * max_len)
     sizes = env.model.cfg.audio.codebook_sizes
     for h in hs:
         events = h.drain()
@@ -282,10 +338,10 @@ def test_bf16_model(protocol_env):
 
 def test_forget_idle_sessions_keeps_busy_and_cached_ones(protocol_env):
     env = protocol_env
-    eng = env.engine(num_slots=2, max_len=128)
+    eng = env.engine(num_slots=2)
     for i in range(6):
         eng.open_session(f"s{i}")
-    assert _asr_turn(env, eng, "s1", slice(30, 56)).prefix_reused == 0   # s1 now holds a slot (its KV)
+    assert _asr_turn(env, eng, "s1").prefix_reused == 0                 # s1 now holds a slot (its KV)
     eng.sessions.reserve("s2")                                         # s2 runs a turn
     assert eng.forget_idle_sessions(keep=3) == 3
     assert {s for s in ("s0", "s1", "s2", "s3", "s4", "s5") if eng.has_session(s)} == {"s1", "s2", "s5"}
