@@ -20,11 +20,16 @@ def _cmd_make_tiny_checkpoint(args: argparse.Namespace) -> int:
     return 0
 
 
+# benchmarks that are not a stage's own bench.py
+BENCHES = {"engine": "services.llm.bench_engine"}
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     import importlib
 
-    # each stage's benchmark owns its options (`baichuan-audio bench llm --help`)
-    importlib.import_module(f"services.{args.stage}.bench").main(args.args)
+    # each benchmark owns its options (`baichuan-audio bench llm --help`)
+    module = BENCHES.get(args.stage, f"services.{args.stage}.bench")
+    importlib.import_module(module).main(args.args)
     return 0
 
 
@@ -90,9 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     client_args(s)
     s.set_defaults(func=_cmd_client, client="synthesize")
 
-    s = sub.add_parser("bench", help="benchmarks that print figures: tokenizer, llm, decoder, vocoder",
+    s = sub.add_parser("bench", help="benchmarks that print figures: tokenizer, llm, engine, decoder, vocoder",
                        add_help=False)
-    s.add_argument("stage", choices=["tokenizer", "llm", "decoder", "vocoder"])
+    s.add_argument("stage", choices=["tokenizer", "llm", "engine", "decoder", "vocoder"])
     s.add_argument("args", nargs=argparse.REMAINDER, help="the stage benchmark's own options (--help)")
     s.set_defaults(func=_cmd_bench)
     return p

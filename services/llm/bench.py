@@ -51,12 +51,14 @@ _AUDIO_TOKENS = ("audio_start", "audio_end", "audio_pad", "audio_delim", "audiot
 def synthetic_config(hidden_size: int, num_hidden_layers: int, num_attention_heads: int,
                      num_key_value_heads: int, head_dim: int, intermediate_size: int, vocab_size: int,
                      codebook_sizes=(8192, 4096, 2048, 1024, 1024, 1024, 1024, 1024),
-                     audio_head_transformer_layers: int = 3, rope_theta: float = 1e6) -> ModelConfig:
+                     audio_head_transformer_layers: int = 3, rope_theta: float = 1e6,
+                     audio_token_ids: dict | None = None) -> ModelConfig:
     """A complete config.json dict with the given LLM/head dimensions (the other stages get
-    small placeholder values) -> ModelConfig. Audio special ids are the last ids of the vocab."""
+    small placeholder values) -> ModelConfig. Audio special ids: `audio_token_ids`
+    ({"audio_start_token_id": ..., ...}) or the last ids of the vocab."""
     if vocab_size < 64:
         raise ValueError(f"vocab_size {vocab_size} is too small to hold the audio special tokens")
-    audio = {f"{n}_token_id": vocab_size - 32 + i for i, n in enumerate(_AUDIO_TOKENS)}
+    audio = dict(audio_token_ids or {f"{n}_token_id": vocab_size - 32 + i for i, n in enumerate(_AUDIO_TOKENS)})
     audio.update(audio_head_transformer_layers=audio_head_transformer_layers, avg_pooler=4, d_model=64,
                  encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=64, decoder_layers=1,
                  decoder_attention_heads=2, decoder_ffn_dim=64, decoder_kernel_size=3, num_mel_bins=128,

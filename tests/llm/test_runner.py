@@ -1,0 +1,88 @@
+"""The decode runner: batch ladder, padding rows on the scratch slot, decisions independent of
+batch mates and padding, and the engine benchmark through the serving path (tiny, CPU)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from services.llm import sampler as S
+from services.llm.bench import build_model, synthetic_config
+from services.llm.runner import DecodeRow, DecodeRunner, batch_ladder, bucket
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+DIMS = dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+            intermediate_size=192, vocab_size=512, codebook_sizes=(32, 16, 16, 16), audio_head_transformer_layers=2)
+
+
+def test_ladders():
+    assert batch_ladder(1) == [1] and batch_ladder(5) == [1, 2, 4, 8] and batch_ladder(8) == [1, 2, 4, 8]
+    assert bucket(3, batch_ladder(8)) == 4 and bucket(8, batch_ladder(8)) == 8
+    with pytest.raises(ValueError):
+        bucket(9, batch_ladder(8))
+
+
+@pytest.fixture(scope="module")
+def parts():
+    cfg = synthetic_config(**DIMS)
+    model = build_model(cfg, torch.device("cpu"), torch.float32, "math", seed=0)
+    return cfg, model
+
+
+def runner_for(cfg, model, slots: int, max_batch: int) -> DecodeRunner:
+    cache = model.new_cache(slots + 1, 64)                     # + the scratch slot
+    counts = S.TokenCounts(slots + 1, cfg.llm.vocab_size)
+    codes = S.CodeHistory(slots + 1, cfg.audio.codebook_sizes)
+    a = cfg.audio_tokens
+    return DecodeRunner(model, cache, counts, codes, audio_pad=a.audio_pad, eos=a.audio_end,
+                        eoa=cfg.audio.codebook_sizes[0], max_batch=max_batch, kv_bucket=16)
+
+
+def rows_for(cfg, slots, kinds, pos=5):
+    greedy = S.SamplingParams(repetition_penalty=1.3, greedy=True)
+    out = []
+    for j, (slot, kind) in enumerate(zip(slots, kinds)):
+        pad = kind == "audio"
+        out.append(DecodeRow(token=cfg.audio_tokens.audio_pad if pad else 40 + j,
+                             codes=tuple(range(len(cfg.audio.codebook_sizes))) if pad else None,
+                             position=pos + 1, slot=slot, cache_pos=pos, decide=kind, params=greedy, seed=slot))
+    return out
+
+
+def test_padding_rows_touch_only_the_scratch_slot(parts):
+    cfg, model = parts
+    r = runner_for(cfg, model, slots=6, max_batch=8)
+    r.cache.k.normal_()
+    before = r.cache.k.clone()
+    rows = rows_for(cfg, [1, 3, 4], ["text", "audio", "text"])     # 3 rows: padded to 4
+    texts, frames = r.step(rows)
+    assert len(texts) == 2 and len(frames) == 1 and len(frames[0]) == len(cfg.audio.codebook_sizes)
+    changed = {s for s in range(r.cache.num_slots) if not torch.equal(before[:, s], r.cache.k[:, s])}
+    assert changed == {1, 3, 4, r.scratch}
+    # only the written position of each used slot changed
+    pos = rows[0].cache_pos
+    for s in (1, 3, 4):
+        d = (before[:, s] != r.cache.k[:, s]).any(dim=(0, 1, 3))
+        assert d.nonzero().flatten().tolist() == [pos]
+
+
+def test_decisions_do_not_depend_on_batch_mates_or_padding(parts):
+    cfg, model = parts
+    alone, together = runner_for(cfg, model, 6, 8), runner_for(cfg, model, 6, 8)
+    rows = rows_for(cfg, [0, 2, 5], ["audio", "text", "audio"])
+    got = together.step(rows)
+    want_text, want_frames = [], []
+    for row in rows:
+        t, f = alone.step([row])
+        want_text += t
+        want_frames += f
+    assert got == (want_text, want_frames)
+
+
+def test_engine_bench_prints_figures_through_the_serving_path(capsys):
+    from services.llm.bench_engine import bench_engine
+
+    rows = bench_engine("cpu", batch_sizes=(1, 2), context=16, steps=2, warmup=1, kinds=("audio",))
+    assert [r["batch"] for r in rows] == [1, 2] and all(r["eager"][0] > 0 for r in rows)
+    out = capsys.readouterr().out
+    assert "engine decode bench" in out and "per stream vs real time" in out
