@@ -19,6 +19,7 @@ MODEL_FIXTURES = ("02_tokenizer", "03_llm_audiohead", "04_decoder_flow")
 
 def _header(fixtures, fixture: str) -> dict[str, tuple[tuple[int, ...], str]]:
     """key -> (shape, dtype) of a fixture's weights.safetensors (reads the header only)."""
+    fixtures.require(fixture)
     with safe_open(str(fixtures.root / fixture / "weights.safetensors"), "pt") as f:
         return {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}
 
@@ -68,14 +69,19 @@ def test_parity_hift_schema_equals_fixture_weights(fixtures):
     assert all(s.kind == PARAM for s in schema.values())
 
 
-def test_parity_sinusoid_tables_bit_exact(fixtures):
-    """The stored fp32 tables are the reference's `sinusoids`; ours match bit for bit."""
+def test_parity_sinusoid_tables(fixtures):
+    """The stored fp32 tables are the reference's `sinusoids`; ours match them (bit for bit on
+    the CPUs tried, but exp and sin may round an ulp differently on others, and an ulp of a
+    frequency moves the angle t·inv by ~ulp(t): the tolerance scales with the largest position)."""
+    for fx in ("02_tokenizer", "04_decoder_flow"):
+        fixtures.require(fx)
     stored = {**fixtures.load("02_tokenizer", "weights.safetensors"),
               **fixtures.load("04_decoder_flow", "weights.safetensors")}
     ours = sinusoid_buffers(fixtures.model_config)
     assert set(ours) == {k for k in stored if k.endswith("positional_embedding")}
     for k, t in ours.items():
-        assert t.dtype == torch.float32 and torch.equal(t, stored[k]), k
+        assert t.dtype == torch.float32, k
+        fixtures.assert_close(t, stored[k], f"sinusoids/{k}", "fp32", scale=t.shape[0] - 1)
 
 
 def test_sinusoid_table_formula():
@@ -93,26 +99,30 @@ def test_schema_lists_every_documented_unused_key(fixtures):
 
 
 def test_schema_rejects_audio_head_hidden_not_multiple_of_128(fixtures):
-    raw = dict(fixtures.model_config.raw, hidden_size=96, head_dim=24)
+    # the config's hidden size is a multiple of 128; half of 128 more is not
+    raw = dict(fixtures.model_config.raw, hidden_size=fixtures.model_config.llm.hidden_size + 64)
     with pytest.raises(ConfigError, match="multiple of 128"):
         model_schema(ModelConfig.from_dict(raw))
 
 
 def test_schema_follows_config_dimensions(fixtures):
     cfg = fixtures.model_config
-    raw = dict(cfg.raw, vocab_size=640, num_hidden_layers=3)
+    vocab, layers = cfg.llm.vocab_size + 128, cfg.llm.num_hidden_layers + 1      # both changed
+    raw = dict(cfg.raw, vocab_size=vocab, num_hidden_layers=layers)
     s = model_schema(ModelConfig.from_dict(raw))
-    assert s["lm_head.weight"].shape == (640, cfg.llm.hidden_size)
-    assert "model.layers.2.mlp.up_proj.weight" in s and "model.layers.3.mlp.up_proj.weight" not in s
-    audio = dataclasses.replace(cfg.audio, codebook_sizes=(8,) * 8)
+    assert s["lm_head.weight"].shape == (vocab, cfg.llm.hidden_size)
+    assert f"model.layers.{layers - 1}.mlp.up_proj.weight" in s and f"model.layers.{layers}.mlp.up_proj.weight" not in s
+    n, k = cfg.audio.num_codebooks, 8                                              # every codebook resized to k
+    audio = dataclasses.replace(cfg.audio, codebook_sizes=(k,) * n)
     s = model_schema(dataclasses.replace(cfg, audio=audio))
-    assert s["audio_head.heads.0.weight"].shape == (9, cfg.llm.hidden_size)
-    assert s["audio_tokenizer.audio_bridge_model.vq_list.7.codebook.embed"].shape == (8, cfg.audio.bridge_dim)
+    assert s["audio_head.heads.0.weight"].shape == (k + 1, cfg.llm.hidden_size)   # + the end-of-audio class
+    assert s[f"audio_tokenizer.audio_bridge_model.vq_list.{n - 1}.codebook.embed"].shape == (k, cfg.audio.bridge_dim)
 
 
 def test_parity_schema_module_loads_fixture_weights_strictly(fixtures):
     """A module declaring exactly the used keys of the schema loads the reference state dict;
     the unused keys are skipped, not errors."""
+    fixtures.require("03_llm_audiohead")
     tensors = fixtures.load("03_llm_audiohead", "weights.safetensors")
     module = module_from_schema(model_schema(fixtures.model_config), PREFIX["audio_head"])
     report = load_state(module, tensors, PREFIX["audio_head"], source="03_llm_audiohead")
@@ -124,6 +134,7 @@ def test_parity_schema_module_loads_fixture_weights_strictly(fixtures):
 
 
 def test_renamed_key_names_missing_and_unexpected(fixtures):
+    fixtures.require("03_llm_audiohead")
     tensors = dict(fixtures.load("03_llm_audiohead", "weights.safetensors"))
     good, bad = "audio_head.headnorm.weight", "audio_head.head_norm.weight"
     tensors[bad] = tensors.pop(good)
@@ -136,6 +147,7 @@ def test_renamed_key_names_missing_and_unexpected(fixtures):
 
 def test_module_declaring_an_unused_key_is_caught(fixtures):
     """Unused keys are skipped by the loader, so a module that declares one cannot be filled."""
+    fixtures.require("03_llm_audiohead")
     tensors = fixtures.load("03_llm_audiohead", "weights.safetensors")
     module = module_from_schema(model_schema(fixtures.model_config), PREFIX["audio_head"], drop_unused=False)
     with pytest.raises(CheckpointError, match="missing: audio_head.transformer_layers.0.linear1.bias"):

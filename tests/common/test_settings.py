@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from services.common.settings import Settings, SettingsError
+from tests.parity import missing
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -159,13 +160,13 @@ def test_missing_file():
 def test_shipped_config_files_load(rel):
     path = REPO / rel
     if not path.is_file():
-        pytest.skip(f"{rel} not in this checkout")
+        missing(f"{rel} not in this checkout")
     s = Settings.load(path, env={})
     if rel == "config/example.yaml":  # documents every key, each with its default value
         assert s == Settings()
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
-        missing = _keys(dataclasses.asdict(Settings())) - _keys(data) - {"redis.password"}
-        assert not missing, f"config/example.yaml does not document {sorted(missing)}"
+        undocumented = _keys(dataclasses.asdict(Settings())) - _keys(data) - {"redis.password"}
+        assert not undocumented, f"config/example.yaml does not document {sorted(undocumented)}"
 
 
 def _keys(d: dict, prefix: str = "") -> set[str]:

@@ -24,7 +24,8 @@ def tiny_cfg() -> ModelConfig:
 
 @pytest.fixture(scope="module")
 def tok_dir(tmp_path_factory, tiny_cfg):
-    return build_tiny_tokenizer(tmp_path_factory.mktemp("tok"), tiny_cfg, TINY_VOCAB)
+    assert tiny_cfg.llm.vocab_size == TINY_VOCAB
+    return build_tiny_tokenizer(tmp_path_factory.mktemp("tok"), tiny_cfg, tiny_cfg.llm.vocab_size)
 
 
 @pytest.fixture(scope="module")
@@ -32,10 +33,11 @@ def tok(tok_dir):
     return load_text_tokenizer(tok_dir)
 
 
-def test_loads_with_autotokenizer_at_full_size(tok, tok_dir):
+def test_loads_with_autotokenizer_at_full_size(tok, tok_dir, tiny_cfg):
+    vocab = tiny_cfg.llm.vocab_size
     assert type(tok).__name__.startswith("Qwen2Tokenizer")
-    assert len(tok) == TINY_VOCAB and len(tok.get_vocab()) == TINY_VOCAB
-    assert sorted(tok.get_vocab().values()) == list(range(TINY_VOCAB))
+    assert len(tok) == vocab and len(tok.get_vocab()) == vocab
+    assert sorted(tok.get_vocab().values()) == list(range(vocab))
     assert {p.name for p in tok_dir.iterdir()} == {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"}
 
 
@@ -43,6 +45,7 @@ def test_every_special_id_matches_config(tok, tiny_cfg):
     ids = special_ids(tok, tiny_cfg)
     assert ids.audio == tiny_cfg.audio_tokens
     layout = special_token_layout(tiny_cfg)
+    # the real tokenizer's special-token lists: 37 specials, 23 of them multimodal
     assert set(layout) == set(ALL_SPECIALS) and len(ALL_SPECIALS) == 37 and len(MULTIMODAL_SPECIALS) == 23
     for token, i in layout.items():
         assert tok.convert_tokens_to_ids(token) == i, token
@@ -50,8 +53,8 @@ def test_every_special_id_matches_config(tok, tiny_cfg):
         assert layout[token] == getattr(tiny_cfg.audio_tokens, name)
     assert (ids.endoftext, ids.system, ids.user, ids.assistant) == (
         layout[ENDOFTEXT], layout["<B_SYS>"], layout["<C_Q>"], layout["<C_A>"])
-    # Specials sit inside the BPE ids, not at the end (as in the real tokenizer).
-    assert max(layout.values()) < TINY_VOCAB - 1 and min(layout.values()) > 256
+    # Specials sit inside the BPE ids (above the 256 byte symbols), not at the end (as in the real tokenizer).
+    assert max(layout.values()) < tiny_cfg.llm.vocab_size - 1 and min(layout.values()) > 256
 
 
 def test_tokenizer_config_as_qwen2(tok_dir, tok):
@@ -92,6 +95,7 @@ def test_special_strings_in_text_become_single_ids(tok, tiny_cfg):
 def test_parity_byte_symbols_and_specials_like_fixture_tokenizer(fixtures, tmp_path):
     """Built for the fixture config, the special ids and the 256 byte ids equal those of the
     fixture tokenizer (written by the reference tooling)."""
+    fixtures.require("06_protocol")
     ref = load_text_tokenizer(fixtures.root / "06_protocol" / "tokenizer")
     cfg = fixtures.model_config
     ours = load_text_tokenizer(build_tiny_tokenizer(tmp_path, cfg, cfg.llm.vocab_size))
@@ -115,11 +119,12 @@ def test_special_ids_names_a_config_mismatch(tok, tiny_cfg):
 
 
 def test_build_rejects_ids_outside_vocab(tmp_path, tiny_cfg):
-    with pytest.raises(TokenizerError, match=r"vocab_size=600"):
-        build_tiny_tokenizer(tmp_path, tiny_cfg, 600)
+    small = max(special_token_layout(tiny_cfg).values())          # the largest special id is then outside
+    with pytest.raises(TokenizerError, match=rf"vocab_size={small}"):
+        build_tiny_tokenizer(tmp_path, tiny_cfg, small)
 
 
 def test_build_is_deterministic(tmp_path, tiny_cfg, tok_dir):
-    again = build_tiny_tokenizer(tmp_path, tiny_cfg, TINY_VOCAB)
+    again = build_tiny_tokenizer(tmp_path, tiny_cfg, tiny_cfg.llm.vocab_size)
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         assert (again / name).read_bytes() == (tok_dir / name).read_bytes(), name

@@ -107,9 +107,11 @@ def test_generation_config_and_tokenizer(ckpt):
 
 def test_random_init_recipe(ckpt):
     t = {k: v.float() for k, v in ckpt.tensors(["audio_tokenizer."], skip_unused=False).items()}
+    a = ckpt.config.audio
     enc = "audio_tokenizer.audio_model."
-    assert abs(t[enc + "layers.0.fc1.weight"].std().item() * 64 ** 0.5 - 1) < 0.1   # N(0,1)/sqrt(fan_in)
-    assert abs(t[enc + "conv1.weight"].std().item() * (128 * 3) ** 0.5 - 1) < 0.1    # conv: fan_in = in * k
+    assert abs(t[enc + "layers.0.fc1.weight"].std().item() * a.d_model ** 0.5 - 1) < 0.1   # N(0,1)/sqrt(fan_in)
+    fan_in = a.num_mel_bins * a.kernel_size                                              # conv: in * k
+    assert abs(t[enc + "conv1.weight"].std().item() * fan_in ** 0.5 - 1) < 0.1
     assert abs(t[enc + "layers.0.fc1.bias"].std().item() - 0.1) < 0.03
     ln = torch.cat([v for k, v in t.items() if k.endswith("layer_norm.weight")])
     assert abs(ln.mean().item() - 1) < 0.05 and abs(ln.std().item() - 0.2) < 0.05
@@ -250,27 +252,33 @@ def test_generated_replies_end_quickly(ckpt, one_thread):
     by <|endoftext|> after one to a few audio segments of AUDIO_FRAMES frames."""
     from services.llm.engine import Engine, EngineConfig, Request
     from services.llm.model import AudioLLM
-    from services.llm.prompts import DEFAULT_SYSTEM_PROMPT, Audio, Message, PromptBuilder
+    from services.llm.prompts import DEFAULT_SYSTEM_PROMPT, Audio, Message, PromptBuilder, ProtocolTokens
     from services.llm.scheduler import SegmentEnd
 
+    max_steps = 1000                       # all three replies together take fewer engine steps
     tok = load_text_tokenizer(ckpt.tokenizer_dir)
     model = AudioLLM.from_checkpoint(ckpt, dtype=torch.float32)
-    engine = Engine(model, tok, generation_config=ckpt.generation_config(),
-                    config=EngineConfig(num_slots=4, max_len=1024))
-    build = PromptBuilder(tok, engine.tokens, ckpt.config.audio.num_codebooks)
     g = torch.Generator().manual_seed(0)
-    handles = []
+    prompts = []
     for i in range(3):
         codes = torch.stack([torch.randint(0, K, (10 + 3 * i,), generator=g) for K in ckpt.config.audio.codebook_sizes], 1)
-        p = build.chat([Message("system", DEFAULT_SYSTEM_PROMPT), Message("user", [Audio(codes)])])
-        handles.append(engine.submit(Request(p.ids, "spoken", p.audio_codes, seed=i, greedy=i == 2)))
-    engine.run_until_idle(max_steps=2000)
+        prompts.append([Message("system", DEFAULT_SYSTEM_PROMPT), Message("user", [Audio(codes)])])
+    # A step adds at most one token to a reply: prompt + max_steps never hits the context limit
+    # before the step check below fails.
+    tokens = ProtocolTokens.from_tokenizer(tok, ckpt.config, ckpt.generation_config())
+    built = [PromptBuilder(tok, tokens, ckpt.config.audio.num_codebooks).chat(m) for m in prompts]
+    max_len = max(len(p.ids) for p in built) + max_steps
+    engine = Engine(model, tok, generation_config=ckpt.generation_config(),
+                    config=EngineConfig(num_slots=4, max_len=max_len))
+    handles = [engine.submit(Request(p.ids, "spoken", p.audio_codes, seed=i, greedy=i == 2))
+               for i, p in enumerate(built)]
+    engine.run_until_idle(max_steps=2 * max_steps)
     for h in handles:
         events = h.drain()
         assert events[-1].reason == "eos", events[-1]
         audio = [e for e in events if isinstance(e, SegmentEnd) and e.kind == "audio"]
         assert 1 <= len(audio) <= 10 and all(len(e.codes) == AUDIO_FRAMES for e in audio)
-    assert engine.stats["steps"] < 1000
+    assert engine.stats["steps"] < max_steps
 
 
 def test_audio_segments_end_after_a_handful_of_frames(llm, ckpt):

@@ -5,12 +5,15 @@ import io
 
 import numpy as np
 import pytest
+import soundfile as sf
 import torch
 
 from services.tokenizer.audio_io import (DEFAULT_MAX_SECONDS, REASONS, AudioInputError, check_waveform,
                                          min_samples, pcm16_to_waveform, read_audio)
+from services.tokenizer.log_mel import to_mono_16k
 
-sf = pytest.importorskip("soundfile")
+
+RATE = 16000   # a valid file sample rate for the decoding and rejection tests (no model involved)
 
 
 def encode(x: np.ndarray, sr: int, fmt="WAV", subtype="PCM_16") -> bytes:
@@ -29,7 +32,14 @@ def reason_of(fn, *args, **kw) -> str:
 
 @pytest.fixture(scope="module")
 def speech(fixtures):
+    fixtures.require("01_frontend")
     return fixtures.load("01_frontend", "frontend.safetensors")
+
+
+@pytest.fixture(scope="module")
+def rates(fixtures):
+    """Source sample rate of each 01_frontend case."""
+    return {c: m["source_sample_rate"] for c, m in fixtures.json("01_frontend", "frontend.json")["cases"].items()}
 
 
 @pytest.fixture(scope="module")
@@ -38,100 +48,111 @@ def audio(fixtures):
 
 
 # ---------------------------------------------------------------- decoding
-def test_pcm16_wav_is_int16_over_32768(speech):
-    pcm = speech["stereo.wave_in_int16"]                          # (2, N) int16 at 48 kHz
-    wave, sr = read_audio(encode(pcm.T.numpy(), 48000))
-    assert sr == 48000 and wave.dtype == torch.float32 and wave.shape == pcm.shape
+def test_pcm16_wav_is_int16_over_32768(speech, rates):
+    pcm = speech["stereo.wave_in_int16"]                          # (2, N) int16 at its source rate
+    wave, sr = read_audio(encode(pcm.T.numpy(), rates["stereo"]))
+    assert sr == rates["stereo"] and wave.dtype == torch.float32 and wave.shape == pcm.shape
     assert torch.equal(wave, pcm.float() / 32768.0)
 
 
-def test_flac_and_float_and_24bit(speech):
+def test_flac_and_float_and_24bit(speech, rates):
+    # int16 samples widened or stored as float32 x/32768 decode to exactly x/32768 (no arithmetic rounding)
     pcm = speech["tone.wave_in_int16"][0].numpy()
+    sr = rates["tone"]
     exact = torch.from_numpy(pcm.astype(np.float32) / 32768.0)[None]
-    assert torch.equal(read_audio(encode(pcm, 16000, "FLAC", "PCM_16"))[0], exact)
-    assert torch.equal(read_audio(encode(pcm, 16000, "FLAC", "PCM_24"))[0], exact)
-    assert torch.equal(read_audio(encode(pcm, 16000, "WAV", "PCM_24"))[0], exact)
-    assert torch.equal(read_audio(encode(pcm, 16000, "WAV", "PCM_32"))[0], exact)
+    assert torch.equal(read_audio(encode(pcm, sr, "FLAC", "PCM_16"))[0], exact)
+    assert torch.equal(read_audio(encode(pcm, sr, "FLAC", "PCM_24"))[0], exact)
+    assert torch.equal(read_audio(encode(pcm, sr, "WAV", "PCM_24"))[0], exact)
+    assert torch.equal(read_audio(encode(pcm, sr, "WAV", "PCM_32"))[0], exact)
     f = (pcm.astype(np.float32) / 32768.0)
-    assert torch.equal(read_audio(encode(f, 16000, "WAV", "FLOAT"))[0], exact)
+    assert torch.equal(read_audio(encode(f, sr, "WAV", "FLOAT"))[0], exact)
 
 
-def test_pcm16_bytes(speech):
+def test_pcm16_bytes(speech, rates):
     pcm = speech["stereo.wave_in_int16"]
     raw = pcm.T.contiguous().numpy().astype("<i2").tobytes()     # interleaved frames
-    wave = pcm16_to_waveform(raw, 48000, channels=2)
+    wave = pcm16_to_waveform(raw, rates["stereo"], channels=pcm.shape[0])
     assert torch.equal(wave, pcm.float() / 32768.0)
 
 
 # ---------------------------------------------------------------- rejections
 def test_empty():
     assert reason_of(read_audio, b"") == "empty"
-    assert reason_of(pcm16_to_waveform, b"", 16000) == "empty"
-    assert reason_of(read_audio, encode(np.zeros((0, 1), np.int16), 16000)) == "empty"
+    assert reason_of(pcm16_to_waveform, b"", RATE) == "empty"
+    assert reason_of(read_audio, encode(np.zeros((0, 1), np.int16), RATE)) == "empty"
 
 
 def test_corrupt_and_truncated():
-    good = encode((np.random.default_rng(0).standard_normal(16000) * 3000).astype(np.int16), 16000)
+    good = encode((np.random.default_rng(0).standard_normal(RATE) * 3000).astype(np.int16), RATE)
     assert reason_of(read_audio, good[:20]) == "corrupt"           # header cut inside 'fmt '
     assert reason_of(read_audio, good[:44]) == "corrupt"           # header only, samples missing
     assert reason_of(read_audio, good[:-1000]) == "corrupt"        # data cut short
     assert reason_of(read_audio, b"RIFF") == "corrupt"
     assert reason_of(read_audio, np.random.default_rng(1).bytes(2000)) == "corrupt"
-    assert reason_of(pcm16_to_waveform, b"\x00\x01\x02", 16000) == "corrupt"   # half a sample
-    assert reason_of(pcm16_to_waveform, b"\x00" * 6, 16000, channels=2) == "corrupt"
-    assert reason_of(check_waveform, torch.zeros(16000, dtype=torch.int16)[None], 16000) == "corrupt"
-    assert reason_of(check_waveform, torch.zeros(16000), 16000) == "corrupt"   # not (C, N)
+    assert reason_of(pcm16_to_waveform, b"\x00\x01\x02", RATE) == "corrupt"   # half a sample
+    assert reason_of(pcm16_to_waveform, b"\x00" * 6, RATE, channels=2) == "corrupt"
+    assert reason_of(check_waveform, torch.zeros(RATE, dtype=torch.int16)[None], RATE) == "corrupt"
+    assert reason_of(check_waveform, torch.zeros(RATE), RATE) == "corrupt"   # not (C, N)
 
 
 def test_non_finite():
-    x = np.zeros(16000, np.float32)
+    x = np.zeros(RATE, np.float32)
     x[100] = np.nan
-    assert reason_of(read_audio, encode(x, 16000, "WAV", "FLOAT")) == "non_finite"
+    assert reason_of(read_audio, encode(x, RATE, "WAV", "FLOAT")) == "non_finite"
     x[100] = np.inf
-    assert reason_of(read_audio, encode(x, 16000, "WAV", "FLOAT")) == "non_finite"
-    w = torch.zeros(2, 16000)
+    assert reason_of(read_audio, encode(x, RATE, "WAV", "FLOAT")) == "non_finite"
+    w = torch.zeros(2, RATE)
     w[1, -1] = float("-inf")
-    assert reason_of(check_waveform, w, 16000) == "non_finite"
+    assert reason_of(check_waveform, w, RATE) == "non_finite"
 
 
 def test_channels():
-    assert reason_of(read_audio, encode(np.zeros((16000, 3), np.int16), 16000)) == "channels"
-    assert reason_of(pcm16_to_waveform, b"\x00" * 12, 16000, channels=3) == "channels"
-    assert reason_of(pcm16_to_waveform, b"\x00" * 12, 16000, channels=0) == "channels"
-    assert reason_of(check_waveform, torch.zeros(4, 16000), 16000) == "channels"
+    assert reason_of(read_audio, encode(np.zeros((RATE, 3), np.int16), RATE)) == "channels"
+    assert reason_of(pcm16_to_waveform, b"\x00" * 12, RATE, channels=3) == "channels"
+    assert reason_of(pcm16_to_waveform, b"\x00" * 12, RATE, channels=0) == "channels"
+    assert reason_of(check_waveform, torch.zeros(4, RATE), RATE) == "channels"
 
 
 def test_sample_rate():
-    x = np.zeros(16000, np.int16)
+    x = np.zeros(RATE, np.int16)
     assert reason_of(read_audio, encode(x, 100)) == "sample_rate"
     assert reason_of(read_audio, encode(x, 1_000_000)) == "sample_rate"
     assert reason_of(pcm16_to_waveform, b"\x00" * 100, 0) == "sample_rate"
-    assert reason_of(check_waveform, torch.zeros(1, 16000), 16000.5) == "sample_rate"
+    assert reason_of(check_waveform, torch.zeros(1, RATE), RATE + 0.5) == "sample_rate"
 
 
 def test_too_long():
-    assert DEFAULT_MAX_SECONDS == 600
-    x = np.zeros(int(4000 * 601), np.int16)                       # 601 s at 4 kHz
+    assert DEFAULT_MAX_SECONDS == 600                               # the documented default
+    x = np.zeros(int(4000 * (DEFAULT_MAX_SECONDS + 1)), np.int16)  # one second over, at 4 kHz
     assert reason_of(read_audio, encode(x, 4000)) == "too_long"
-    assert reason_of(read_audio, encode(np.zeros(24000, np.int16), 16000), max_seconds=1.0) == "too_long"
-    assert reason_of(check_waveform, torch.zeros(1, 16001), 16000, max_seconds=1.0) == "too_long"
-    read_audio(encode(np.zeros(16000, np.int16), 16000), max_seconds=1.0)     # exactly 1 s is fine
+    assert reason_of(read_audio, encode(np.zeros(RATE * 3 // 2, np.int16), RATE), max_seconds=1.0) == "too_long"
+    assert reason_of(check_waveform, torch.zeros(1, RATE + 1), RATE, max_seconds=1.0) == "too_long"
+    read_audio(encode(np.zeros(RATE, np.int16), RATE), max_seconds=1.0)     # exactly 1 s is fine
 
 
 def test_too_short_is_one_token(fixtures, audio):
-    """The boundary is the length table's: 959 samples at 16 kHz give 0 tokens, 960 give 1."""
-    table = {r["num_samples_16k"]: r for r in fixtures.json("01_frontend", "frontend.json")["length_table"]
-             if "bridge_length" in r}
-    assert table[959]["bridge_length"] == 0 and table[960]["bridge_length"] == 1
-    assert min_samples(16000, audio) == 960
-    # 48 kHz: torchaudio gives ceil(n / 3) samples, so 2878 -> 960 and 2877 -> 959
-    assert min_samples(48000, audio) == 2878
-    assert reason_of(read_audio, encode(np.zeros(959, np.int16), 16000), audio) == "too_short"
-    assert reason_of(read_audio, encode(np.zeros(2877, np.int16), 48000), audio) == "too_short"
-    read_audio(encode(np.zeros(960, np.int16), 16000), audio)
-    read_audio(encode(np.zeros(2878, np.int16), 48000), audio)
-    assert reason_of(pcm16_to_waveform, b"\x00" * 2 * 959, 16000, audio=audio) == "too_short"
-    assert reason_of(check_waveform, torch.zeros(1, 959), 16000, audio) == "too_short"
+    """The boundary is the length table's: the fewest samples at the model rate that give one
+    token (the public table: 959 samples give 0 tokens, 960 give 1)."""
+    sr = audio.sampling_rate
+    m = min_samples(sr, audio)
+    rows = [r for r in fixtures.json("01_frontend", "frontend.json")["length_table"] if "bridge_length" in r]
+    for r in rows:
+        assert r["kept"] == (r["bridge_length"] > 0) == (r["num_samples_16k"] >= m), (m, r)
+    # the table brackets the boundary (exactly, where it lists both sides of it)
+    below = max(r["num_samples_16k"] for r in rows if not r["kept"])
+    above = min(r["num_samples_16k"] for r in rows if r["kept"])
+    assert below < m <= above
+    # Another source rate (a test choice): the boundary follows torchaudio's resampled length.
+    hi_sr = 3 * sr
+    m_hi = min_samples(hi_sr, audio)
+    assert to_mono_16k(torch.zeros(1, m_hi - 1), hi_sr, audio).shape[0] < m <= \
+        to_mono_16k(torch.zeros(1, m_hi), hi_sr, audio).shape[0]
+    assert reason_of(read_audio, encode(np.zeros(m - 1, np.int16), sr), audio) == "too_short"
+    assert reason_of(read_audio, encode(np.zeros(m_hi - 1, np.int16), hi_sr), audio) == "too_short"
+    read_audio(encode(np.zeros(m, np.int16), sr), audio)
+    read_audio(encode(np.zeros(m_hi, np.int16), hi_sr), audio)
+    assert reason_of(pcm16_to_waveform, b"\x00" * 2 * (m - 1), sr, audio=audio) == "too_short"
+    assert reason_of(check_waveform, torch.zeros(1, m - 1), sr, audio) == "too_short"
 
 
 def test_error_is_value_error():

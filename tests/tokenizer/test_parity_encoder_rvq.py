@@ -1,4 +1,4 @@
-"""Fixture 02: Whisper-style encoder, VQ bridge and 8-stage RVQ, fp32 and bf16."""
+"""Fixture 02: Whisper-style encoder, VQ bridge and the residual VQ (one stage per codebook), fp32 and bf16."""
 from __future__ import annotations
 
 import numpy as np
@@ -7,15 +7,61 @@ import torch
 
 from services.common.checkpoint import PREFIX, load_state
 from services.common.layers import sinusoids
+from services.common.model_config import AudioConfig
 from services.tokenizer.encoder import AudioEncoder
+from services.tokenizer.log_mel import encoder_length
 from services.tokenizer.rvq import VQBridge
+from tests.parity import MARGIN
 
 FX = "02_tokenizer"
+FRONT = "01_frontend"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def batch_cases(fixtures) -> list[str]:
+    """The 01_frontend case behind each row of 02's input_features (the fixture's batch), found
+    by content: the row is that case's single-chunk log-mel followed by zero padding (stored
+    tensors copied by the reference's collate, so compared exactly)."""
+    fixtures.require(FRONT)
+    feats = fixtures.load(FX, "inputs.safetensors")["input_features"]
+    mels = fixtures.load(FRONT, "frontend.safetensors")
+    cases = fixtures.json(FRONT, "frontend.json")["cases"]
+    out = []
+    for b in range(feats.shape[0]):
+        hits = []
+        for c, meta in cases.items():
+            mel = mels.get(f"{c}.mel.0")
+            if mel is None or len(meta["chunks"]) != 1 or mel.shape[-1] > feats.shape[-1]:
+                continue
+            n = mel.shape[-1]
+            if torch.equal(feats[b, :, :n], mel) and not feats[b, :, n:].any():
+                hits.append(c)
+        assert len(hits) == 1, f"row {b} of {FX} input_features matches 01 cases {hits}"
+        out.append(hits[0])
+    return out
+
+
+def sees_padding(mel_frames: int, longest: int, audio: AudioConfig) -> bool:
+    """Whether a sample of `mel_frames`, batched with zero padding up to `longest`, is changed by
+    that padding (the reference collate's batch effect): conv2 (kernel k, stride s, padding k//2)
+    makes the last encoder frame read conv1's output at frame s*(n_enc - 1) - k//2 + k - 1,
+    which is conv1 applied to the padding when it is >= mel_frames."""
+    k, s = audio.kernel_size, audio.stride_size
+    n_enc = encoder_length(mel_frames, audio)
+    return mel_frames < longest and s * (n_enc - 1) - k // 2 + k - 1 >= mel_frames
+
+
+def allowed_bf16_code_flips(fixtures) -> int:
+    """bf16 codes flip at near-ties when kernels round differently: allow MARGIN times the most
+    differing codes the reference's own replays on other kernels showed, and at least one
+    flipped frame (a flip changes the residual of every later stage of that frame)."""
+    seen = [v["02/bf16/codes"] for v in fixtures.tolerances.values() if "02/bf16/codes" in v]
+    return int(max([MARGIN * s for s in seen] + [fixtures.model_config.audio.num_codebooks]))
 
 
 @pytest.fixture(scope="module")
 def data(fixtures):
+    fixtures.require(FX)
     return {
         "weights": fixtures.load(FX, "weights.safetensors"),
         "inputs": fixtures.load(FX, "inputs.safetensors"),
@@ -58,15 +104,20 @@ def test_parity_encoder_out(fixtures, data, models, kind):
 
 @pytest.mark.parametrize("kind", ["fp32", "bf16"])
 def test_parity_encoder_out_batch_invariant_mode(fixtures, data, models, kind):
-    """conv_lengths = each sample's mel frames: the fixture's samples are unaffected by padding
-    (tone's 74 frames never reach the padding; speech is the longest)."""
+    """conv_lengths = each sample's mel frames (01_frontend's frontend.json): every sample the
+    reference collate's padding does not reach (the longest always) equals the fixture."""
     enc, _ = models[kind]
     inp = data["inputs"]
-    mel = torch.tensor([451, 74])
-    assert ((mel - 1) // 2 + 1).tolist() == inp["encoder_length"].tolist()
+    cases = fixtures.json(FRONT, "frontend.json")["cases"]
+    chunks = [cases[c]["chunks"][0] for c in batch_cases(fixtures)]
+    mel = torch.tensor([c["mel_frames"] for c in chunks])
+    assert [c["encoder_length"] for c in chunks] == inp["encoder_length"].tolist()
     with torch.no_grad():
         h = enc(inp["input_features"], inp["encoder_length"], conv_lengths=mel)
-    fixtures.assert_close(h, data[kind]["encoder_out"], f"02/{kind}/encoder_out", kind)
+    longest = int(mel.max())
+    rows = [b for b, n in enumerate(mel.tolist()) if not sees_padding(n, longest, fixtures.model_config.audio)]
+    assert rows, "the longest sample is never padded"
+    fixtures.assert_close(h[rows], data[kind]["encoder_out"][rows], f"02/{kind}/encoder_out", kind)
 
 
 def test_parity_fp32_bridge_stages_codes(fixtures, data, models):
@@ -112,25 +163,27 @@ def test_parity_rvq_from_stored_bridge_out(fixtures, data, models, kind):
 
 
 def test_parity_bf16_codes_end_to_end(fixtures, data, models):
-    """bf16 codes are sensitive to kernel rounding (README: 2.1% differ from fp32); compare
-    statistically against the bf16 fixture."""
+    """bf16 codes are sensitive to kernel rounding (README: a few flip between CPU kernel
+    variants); compare statistically against the bf16 fixture."""
     enc, br = models["bf16"]
     inp = data["inputs"]
     with torch.no_grad():
         got = valid_codes(br(enc(inp["input_features"], inp["encoder_length"]), inp["bridge_length"]))
     exp = data["bf16"]["codes"]
     assert got.shape == exp.shape
-    agree = (got == exp).float().mean().item()
-    assert agree >= 0.97, f"only {agree:.3f} of bf16 codes agree with the reference"
+    flips, allowed = int((got != exp).sum()), allowed_bf16_code_flips(fixtures)
+    assert flips <= allowed, f"{flips} of {exp.numel()} bf16 codes differ from the reference (allowed {allowed})"
 
 
 def test_parity_positional_table_fp32(fixtures, data):
-    """fp32 arithmetic gives the reference's stored table bit for bit."""
+    """fp32 arithmetic gives the reference's stored table (bit for bit on the CPUs tried; exp and
+    sin may round an ulp differently elsewhere, and an ulp of the frequency moves the angle t·inv
+    by ~ulp(t), so the tolerance scales with the largest position)."""
     a = fixtures.model_config.audio
     stored = data["weights"][PREFIX["encoder"] + "positional_embedding"]
     table = sinusoids(a.max_source_positions, a.d_model)
     assert table.dtype == torch.float32
-    assert torch.equal(table, stored)
+    fixtures.assert_close(table, stored, "02/positional_embedding", "fp32", scale=a.max_source_positions - 1)
 
 
 def _spec_table_under_default_dtype(length, channels, dtype):
@@ -154,8 +207,9 @@ def test_positional_table_bf16_arithmetic(length, channels):
     assert expected.dtype == torch.bfloat16
     assert torch.equal(table, expected)
     if (length, channels) == (1500, 1280):
-        # §12 item 16: max |bf16 table - fp32 table| is 2.0 over 1500 rows
-        assert (table.float() - sinusoids(length, channels)).abs().max().item() == pytest.approx(2.0, abs=1e-3)
+        # §12 item 16 (the real model's table): max |bf16 table - fp32 table| is 2.0 over 1500 rows;
+        # an ulp of fp32 sin may flip a bf16 rounding near ±1 (bf16 spacing there is 2^-7 at most)
+        assert (table.float() - sinusoids(length, channels)).abs().max().item() == pytest.approx(2.0, abs=2 ** -7)
 
 
 def test_encoder_without_stored_table_uses_bf16_arithmetic(fixtures, data):
