@@ -21,8 +21,10 @@ from services.common.model_config import HiFTConfig, ModelConfig
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_ROOT = REPO.parent / "shared" / "fixtures"
 
-# Floors (README "Suggested acceptance"): fp32 ~1e-5, front-end log-mel 1e-4, bf16 a few ulps.
-FLOOR = {"fp32": 1e-5, "frontend": 1e-4, "bf16": 0.08}
+# Floors, relative above magnitude 1 (README "Suggested acceptance"): fp32 ~1e-5, front-end
+# log-mel 1e-4, bf16 8 eps: twice the largest bf16 difference measured on native, AVX2 and
+# scalar kernels (0.015 of the magnitude, CFM estimator and audio-head logits).
+FLOOR = {"fp32": 1e-5, "frontend": 1e-4, "bf16": 8 * 2 ** -8}
 # Margin over the largest replay difference seen on other kernels.
 MARGIN = 2.0
 
@@ -73,26 +75,38 @@ class Fixtures:
     def json(self, fixture: str, name: str) -> dict:
         return json.loads((self.root / fixture / name).read_text())
 
-    def tol(self, check: str, kind: str) -> float:
+    def tol(self, check: str, kind: str, scale: float = 1.0) -> float:
         """Tolerance for a check named as in tolerances.json (e.g. '02/bf16/encoder_out').
 
-        kind: 'fp32', 'bf16' or 'frontend'. Unknown checks get the floor."""
+        kind: 'fp32', 'bf16' or 'frontend'. The larger of the floor, relative above 1 (rounding
+        differences grow with the magnitude of what is rounded: `scale`), and MARGIN times the
+        largest replay difference, which was measured at the tensor's own magnitude and so is
+        not scaled again. Unknown checks get the floor."""
         seen = [float(v[check]) for v in self.tolerances.values() if check in v]
-        return max([FLOOR[kind]] + [MARGIN * s for s in seen])
+        return max([FLOOR[kind] * max(1.0, scale)] + [MARGIN * s for s in seen])
 
     def assert_close(self, actual: torch.Tensor, expected: torch.Tensor, check: str, kind: str,
                      scale: float | None = None) -> None:
-        """max |actual - expected| <= tol(check, kind) * max(1, scale).
+        """max |actual - expected| <= tol(check, kind, scale).
 
-        Rounding differences between CPU kernels grow with the magnitude of the quantity being
-        rounded, so the tolerance is relative above 1: `scale` defaults to max |expected|; pass
-        the magnitude of the pre-activation where a bounded function of a large one is compared
-        (e.g. sin of an O(5) phase)."""
+        `scale` defaults to max |expected|; pass the magnitude of the pre-activation where a
+        bounded function of a large one is compared (e.g. sin of an O(5) phase)."""
         assert actual.shape == expected.shape, f"{check}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
         if not actual.numel():
             return
         diff = (actual.float() - expected.float()).abs().max().item()
         if scale is None:
             scale = expected.float().abs().max().item()
-        tol = self.tol(check, kind) * max(1.0, scale)
+        tol = self.tol(check, kind, scale)
+        _log(check, kind, diff, scale, tol)
         assert diff <= tol, f"{check}: max |diff| {diff:.3g} > tolerance {tol:.3g} (scale {scale:.3g})"
+
+
+def _log(check: str, kind: str, diff: float, scale: float, tol: float) -> None:
+    """BAICHUAN_AUDIO_PARITY_LOG=FILE: one JSON line per comparison (what the README's table of
+    measured differences is made from)."""
+    path = os.environ.get("BAICHUAN_AUDIO_PARITY_LOG")
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps({"check": check, "kind": kind, "diff": diff, "scale": scale, "tol": tol,
+                                "cpu": torch.backends.cpu.get_cpu_capability()}) + "\n")

@@ -16,6 +16,9 @@ from tests.vocoder.test_parity_hift import f0_shift_effect, f0_tol
 
 FX = "05_vocoder"
 BATCH = "05/batched_decode"     # not a reference check: tolerances.json has no entry, so the fp32 floor
+# A padded batch runs the convolutions with other blockings than a single item: up to 8.5e-6
+# apart on the kernels we ran (AVX2), close to the 1e-5 floor, so this comparison gets 4 floors.
+BATCH_SLACK = 4.0
 
 
 @pytest.fixture(scope="module")
@@ -71,11 +74,11 @@ def test_padded_batch_decode_equals_each_alone(fixtures, hift, mels):
         batch = hift.decode(_pad(mels, -3.0), _pad(sources, 0.5), lengths)         # padding need not be 0
         unmasked = hift.decode(_pad(mels), _pad(sources))
     for b, (a, t) in enumerate(zip(alone, lengths.tolist())):
-        fixtures.assert_close(batch[b, :t * hop], a, BATCH, "fp32")
+        fixtures.assert_close(batch[b, :t * hop], a, BATCH, "fp32", scale=BATCH_SLACK * max(1.0, a.abs().max().item()))
         assert torch.all(batch[b, t * hop:] == 0)                                # padding stays silent
     # Without the masks the padding does leak into the shorter items: the test above can fail.
     leak = max((unmasked[b, :t * hop] - a).abs().max().item() for b, (a, t) in enumerate(zip(alone, lengths.tolist())))
-    assert leak > 100 * fixtures.tol(BATCH, "fp32")
+    assert leak > 100 * fixtures.tol(BATCH, "fp32", BATCH_SLACK)
 
 
 def _assert_close_given_f0(fixtures, hift, got, alone, mel, f0_alone, draws, f0_diff, what):
@@ -83,7 +86,7 @@ def _assert_close_given_f0(fixtures, hift, got, alone, mel, f0_alone, draws, f0_
     blockings), and the source phase accumulates it over every sample, so the tolerance is the
     decode tolerance plus MARGIN times the measured effect of shifting this item's f0 by f0_diff."""
     shift = f0_shift_effect(hift, mel, f0_alone, draws, f0_diff)
-    tol = fixtures.tol(BATCH, "fp32") * max(1.0, alone.abs().max().item()) + MARGIN * shift
+    tol = fixtures.tol(BATCH, "fp32", alone.abs().max().item()) + MARGIN * shift
     diff = (got - alone).abs().max().item()
     assert got.shape == alone.shape
     assert diff <= tol, f"{what}: {diff:.3g} > {tol:.3g} (f0 diff {f0_diff:.3g} Hz moves it {shift:.3g})"
