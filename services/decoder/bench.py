@@ -86,18 +86,20 @@ def _sync(device: torch.device) -> None:
 
 
 def bench_decoder(config: ModelConfig, batch_sizes=(1, 16), frames: int = 50, device=None, dtype=None,
-                  repeats: int = 3, warmup: int = 1, batch_cfg: bool = False) -> list[dict]:
+                  repeats: int = 3, warmup: int = 1, batch_cfg: bool = False,
+                  cuda_graphs: bool | None = None) -> list[dict]:
     """Time decode() of B random segments of `frames` code frames each, for each B; prints and
     returns one row per batch size: batch, frames, compute_s (mean of `repeats`), audio_s, rtf."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     run = DecoderRunner(config, random_tensors(config), device=device, dtype=dtype,
-                        max_batch=max(batch_sizes), batch_cfg=batch_cfg)
+                        max_batch=max(batch_sizes), batch_cfg=batch_cfg, cuda_graphs=cuda_graphs)
     f = config.flow
     hop_s = f.hop_length / f.sampling_rate
     g = torch.Generator().manual_seed(0)
     rows = []
     print(f"decoder bench: {device} {run.dtype} d_model {config.audio.d_model}, {frames} code frames "
-          f"({mel_frames(frames, run.stride) * hop_s:.2f} s) per segment, batch_cfg={batch_cfg}")
+          f"({mel_frames(frames, run.stride) * hop_s:.2f} s) per segment, batch_cfg={batch_cfg}, "
+          f"cuda_graphs={run.graphs.enabled}")
     for B in batch_sizes:
         segs = [torch.stack([torch.randint(0, k, (frames,), generator=g) for k in config.audio.codebook_sizes], 1)
                 for _ in range(B)]
@@ -129,8 +131,14 @@ def main(argv=None) -> None:
     p.add_argument("--batch-cfg", action="store_true", help="cond + uncond CFG branches as one call")
     a = p.parse_args(argv)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, None: None}[a.dtype]
-    bench_decoder(decoder_config(a.size), a.batch_sizes, a.frames, a.device, dtype, a.repeats,
-                  batch_cfg=a.batch_cfg)
+    cuda = (a.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    rows = {}
+    for graphs in ((True, False) if cuda else (False,)):   # on CUDA: the graphed solve and the eager one
+        rows[graphs] = bench_decoder(decoder_config(a.size), a.batch_sizes, a.frames, a.device, dtype, a.repeats,
+                                     batch_cfg=a.batch_cfg, cuda_graphs=graphs)
+    if cuda:
+        for g, e in zip(rows[True], rows[False]):
+            print(f"  batch {g['batch']:3d}: CUDA graphs {e['compute_s'] / g['compute_s']:.1f}x faster than eager")
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from services.common.checkpoint import PREFIX, Checkpoint, load_state
+from services.common.cuda_graphs import GraphCache, bucket, ladder
 from services.common.layers import length_mask, sinusoids
 from services.common.model_config import ModelConfig
 from services.decoder import cfm
@@ -49,6 +50,10 @@ class FlowDecoder(nn.Module):
         super().__init__()
         self.prenet = Prenet(config.flow)
         self.conditional_decoder = Estimator(config.flow)
+
+
+# CFM graphs are captured per batch bucket and per this many mel frames (padding is masked)
+SOLVE_FRAME_BUCKET = 64
 
 
 def mel_frames(tokens: int, stride: int) -> int:
@@ -96,12 +101,14 @@ class DecoderRunner:
     def __init__(self, config: ModelConfig, tensors: dict[str, torch.Tensor], *,
                  device: str | torch.device | None = None, dtype: torch.dtype | None = None,
                  max_frames: int = MAX_FRAMES, max_batch: int = 16, batch_cfg: bool = False,
-                 source: str = "decoder tensors"):
+                 cuda_graphs: bool | None = None, source: str = "decoder tensors"):
         """config + tensors (full reference keys of the bridge codebooks / proj_decoder, the audio
         decoder and the flow decoder). dtype: bf16 on CUDA and fp32 on CPU unless given.
 
         max_frames: longest accepted segment in code frames (the reference's cap is 500).
-        batch_cfg: run the CFG branches as one estimator call of batch 2B (see cfm.solve)."""
+        batch_cfg: run the CFG branches as one estimator call of batch 2B (see cfm.solve).
+        cuda_graphs: replay the CFM solve (2 x diffusion_steps estimator calls, the decoder's
+        time) as a CUDA graph per padded (batch, frames) shape (None: on CUDA)."""
         self.config = config
         self.device = torch.device(device if device is not None else "cpu")
         self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
@@ -126,6 +133,10 @@ class DecoderRunner:
         load_state(self.flow, tensors, PREFIX["flow"], source=source)
         for m in (self.code_decoder, self.audio_decoder, self.flow):
             m.to(self.device, self.dtype).eval()
+
+        self.graphs = GraphCache(self.device, cuda_graphs)
+        self.batch_sizes = ladder(max_batch)
+        self._solve_buffers: dict[tuple[int, int], tuple[torch.Tensor, ...]] = {}
 
         table_tokens = (self.audio_decoder.max_frames + 1) // self.stride
         if not 1 <= max_frames <= table_tokens:
@@ -244,10 +255,35 @@ class DecoderRunner:
         z = torch.zeros_like(mu)
         for b, zb in enumerate(zs):
             z[b, :, :frames[b]] = zb
-        f = self.config.flow
-        mel = cfm.solve(self.flow.conditional_decoder, mu, mask, z, f.diffusion_steps, f.cfm,
-                        batch_cfg=self.batch_cfg)
+        mel = self._solve(mu, mask, z)
         return [mel[b, :, :t].float() for b, t in enumerate(frames)]
+
+    def _solve(self, mu: torch.Tensor, mask: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """cfm.solve. On CUDA the inputs are copied into buffers of the next (batch, frames) bucket,
+        right-padded, and the solve runs as that bucket's CUDA graph (or eagerly on the same
+        buffers when graphs are off: the same numbers). The estimator is causal in time,
+        normalises each frame on its own and attends under the mask, so padding frames do not
+        reach the real ones; padding rows get one unmasked frame so their softmax stays finite."""
+        f = self.config.flow
+        est = self.flow.conditional_decoder
+        if self.device.type != "cuda":
+            return cfm.solve(est, mu, mask, z, f.diffusion_steps, f.cfm, batch_cfg=self.batch_cfg)
+        B, M, T = mu.shape
+        key = (bucket(B, self.batch_sizes), -(-T // SOLVE_FRAME_BUCKET) * SOLVE_FRAME_BUCKET)
+        if key not in self._solve_buffers:
+            self._solve_buffers[key] = tuple(torch.zeros(key[0], c, key[1], dtype=self.dtype, device=self.device)
+                                             for c in (M, 1, M, M))       # mu, mask, noise, mel
+        b_mu, b_mask, b_z, b_out = self._solve_buffers[key]
+        for buf, x in ((b_mu, mu), (b_mask, mask), (b_z, z)):
+            buf.zero_()
+            buf[:B, :, :T].copy_(x)
+        b_mask[B:, :, 0] = 1
+
+        def run() -> None:
+            b_out.copy_(cfm.solve(est, b_mu, b_mask, b_z, f.diffusion_steps, f.cfm, batch_cfg=self.batch_cfg))
+
+        self.graphs.run(("cfm",) + key, run)
+        return b_out[:B, :, :T].clone()                  # the buffer is rewritten by the next solve
 
     # ------------------------------------------------------------------ low-latency mode
     @torch.inference_mode()

@@ -60,7 +60,9 @@ def run_engine(engine: Engine, B: int, context: int, kind: str, steps: int, warm
                greedy: bool = False) -> tuple[list[float], list]:
     """Admit B sequences of `context` prompt tokens, run until all decode `kind`, then time
     `steps` engine steps. Returns (seconds per step, each request's events so far)."""
-    handles = [engine.submit(r) for r in _requests(B, context, kind, steps + warmup, seed, greedy)]
+    # sequences admitted first decode while later ones prefill: their schedules must outlast that
+    prefill_steps = -(-B * context // engine.config.prefill_budget)
+    handles = [engine.submit(r) for r in _requests(B, context, kind, steps + warmup + prefill_steps, seed, greedy)]
     dev = engine.device
     # prefill (and, for audio, the one text token) until every sequence decodes `kind`
     for _ in range(100_000):
@@ -87,13 +89,14 @@ def run_engine(engine: Engine, B: int, context: int, kind: str, steps: int, warm
 def decisions(events: list) -> list[tuple]:
     """Every text token and audio frame of each request, in order."""
     from services.llm.scheduler import AudioFrame, TextDelta
-    return [tuple((e.token,) if isinstance(e, TextDelta) else e.codes for e in evs
-                  if isinstance(e, AudioFrame) or (isinstance(e, TextDelta) and e.token is not None))
+    return [tuple((e.token_id,) if isinstance(e, TextDelta) else e.codes for e in evs
+                  if isinstance(e, AudioFrame) or (isinstance(e, TextDelta) and e.token_id is not None))
             for evs in events]
 
 
 def new_engine(model, tokenizer, B: int, context: int, steps: int, graphs: bool) -> Engine:
-    cfg = EngineConfig(num_slots=B, max_len=context + steps + 64, prefill_budget=max(512, min(B * context, 8192)),
+    budget = max(512, min(B * context, 8192))
+    cfg = EngineConfig(num_slots=B, max_len=context + steps + -(-B * context // budget) + 64, prefill_budget=budget,
                        max_batch=B, cuda_graphs=graphs)
     return Engine(model, tokenizer, config=cfg)
 

@@ -26,23 +26,14 @@ from typing import Optional, Sequence
 
 import torch
 
+from services.common.cuda_graphs import GraphCache, bucket, ladder
 from services.llm import sampler as S
 from services.llm.model import AudioLLM
 
 
 def batch_ladder(max_batch: int) -> list[int]:
     """1, 2, 4, ... up to the first power of two >= max_batch."""
-    out = [1]
-    while out[-1] < max_batch:
-        out.append(out[-1] * 2)
-    return out
-
-
-def bucket(n: int, ladder: Sequence[int]) -> int:
-    for b in ladder:
-        if b >= n:
-            return b
-    raise ValueError(f"{n} rows exceed the largest batch {ladder[-1]}")
+    return ladder(max_batch)
 
 
 @dataclass(frozen=True)
@@ -119,12 +110,8 @@ class DecodeRunner:
         self.hidden = torch.zeros(n, model.cfg.llm.hidden_size, dtype=w.dtype, device=dev)
         self.text_out = torch.zeros(n, dtype=long, device=dev)
         self.audio_out = torch.zeros(n, self.C, dtype=long, device=dev)
-        self.use_graphs = (self.device.type == "cuda") if cuda_graphs is None else bool(cuda_graphs)
-        if self.use_graphs and self.device.type != "cuda":
-            raise ValueError("CUDA graphs need a CUDA device")
-        self.graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
-        self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
-        self.stats = {"captures": 0, "replays": 0, "eager": 0}
+        self.graphs = GraphCache(self.device, cuda_graphs)
+        self.stats = self.graphs.stats
 
     # ------------------------------------------------------------------ the pieces
     def _backbone(self, B: int, L: int) -> None:
@@ -158,32 +145,8 @@ class DecodeRunner:
 
         self.audio_out[:B].copy_(self.model.audio_frame(h, choose))
 
-    # ------------------------------------------------------------------ graphs
     def _run(self, key: tuple, fn, *args) -> None:
-        if not self.use_graphs:
-            self.stats["eager"] += 1
-            fn(*args)
-            return
-        g = self.graphs.get(key)
-        if g is None:
-            g = self._capture(fn, *args)
-            self.graphs[key] = g
-        g.replay()
-        self.stats["replays"] += 1
-
-    def _capture(self, fn, *args) -> "torch.cuda.CUDAGraph":
-        # The warm-up runs on a side stream (lazy inits, cuBLAS workspaces), as capture requires.
-        # It writes the same outputs and KV positions the replay then writes again.
-        s = torch.cuda.Stream(self.device)
-        s.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(s):
-            fn(*args)
-        torch.cuda.current_stream(self.device).wait_stream(s)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g, pool=self._pool):
-            fn(*args)
-        self.stats["captures"] += 1
-        return g
+        self.graphs.run(key, lambda: fn(*args))
 
     # ------------------------------------------------------------------ one step
     @torch.inference_mode()
