@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from services.common.checkpoint import PREFIX, Checkpoint, load_state
+from services.common.chunking import chunk_plan
 from services.common.cuda_graphs import GraphCache, bucket, ladder
 from services.common.layers import length_mask, sinusoids
 from services.common.model_config import ModelConfig
@@ -59,20 +60,6 @@ SOLVE_FRAME_BUCKET = 64
 def mel_frames(tokens: int, stride: int) -> int:
     """Mel frames of a segment of `tokens` code frames: stride·L - 1 (4L-1 with k=3 < stride=4, §8)."""
     return tokens * stride - 1
-
-
-def chunk_plan(n_tokens: int, first_chunk: int = 6, growth: float = 2.0,
-               max_chunk: int = 50) -> list[tuple[int, int]]:
-    """Token ranges [start, end) covering n_tokens: first_chunk, then growing by `growth`, capped."""
-    if first_chunk < 1 or growth < 1.0 or max_chunk < first_chunk:
-        raise ValueError(f"chunk plan needs first_chunk >= 1, growth >= 1, max_chunk >= first_chunk "
-                         f"(got {first_chunk}, {growth}, {max_chunk})")
-    plan, start, size = [], 0, float(first_chunk)
-    while start < n_tokens:
-        end = min(n_tokens, start + int(size))
-        plan.append((start, end))
-        start, size = end, min(float(max_chunk), size * growth)
-    return plan
 
 
 def mel_distance(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -15,12 +15,12 @@ from typing import Callable
 
 import numpy as np
 
-from services.common import bus
-from services.decoder.runner import chunk_plan
+from services.common import entries
+from services.common.chunking import chunk_plan
 from services.llm.scheduler import AudioFrame, Done, Event, SegmentEnd, SegmentStart, TextDelta
 
-# emit(target, entry): target is "llm" (the turn's LLM stream) or bus.DECODER_JOBS
-Emit = Callable[[str, bus.Entry], None]
+# emit(target, entry): target is "llm" (the turn's LLM stream) or entries.DECODER_JOBS
+Emit = Callable[[str, entries.Entry], None]
 
 
 def segment_seed(turn_id: str, segment: int, seed: int | None) -> int:
@@ -58,7 +58,7 @@ class TurnPublisher:
 
     def _job(self, segment: int, chunk: int, start: int, end: int, final: bool) -> None:
         codes = np.asarray(self._frames[:end], dtype=np.int32)
-        self.emit(bus.DECODER_JOBS, bus.DecodeJob.from_codes(
+        self.emit(entries.DECODER_JOBS, entries.DecodeJob.from_codes(
             self.turn_id, segment, chunk, codes, final=final, context_frames=start,
             seed=segment_seed(self.turn_id, segment, self.seed), session_id=self.session_id))
         self._sent_chunks += 1
@@ -72,13 +72,13 @@ class TurnPublisher:
         if isinstance(ev, TextDelta):
             if ev.text:
                 self.text.append(ev.text)
-                self.emit("llm", bus.TextDelta(turn_id=t, segment=ev.segment, text=ev.text))
+                self.emit("llm", entries.TextDelta(turn_id=t, segment=ev.segment, text=ev.text))
         elif isinstance(ev, SegmentStart) and ev.kind == "audio":
             self._audio_segment = ev.segment
             self._frames, self._sent_chunks, self._sent_tokens = [], 0, 0
         elif isinstance(ev, AudioFrame):
             self._frames.append(tuple(ev.codes))
-            self.emit("llm", bus.AudioFrames.from_codes(t, ev.segment, ev.index,
+            self.emit("llm", entries.AudioFrames.from_codes(t, ev.segment, ev.index,
                                                         np.asarray([ev.codes], dtype=np.int32)))
             if self._chunking():
                 plan = chunk_plan(len(self._frames), self.chunks.first, self.chunks.growth, self.chunks.max_chunk)
@@ -90,7 +90,7 @@ class TurnPublisher:
                     self._job(ev.segment, self._sent_chunks, s, e, final=False)
         elif isinstance(ev, SegmentEnd):
             if ev.kind == "text":
-                self.emit("llm", bus.SegmentBoundary(turn_id=t, segment=ev.segment, kind="text"))
+                self.emit("llm", entries.SegmentBoundary(turn_id=t, segment=ev.segment, kind="text"))
             else:
                 if ev.segment != self._audio_segment:   # a 0-frame segment has no SegmentStart
                     self._audio_segment = ev.segment
@@ -98,11 +98,11 @@ class TurnPublisher:
                 n = len(self._frames)
                 if n > self._sent_tokens:       # the rest of the segment (all of it when faithful)
                     self._job(ev.segment, self._sent_chunks, self._sent_tokens, n, final=True)
-                self.emit("llm", bus.SegmentBoundary(turn_id=t, segment=ev.segment, kind="audio",
+                self.emit("llm", entries.SegmentBoundary(turn_id=t, segment=ev.segment, kind="audio",
                                                      audio_frames=n, chunks=self._sent_chunks))
         elif isinstance(ev, Done):
             if ev.reason == "error":
-                self.emit("llm", bus.TurnError(turn_id=t, stage="llm", code=13,
+                self.emit("llm", entries.TurnError(turn_id=t, stage="llm", code=13,
                                                message=ev.error or "generation failed"))
             else:
-                self.emit("llm", bus.TurnEnd.with_tokens(t, ev.reason, ev.final_sequence, text="".join(self.text)))
+                self.emit("llm", entries.TurnEnd.with_tokens(t, ev.reason, ev.final_sequence, text="".join(self.text)))

@@ -18,7 +18,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from services.decoder.runner import DecoderRunner, chunk_plan, mel_distance, mel_frames
+from services.common.chunking import chunk_plan
+from services.decoder.runner import DecoderRunner, mel_distance, mel_frames
 from tests.decoder.conftest import FIX
 
 BOUND = 0.1

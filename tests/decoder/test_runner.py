@@ -8,8 +8,9 @@ import torch
 from safetensors.torch import save_file
 
 from services.common.checkpoint import PREFIX, CheckpointError
+from services.common.chunking import chunk_plan
 from services.common.layers import sinusoids
-from services.decoder.runner import DecodeInputError, DecoderRunner, chunk_plan, mel_frames, waveform_distance
+from services.decoder.runner import DecodeInputError, DecoderRunner, mel_frames, waveform_distance
 from tests.decoder.conftest import DTYPES, FIX, check_close
 
 

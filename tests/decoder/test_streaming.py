@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from services.common.settings import DecoderSettings
-from services.decoder.runner import DecoderRunner, chunk_plan, mel_distance, mel_frames, waveform_distance
+from services.common.chunking import chunk_plan
+from services.decoder.runner import DecoderRunner, mel_distance, mel_frames, waveform_distance
 from services.decoder.streaming import decode_pieces, prefix_noise
 from services.vocoder.runner import VocoderRunner
 from tests.decoder.conftest import FIX
