@@ -41,9 +41,10 @@ class VocoderDeployment(WorkStreamReplica):
                 good.append(i)
             except VocodeInputError as e:
                 outcomes[i] = PermanentError(str(e))
-        seed = jobs[good[0]].entry.seed if good and jobs[good[0]].entry.seed else None
+        # each job's own seed: a seeded turn sounds the same whatever shares its batch
+        seeds = [jobs[i].entry.seed or None for i in good]
         contexts = [jobs[i].entry.context_frames for i in good]
-        waves = self.runner.vocode(mels, seed=seed, context_frames=contexts) if mels else []
+        waves = self.runner.vocode(mels, seed=seeds, context_frames=contexts) if mels else []
         for i, wave in zip(good, waves):
             e = jobs[i].entry
             chunk = PcmChunk(turn_id=e.turn_id, segment=e.segment, chunk=e.chunk, final=e.final,

@@ -74,11 +74,13 @@ class VocoderRunner:
 
     # ------------------------------------------------------------------ vocoding
     @torch.inference_mode()
-    def vocode(self, mels: Sequence[torch.Tensor], seed: int | None = None,
+    def vocode(self, mels: Sequence[torch.Tensor], seed: int | Sequence[int | None] | None = None,
                context_frames: Sequence[int] | None = None, quiet_source: bool = False) -> list[torch.Tensor]:
         """mels: list of Float[80, T_i] -> list of Float[hop·T_i] (CPU, fp32), in input order.
 
-        seed: makes the random source reproducible (None: fresh randomness). An empty list gives [].
+        seed: makes the random source reproducible (None: fresh randomness). One int seeds the
+        whole call; a list seeds each mel on its own (None entries: fresh), so a seeded piece
+        sounds the same whatever else shares its batch. An empty list gives [].
         context_frames: per mel, leading frames that are left context (a streamed chunk's
         continuity with the previous one): synthesised, then their samples dropped.
         quiet_source: no random source noise and zero harmonic start phases, so that two
@@ -87,11 +89,15 @@ class VocoderRunner:
         checked = [self.check(i, m) for i, m in enumerate(mels)]
         if not checked:
             return []
-        gen = None
-        if seed is not None:
-            gen = torch.Generator(device=self.device).manual_seed(seed)
-        draws = [draw_source(1, self.config.nb_harmonics, m.shape[1] * self.hop, generator=gen, device=self.device)
-                 for m in checked]
+        if seed is None or isinstance(seed, int):
+            shared = None if seed is None else torch.Generator(device=self.device).manual_seed(seed)
+            gens = [shared] * len(checked)
+        else:
+            if len(seed) != len(checked):
+                raise VocodeInputError(f"{len(seed)} seeds for {len(checked)} mels: give one per mel")
+            gens = [None if s is None else torch.Generator(device=self.device).manual_seed(s) for s in seed]
+        draws = [draw_source(1, self.config.nb_harmonics, m.shape[1] * self.hop, generator=g, device=self.device)
+                 for m, g in zip(checked, gens)]
         if quiet_source:
             draws = [SourceDraws(torch.zeros_like(d.phase), torch.zeros_like(d.noise)) for d in draws]
         out: list[torch.Tensor | None] = [None] * len(checked)

@@ -185,3 +185,18 @@ def test_runner_loads_the_project_tiny_checkpoint(tiny_checkpoint):
     r = VocoderRunner.from_checkpoint(tiny_checkpoint)
     (wave,) = r.vocode([torch.randn(r.config.in_channels, 6) - 5.0], seed=0)
     assert wave.shape == (6 * r.hop,) and torch.isfinite(wave).all()
+
+
+def test_each_piece_is_seeded_on_its_own(runner, mels):
+    """A seeded piece sounds the same alone and batched with others (the seeds of its batch mates
+    do not reach it): the batched waveform is within batching's rounding of the lone one, far
+    below what another seed changes."""
+    alone = runner.vocode(mels[1:2], seed=[7])[0]
+    other_seed = runner.vocode(mels[1:2], seed=[8])[0]
+    batched = runner.vocode(mels, seed=[3, 7] + [5] * (len(mels) - 2))[1]
+    assert batched.shape == alone.shape
+    rounding = (batched - alone).abs().max().item()
+    assert rounding < 1e-2 * (other_seed - alone).abs().max().item(), rounding
+    # a list of seeds must match the mels
+    with pytest.raises(VocodeInputError, match="one per mel"):
+        runner.vocode(mels, seed=[1])
