@@ -348,8 +348,8 @@ def bench_gpu(size: str = "tiny", device: str = "cpu", concurrency=(1, 2), rate:
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
         if reference:
-            from services.llm.bench import bench_batch
-            ref = bench_batch(stack.model, 1, 512, 3, 1, modes=("reference",))
+            from services.llm.bench import reference_steps
+            ref = reference_steps(stack.model, 1, 512, 3, 1)
             ours = rows[0]["steps"].get("audio", (float("nan"),))[0]
             print_fn(f"# reference-style loop (per-layer torch.cat cache, full audio-head re-run per codebook, "
                      f"host sampling), batch 1, 512 cached: audio frame {ref['ref_audio_s'] * 1e3:.1f} ms; "

@@ -21,7 +21,7 @@ def _cmd_make_tiny_checkpoint(args: argparse.Namespace) -> int:
 
 
 # benchmarks that are not a stage's own bench.py
-BENCHES = {"engine": "services.llm.bench_engine", "gpu": "orchestrator.bench_gpu"}
+BENCHES = {"llm": "services.llm.bench_engine", "gpu": "orchestrator.bench_gpu"}
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
@@ -95,9 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     client_args(s)
     s.set_defaults(func=_cmd_client, client="synthesize")
 
-    s = sub.add_parser("bench", help="benchmarks that print figures: tokenizer, llm, engine, decoder, vocoder, "
+    s = sub.add_parser("bench", help="benchmarks that print figures: tokenizer, llm, decoder, vocoder, "
                                      "gpu (the whole serving path)", add_help=False)
-    s.add_argument("stage", choices=["tokenizer", "llm", "engine", "decoder", "vocoder", "gpu"])
+    s.add_argument("stage", choices=["tokenizer", "llm", "decoder", "vocoder", "gpu"])
     s.add_argument("args", nargs=argparse.REMAINDER, help="the stage benchmark's own options (--help)")
     s.set_defaults(func=_cmd_bench)
     return p

@@ -1,24 +1,14 @@
-"""Decode-step benchmark of the LLM stage, with random weights.
+"""What the LLM-stage benchmarks share: model configurations at real or CPU-sized dimensions,
+random weights, and the reference-style decode loop that the ratios are taken against.
 
-For each batch size it times, per step and for B sequences with `context_len` tokens cached:
-  text   one backbone token + lm_head (fp32 upcast) + sampling
-  audio  one backbone token + the 8-codebook audio head + sampling (one 80 ms frame)
-two ways, in the same run:
-  fast       the serving path: slotted preallocated KVCache, incremental audio head
-             (`AudioHead.frame`), sampling on the device (services.llm.sampler when present);
-             optionally replayed as CUDA graphs (--cuda-graph)
-  reference  the reference's structure: per-layer K/V grown with torch.cat every step, SDPA
-             math attention, the whole audio head re-run for each codebook
-             (`AudioHead.forward_full`), logits copied to the host and sampled there.
+The serving engine is timed by services/llm/bench_engine.py (`baichuan-audio bench llm`);
+the reference-style loop here has the reference's structure over the same weights: per-layer
+K/V grown with torch.cat every step, SDPA math attention, the whole audio head re-run for each
+codebook (`AudioHead.forward_full`), logits copied to the host and sampled there.
 
-Only torch and the model code are imported (the GPU machine has no ray/redis/soundfile).
-
-    python -m services.llm.bench                              # mid-size config on the CPU, fp32
-    python -m services.llm.bench --preset qwen7b --device cuda --dtype bf16 --context-len 1024
-"""
+Only torch and the model code are imported (the GPU machine has no ray/redis/soundfile)."""
 from __future__ import annotations
 
-import argparse
 import contextlib
 import math
 import time
@@ -78,51 +68,6 @@ def synthetic_config(hidden_size: int, num_hidden_layers: int, num_attention_hea
 # ---------------------------------------------------------------------------- sampling
 TEXT = dict(temperature=0.8, top_k=20, top_p=0.85)     # §11.3, first text segment
 AUDIO = dict(temperature=0.5, top_k=5, top_p=0.85)     # §11.3, audio frames
-
-
-def _simple_device_sampler(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
-    """Temperature, top-k, then top-p within the top k, then an exponential race:
-    Long[B], on the device, no host sync."""
-    vals, idx = (logits.float() / temperature).topk(top_k, dim=-1)       # (B, k) descending
-    probs = vals.softmax(-1)
-    tail = probs.flip(-1).cumsum(-1).flip(-1)                            # mass of this token and all below it
-    drop = tail <= 1.0 - top_p
-    drop[:, 0] = False
-    probs = probs.masked_fill(drop, 0.0)
-    race = probs / torch.empty_like(probs).exponential_()
-    return idx.gather(-1, race.argmax(-1, keepdim=True))[:, 0]
-
-
-def device_sampler(B: int, device: torch.device, depth: int, vocab: int) -> tuple[str, Callable, Callable]:
-    """(name, text_sample(logits), audio_sample(k, logits)) on the device.
-
-    Uses the engine's sampler (services/llm/sampler.py) when it is there and answers a trial
-    call, else a simple one (that module is being written alongside this bench)."""
-    try:
-        from services.llm import sampler as S
-        tp, ap = S.SamplingParams(**TEXT), S.SamplingParams(**AUDIO)
-        try:
-            tb = S.SamplingBatch.build([tp] * B, list(range(B)), [0] * B, device)
-            ab = S.SamplingBatch.build([ap] * B, list(range(B)), [0] * B, device, draws=depth)
-        except TypeError:
-            tb = S.SamplingBatch.build([tp] * B, list(range(B)), [0] * B, device)
-            ab = tb.__class__.build([ap] * B, list(range(B)), [0] * B, device)
-
-        def text(logits: torch.Tensor) -> torch.Tensor:
-            return S.choose(logits, None, tb)
-
-        def audio(k: int, logits: torch.Tensor) -> torch.Tensor:
-            return S.choose(logits, None, ab.offset(k))
-
-        trial = torch.randn(B, vocab, device=device)
-        text(trial)
-        for k in range(depth):
-            audio(k, trial[:, :16])
-        return "services.llm.sampler", text, audio
-    except Exception as e:  # noqa: BLE001 - any mismatch with a sampler in flux: fall back
-        return (f"bench simple sampler (services.llm.sampler unusable: {type(e).__name__})",
-                lambda logits: _simple_device_sampler(logits, **TEXT),
-                lambda k, logits: _simple_device_sampler(logits, **AUDIO))
 
 
 def host_sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
@@ -245,98 +190,33 @@ def build_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, attn
     return model.eval()
 
 
-class _Graphed:
-    """A CUDA-graph replay of fn(): static inputs are updated in place before each replay."""
-
-    def __init__(self, fn: Callable[[], torch.Tensor]):
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            for _ in range(2):
-                fn()
-        torch.cuda.current_stream().wait_stream(s)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.out = fn()
-
-    def __call__(self) -> torch.Tensor:
-        self.graph.replay()
-        return self.out
-
-
-@torch.no_grad()
-def bench_batch(model: AudioLLM, B: int, context_len: int, steps: int, warmup: int,
-                cuda_graph: bool = False, modes=("fast", "reference")) -> dict:
+def reference_steps(model: AudioLLM, B: int, context_len: int, steps: int, warmup: int) -> dict:
+    """Mean seconds per text step and per audio frame of the reference-style loop for B
+    sequences with context_len tokens cached: {"ref_text_s", "ref_audio_s"}."""
     cfg, dev = model.cfg, model.lm_head.weight.device
     c = cfg.llm
-    n = warmup + steps
-    max_len = context_len + 2 * n + 1
     pad = cfg.audio_tokens.audio_pad
     g = torch.Generator(device=dev).manual_seed(1)
-    res: dict = {"batch": B}
-    sampler_name, sample_text, sample_audio = device_sampler(B, dev, len(cfg.audio.codebook_sizes), c.vocab_size)
-    res["sampler"] = sampler_name
+    shape = (B, c.num_key_value_heads, context_len, c.head_dim)
+    w = model.lm_head.weight
+    past = [(torch.randn(shape, generator=g, device=dev).to(w.dtype),
+             torch.randn(shape, generator=g, device=dev).to(w.dtype)) for _ in range(c.num_hidden_layers)]
+    ref = ReferenceStyle(model, past)
+    state = {"ids": torch.randint(0, c.vocab_size - 64, (B, 1), device=dev, generator=g),
+             "codes": torch.zeros(B, len(cfg.audio.codebook_sizes), dtype=torch.long, device=dev)}
 
-    if "fast" in modes:
-        cache = model.new_cache(B, max_len)
-        cache.k.normal_(generator=g)
-        cache.v.normal_(generator=g)
-        slots = torch.arange(B, device=dev)
-        # static step inputs (updated in place, so the same code runs eagerly or graphed)
-        ids = torch.randint(0, c.vocab_size - 64, (B, 1), device=dev, generator=g)
-        codes = torch.zeros(B, len(cfg.audio.codebook_sizes), dtype=torch.long, device=dev)
-        cache_pos = torch.full((B,), context_len, dtype=torch.long, device=dev)
-        pad_ids = torch.full((B, 1), pad, dtype=torch.long, device=dev)
+    def rtext(i: int) -> None:
+        L = ref.past[0][0].shape[2]
+        pos = torch.full((B, 1), L + 1, dtype=torch.long, device=dev)
+        state["ids"] = ref.text_step(state["ids"], pos)[:, None]
 
-        def text_step() -> torch.Tensor:
-            h = model(model.embed(ids, None, check=False), cache_pos[:, None] + 1, cache, slots, cache_pos,
-                      kv_len=max_len)
-            return sample_text(model.logits(h[:, -1]).float())
+    def raudio(i: int) -> None:
+        L = ref.past[0][0].shape[2]
+        pos = torch.full((B, 1), L + 1, dtype=torch.long, device=dev)
+        state["codes"] = ref.audio_step(torch.full((B, 1), pad, device=dev), state["codes"], pos)
 
-        def audio_step() -> torch.Tensor:
-            h = model(model.embed(pad_ids, codes, check=False), cache_pos[:, None] + 1, cache, slots,
-                      cache_pos, kv_len=max_len)
-            return model.audio_frame(h[:, -1], sample_audio)
-
-        run_text, run_audio = text_step, audio_step
-        if cuda_graph and dev.type == "cuda":
-            run_text, run_audio = _Graphed(text_step), _Graphed(audio_step)
-
-        def text(i: int) -> None:
-            cache_pos.fill_(context_len + i)
-            ids.copy_(run_text()[:, None])
-
-        def audio(i: int) -> None:
-            cache_pos.fill_(context_len + n + i)
-            codes.copy_(run_audio())
-
-        res["fast_text_s"] = _time(text, warmup, steps, dev)
-        res["fast_audio_s"] = _time(audio, warmup, steps, dev)
-        del cache
-
-    if "reference" in modes:
-        shape = (B, c.num_key_value_heads, context_len, c.head_dim)
-        w = model.lm_head.weight
-        past = [(torch.randn(shape, generator=g, device=dev).to(w.dtype),
-                 torch.randn(shape, generator=g, device=dev).to(w.dtype)) for _ in range(c.num_hidden_layers)]
-        ref = ReferenceStyle(model, past)
-        state = {"ids": torch.randint(0, c.vocab_size - 64, (B, 1), device=dev, generator=g),
-                 "codes": torch.zeros(B, len(cfg.audio.codebook_sizes), dtype=torch.long, device=dev)}
-
-        def rtext(i: int) -> None:
-            L = ref.past[0][0].shape[2]
-            pos = torch.full((B, 1), L + 1, dtype=torch.long, device=dev)
-            state["ids"] = ref.text_step(state["ids"], pos)[:, None]
-
-        def raudio(i: int) -> None:
-            L = ref.past[0][0].shape[2]
-            pos = torch.full((B, 1), L + 1, dtype=torch.long, device=dev)
-            state["codes"] = ref.audio_step(torch.full((B, 1), pad, device=dev), state["codes"], pos)
-
-        res["ref_text_s"] = _time(rtext, warmup, steps, dev)
-        res["ref_audio_s"] = _time(raudio, warmup, steps, dev)
-        del ref, past
-    return res
+    with torch.inference_mode():
+        return {"ref_text_s": _time(rtext, warmup, steps, dev), "ref_audio_s": _time(raudio, warmup, steps, dev)}
 
 
 @torch.no_grad()
@@ -387,81 +267,3 @@ def check_head(model: AudioLLM, batch_sizes=(1, 16), seed: int = 0, print_fn: Ca
             t[:, k] = (lg if k == 0 else lg[:, :-1]).argmax(-1)
         print_fn(f"# check B={B}: fast vs full head, teacher-forced logits max|diff| {worst:.3g} "
                  f"({rel:.2g} of max|logit|); greedy codes equal {(fast == t).float().mean().item():.3f}")
-
-
-def bench_llm(config: dict | ModelConfig | str = "cpu", batch_sizes=(1, 8, 64),
-              device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-              context_len: int = 128, steps: int = 3, warmup: int = 1, attn_impl: str = "math",
-              cuda_graph: bool = False, seed: int = 0, modes=("fast", "reference"), check: bool = False,
-              print_fn: Callable[[str], None] = print) -> list[dict]:
-    """Time text and audio decode steps for each batch size; print a table; return the rows.
-
-    config: a preset name ("cpu", "qwen7b"), a dict of `synthetic_config` arguments, or a
-    ModelConfig. Times are per step (one token for every sequence of the batch)."""
-    if isinstance(config, str):
-        config = PRESETS[config]
-    cfg = config if isinstance(config, ModelConfig) else synthetic_config(**config)
-    device = torch.device(device)
-    model = build_model(cfg, device, dtype, attn_impl, seed)
-    n_params = sum(p.numel() for p in model.parameters())
-    head_params = sum(p.numel() for p in model.audio_head.parameters())
-    c = cfg.llm
-    print_fn(f"# LLM stage decode bench: device {device}"
-             f"{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}, {dtype}, "
-             f"threads {torch.get_num_threads()}, attn {attn_impl}, cuda_graph {cuda_graph and device.type == 'cuda'}")
-    print_fn(f"# model: hidden {c.hidden_size}, layers {c.num_hidden_layers}, heads {c.num_attention_heads}/"
-             f"{c.num_key_value_heads}x{c.head_dim}, ffn {c.intermediate_size}, vocab {c.vocab_size}, "
-             f"codebooks {list(cfg.audio.codebook_sizes)}, head layers {cfg.audio.audio_head_transformer_layers}; "
-             f"{n_params / 1e9:.3f} B params ({head_params / 1e9:.3f} B in the audio head, random)")
-    if check:
-        check_head(model, print_fn=print_fn)
-    print_fn(f"# context {context_len} tokens cached per sequence; {steps} timed steps after {warmup} warm-up")
-    hdr = (f"{'batch':>5} | {'text fast ms':>12} {'text ref ms':>12} {'x':>6} | "
-           f"{'audio fast ms':>13} {'audio ref ms':>12} {'x':>6} | {'frames/s fast':>13}")
-    print_fn(hdr)
-    rows = []
-    for B in batch_sizes:
-        r = bench_batch(model, B, context_len, steps, warmup, cuda_graph, modes)
-        rows.append(r)
-
-        def ms(key: str) -> str:
-            return f"{r[key] * 1e3:.2f}" if key in r else "-"
-
-        def ratio(a: str, b: str) -> str:
-            return f"{r[b] / r[a]:.1f}" if a in r and b in r else "-"
-
-        fps = f"{B / r['fast_audio_s']:.0f}" if "fast_audio_s" in r else "-"
-        print_fn(f"{B:>5} | {ms('fast_text_s'):>12} {ms('ref_text_s'):>12} {ratio('fast_text_s', 'ref_text_s'):>6} | "
-                 f"{ms('fast_audio_s'):>13} {ms('ref_audio_s'):>12} {ratio('fast_audio_s', 'ref_audio_s'):>6} | "
-                 f"{fps:>13}")
-    if rows:
-        print_fn(f"# sampling: {rows[0]['sampler']} (fast), HF-style processors on the host (reference); "
-                 f"x = reference / fast; an audio step = 1 frame = 80 ms of audio per sequence")
-    return rows
-
-
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="cpu", choices=sorted(PRESETS))
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default=None, choices=["fp32", "bf16"], help="default: fp32 on CPU, bf16 on CUDA")
-    p.add_argument("--batch-sizes", default="1,8,64")
-    p.add_argument("--context-len", type=int, default=128)
-    p.add_argument("--steps", type=int, default=3)
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--attn", default="math", choices=["math", "sdpa"])
-    p.add_argument("--cuda-graph", action="store_true", help="replay the fast steps as CUDA graphs")
-    p.add_argument("--modes", default="fast,reference")
-    p.add_argument("--check", action="store_true", help="first compare the fast and full audio head here")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default 1 on CPU: small ops on a shared machine run faster)")
-    a = p.parse_args(argv)
-    if a.threads or not a.device.startswith("cuda"):
-        torch.set_num_threads(a.threads or 1)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[a.dtype or ("bf16" if a.device.startswith("cuda") else "fp32")]
-    bench_llm(a.preset, tuple(int(b) for b in a.batch_sizes.split(",")), a.device, dtype, a.context_len,
-              a.steps, a.warmup, a.attn, a.cuda_graph, modes=tuple(a.modes.split(",")), check=a.check)
-
-
-if __name__ == "__main__":
-    main()

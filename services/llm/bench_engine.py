@@ -1,5 +1,6 @@
-"""The serving engine's decode steps, timed through `Engine.step` itself (the path users get),
-with its decode runner replayed as CUDA graphs and eagerly, in the same process.
+"""`baichuan-audio bench llm`: the serving engine's decode steps, timed through `Engine.step`
+itself (the path users get), with its decode runner replayed as CUDA graphs and eagerly, and
+the reference-style loop (services/llm/bench.py) for the ratio, all in the same process.
 
 Random weights at the chosen dimensions; a byte-level tokenizer of the tiny layout supplies the
 special strings (ids beyond it are plain vocabulary). Every sequence runs a forced schedule
@@ -8,8 +9,8 @@ is one 80 ms frame (audio) or one token (text) for every sequence, with the repe
 histories and sampling on the device. Also checks that the graphed and eager engines make the
 same greedy decisions, token for token and code for code.
 
-    python -m services.llm.bench_engine                       # small config on the CPU (eager only)
-    python -m services.llm.bench_engine --preset qwen7b --device cuda --batch-sizes 1,8,64
+    baichuan-audio bench llm                       # small config on the CPU (eager only)
+    baichuan-audio bench llm --preset qwen7b --device cuda --batch-sizes 1,8,64
 
 Imports only torch, transformers' tokenizer and the model code (the GPU machine has no Ray,
 Redis or soundfile).
@@ -27,7 +28,7 @@ import torch
 from services.common.model_config import ModelConfig
 from services.common.text_tokenizer import build_tiny_tokenizer, load_text_tokenizer
 from services.common.tiny_checkpoint import TINY_VOCAB, tiny_config_dict
-from services.llm.bench import PRESETS, build_model, synthetic_config
+from services.llm.bench import PRESETS, build_model, check_head, reference_steps, synthetic_config
 from services.llm.engine import Engine, EngineConfig, Request
 
 
@@ -103,7 +104,8 @@ def new_engine(model, tokenizer, B: int, context: int, steps: int, graphs: bool)
 
 def bench_engine(preset: str = "cpu", batch_sizes=(1, 8), device: str = "cpu", dtype=torch.float32,
                  context: int = 128, steps: int = 10, warmup: int = 3, attn: str = "math",
-                 kinds=("audio", "text"), check: bool = True, print_fn=print) -> list[dict]:
+                 kinds=("audio", "text"), check: bool = True, reference_max_batch: int = 64,
+                 print_fn=print) -> list[dict]:
     device = torch.device(device)
     cfg = bench_config(preset)
     model = build_model(cfg, device, dtype, attn, seed=0)
@@ -119,6 +121,7 @@ def bench_engine(preset: str = "cpu", batch_sizes=(1, 8), device: str = "cpu", d
     with tempfile.TemporaryDirectory() as tmp:
         tok = make_tokenizer(cfg, Path(tmp))
         if check and graphs_possible:
+            check_head(model, print_fn=print_fn)
             B = min(4, max(batch_sizes))
             out = {}
             for graphs in (True, False):
@@ -132,7 +135,7 @@ def bench_engine(preset: str = "cpu", batch_sizes=(1, 8), device: str = "cpu", d
             if not same:
                 raise SystemExit("graphed and eager engines disagree")
         print_fn(f"{'kind':>5} {'batch':>5} | {'graphs p50 ms':>13} {'p95':>7} | {'eager p50 ms':>12} {'p95':>7} | "
-                 f"{'x':>5} | {'per stream vs real time':>23}")
+                 f"{'x':>5} | {'reference ms':>12} {'x':>6} | {'per stream vs real time':>23}")
         for kind in kinds:
             for B in batch_sizes:
                 r = {"kind": kind, "batch": B}
@@ -143,14 +146,18 @@ def bench_engine(preset: str = "cpu", batch_sizes=(1, 8), device: str = "cpu", d
                     del eng
                     if graphs_possible:
                         torch.cuda.empty_cache()
+                if B <= reference_max_batch:        # the reference's torch.cat cache copies it all every step
+                    r["reference"] = reference_steps(model, B, context, 3, 1)[f"ref_{kind}_s"]
                 rows.append(r)
 
                 def ms(k: str) -> str:
                     return f"{r[k][0] * 1e3:13.2f} {r[k][1] * 1e3:7.2f}" if k in r else f"{'-':>13} {'-':>7}"
                 best = r.get("graphs", r["eager"])[0]
                 x = f"{r['eager'][0] / r['graphs'][0]:5.1f}" if "graphs" in r else f"{'-':>5}"
+                ref = (f"{r['reference'] * 1e3:12.2f} {r['reference'] / best:5.1f}x" if "reference" in r
+                       else f"{'-':>12} {'-':>6}")
                 rt = f"{0.080 / best:.2f}x" if kind == "audio" else "-"
-                print_fn(f"{kind:>5} {B:>5} | {ms('graphs')} | {ms('eager')[1:]} | {x} | {rt:>23}")
+                print_fn(f"{kind:>5} {B:>5} | {ms('graphs')} | {ms('eager')[1:]} | {x} | {ref} | {rt:>23}")
     return rows
 
 
