@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import queue
 import random
-import statistics
 import tempfile
 import threading
 import time
@@ -46,7 +45,6 @@ from services.llm.bench_engine import make_tokenizer
 from services.llm.engine import Engine, EngineConfig, Request
 from services.llm.prompts import Audio, Message, PromptBuilder, ProtocolTokens
 from services.llm.publisher import ChunkPolicy, TurnPublisher
-from services.llm.scheduler import TextDelta
 from services.tokenizer.bench import real_config
 from services.tokenizer.runner import TokenizerRunner
 from services.vocoder.runner import VocoderRunner
@@ -302,7 +300,6 @@ def run_level(stack: Stack, C: int, rate: float, question_s: float, reply: str, 
            "speed": (pct([tr.speed() for tr in done], 0.5), min((tr.speed() for tr in done), default=float("nan"))),
            "underrun": max((tr.underrun() for tr in done), default=float("nan")),
            "kv_gib": engine.cache.nbytes() / 2**30, "graphs": engine.runner.stats.copy()}
-    del engine
     return out
 
 

@@ -27,7 +27,7 @@ from services.llm.engine import Engine, EngineConfig, EngineError, Request
 from services.llm.model import AudioLLM
 from services.llm.prompts import PromptBuilder
 from services.llm.publisher import ChunkPolicy, TurnPublisher
-from services.llm.scheduler import AudioFrame, Done, SegmentEnd, TextDelta
+from services.llm.protocol import AudioFrame, Done, SegmentEnd, TextDelta
 
 log = logging.getLogger(__name__)
 

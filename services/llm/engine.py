@@ -31,9 +31,11 @@ import torch
 from services.llm import sampler as S
 from services.llm.prompts import ProtocolTokens
 from services.llm.runner import DecodeRow, DecodeRunner
-from services.llm.scheduler import (AudioFrame, Done, EngineError, Event, Mode, Protocol,
-                                    ProtocolConfig, Request, Scheduler, SegmentEnd, SegmentStart,
-                                    Sequence, SessionTable, TextDelta, UnknownSessionError)
+from services.llm.kv_slots import SessionTable
+from services.llm.protocol import (AudioFrame, Done, EngineError, Event, Mode, Protocol, ProtocolConfig,
+                                   Request, SegmentEnd, SegmentStart, Sequence, TextDelta,
+                                   UnknownSessionError)
+from services.llm.scheduler import Scheduler
 from services.llm.stop import StopTables
 
 log = logging.getLogger(__name__)

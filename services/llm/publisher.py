@@ -1,6 +1,6 @@
 """Turn one engine request's events into the turn's stream entries and decode jobs.
 
-Engine events (services/llm/scheduler.py) -> turn:{id}:llm (text deltas, audio frames, segment
+Engine events (services/llm/protocol.py) -> turn:{id}:llm (text deltas, audio frames, segment
 boundaries, end) and jobs:decoder (one job per audio segment in faithful mode; in low-latency
 mode the first audio segment is cut into growing chunks, each job carrying the segment's
 prefix so the decoder sees the whole history, see services/decoder/deployment.py).
@@ -17,7 +17,7 @@ import numpy as np
 
 from services.common import entries
 from services.common.chunking import chunk_plan
-from services.llm.scheduler import AudioFrame, Done, Event, SegmentEnd, SegmentStart, TextDelta
+from services.llm.protocol import AudioFrame, Done, Event, SegmentEnd, SegmentStart, TextDelta
 
 # emit(target, entry): target is "llm" (the turn's LLM stream) or entries.DECODER_JOBS
 Emit = Callable[[str, entries.Entry], None]

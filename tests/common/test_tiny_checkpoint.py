@@ -253,7 +253,7 @@ def test_generated_replies_end_quickly(ckpt, one_thread):
     from services.llm.engine import Engine, EngineConfig, Request
     from services.llm.model import AudioLLM
     from services.llm.prompts import DEFAULT_SYSTEM_PROMPT, Audio, Message, PromptBuilder, ProtocolTokens
-    from services.llm.scheduler import SegmentEnd
+    from services.llm.protocol import SegmentEnd
 
     max_steps = 1000                       # all three replies together take fewer engine steps
     tok = load_text_tokenizer(ckpt.tokenizer_dir)

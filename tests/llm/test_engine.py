@@ -8,7 +8,7 @@ import torch
 from services.llm.engine import Engine, EngineConfig, EngineError, Request, UnknownSessionError
 from services.llm.kv_cache import KVCache
 from services.llm.prompts import Audio, Message, PromptBuilder
-from services.llm.scheduler import AudioFrame, Done, SegmentEnd
+from services.llm.protocol import AudioFrame, Done, SegmentEnd
 from tests.llm.test_parity_protocol import RUNS, check_run, protocol_env  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")

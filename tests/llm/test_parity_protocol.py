@@ -13,7 +13,7 @@ import torch
 
 from services.llm.engine import Engine, EngineConfig, Request
 from services.llm.model import AudioLLM
-from services.llm.scheduler import Done, SegmentEnd, TextDelta
+from services.llm.protocol import Done, SegmentEnd, TextDelta
 
 FIX = "06_protocol"
 RUNS = ("spoken", "text", "tts", "asr")

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from services.llm.scheduler import (AudioFrame, EngineError, Phase, Protocol, ProtocolConfig, Request,
-                                    Scheduler, SegmentEnd, SegmentStart, Sequence, SessionTable, TextDelta,
-                                    UnknownSessionError, common_prefix)
+from services.llm.kv_slots import SessionTable, common_prefix
+
+from services.llm.protocol import (AudioFrame, EngineError, Phase, Protocol, ProtocolConfig, Request,
+
+                                   SegmentEnd, SegmentStart, Sequence, TextDelta, UnknownSessionError)
+
+from services.llm.scheduler import Scheduler
 from services.llm.stop import StopStrings
 
 # a tiny vocabulary: id -> string

@@ -2,7 +2,7 @@
 request with reason "length", over all of its segments."""
 from __future__ import annotations
 
-from services.llm.scheduler import Phase
+from services.llm.protocol import Phase
 from tests.llm.test_scheduler import AG_START, EOA, FRAME, A, ends, frames, seq, text
 
 
