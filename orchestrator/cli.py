@@ -21,7 +21,7 @@ def _cmd_make_tiny_checkpoint(args: argparse.Namespace) -> int:
 
 
 # benchmarks that are not a stage's own bench.py
-BENCHES = {"llm": "services.llm.bench_engine", "gpu": "orchestrator.bench_gpu"}
+BENCHES = {"llm": "services.llm.bench_engine", "gpu": "orchestrator.bench_gpu", "hops": "orchestrator.bench_hops"}
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
@@ -96,8 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_cmd_client, client="synthesize")
 
     s = sub.add_parser("bench", help="benchmarks that print figures: tokenizer, llm, decoder, vocoder, "
-                                     "gpu (the whole serving path)", add_help=False)
-    s.add_argument("stage", choices=["tokenizer", "llm", "decoder", "vocoder", "gpu"])
+                                     "gpu (the whole serving path), hops (Ray/Redis transport)", add_help=False)
+    s.add_argument("stage", choices=["tokenizer", "llm", "decoder", "vocoder", "gpu", "hops"])
     s.add_argument("args", nargs=argparse.REMAINDER, help="the stage benchmark's own options (--help)")
     s.set_defaults(func=_cmd_bench)
     return p
