@@ -23,7 +23,7 @@ from services.common.checkpoint import PREFIX
 from services.common.model_config import ModelConfig
 from services.decoder.audio_decoder import AudioDecoder
 from services.decoder.runner import DecoderRunner, FlowDecoder, mel_frames
-from services.tokenizer.rvq import CodeDecoder
+from services.common.codebooks import CodeDecoder
 
 # Decoder-stage dimensions (reference-model.md §8, §9). "real" is Baichuan-Audio's; "mid" keeps the
 # structure at a size a CPU runs in seconds.

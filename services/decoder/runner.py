@@ -27,6 +27,7 @@ from torch import nn
 
 from services.common.checkpoint import PREFIX, Checkpoint, load_state
 from services.common.chunking import chunk_plan
+from services.common.codebooks import CodeDecoder
 from services.common.cuda_graphs import GraphCache, bucket, ladder
 from services.common.layers import length_mask, sinusoids
 from services.common.model_config import ModelConfig
@@ -34,7 +35,6 @@ from services.decoder import cfm
 from services.decoder.audio_decoder import AudioDecoder
 from services.decoder.estimator import Estimator
 from services.decoder.prenet import Prenet
-from services.tokenizer.rvq import CodeDecoder
 
 # The reference stops a segment after 500 frames (40 s).
 MAX_FRAMES = 500

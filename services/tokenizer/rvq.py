@@ -5,11 +5,9 @@ Keys are those under `audio_tokenizer.audio_bridge_model.`:
   proj_decoder.{weight,bias}, vq_list.{i}.codebook.embed.
 (`vq_list.{i}.codebook.embed_avg/cluster_size` are EMA training state; the loader skips them.)
 
-Two modules share the codebook maths in the functions below:
-  * `VQBridge`    (tokenizer stage): encoder output -> codes.
-  * `CodeDecoder` (decoder stage):   codes -> proj_decoder output; loaded with partial=True
-                                     from the same prefix, so it declares only the codebooks and
-                                     proj_decoder.
+Two modules share the codebooks (services/common/codebooks.py):
+  * `VQBridge`    (here, tokenizer stage): encoder output -> codes.
+  * `CodeDecoder` (decoder stage):          codes -> proj_decoder output.
 
 Rounding rules (§5.2, §12 item 4), which decide codes at near-ties and so must match:
   * distances in fp32 against the codebook as stored (bf16 in a bf16 model, upcast), with the
@@ -25,31 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from services.common.codebooks import check_codes, codebooks, make_vq_list, rvq_recover
 from services.common.model_config import AudioConfig
-
-
-class Codebook(nn.Module):
-    def __init__(self, size: int, dim: int):
-        super().__init__()
-        # (K, D); random until loaded (N(0,1) like the fixtures' init, so an unloaded
-        # module still gives distinct codes in benchmarks)
-        self.embed = nn.Parameter(torch.randn(size, dim))
-
-
-class VQLayer(nn.Module):
-    """One RVQ stage; exists only so the keys read `vq_list.{i}.codebook.embed`."""
-
-    def __init__(self, size: int, dim: int):
-        super().__init__()
-        self.codebook = Codebook(size, dim)
-
-
-def make_vq_list(audio: AudioConfig) -> nn.ModuleList:
-    return nn.ModuleList(VQLayer(k, audio.bridge_dim) for k in audio.codebook_sizes)
-
-
-def codebooks(vq_list: nn.ModuleList) -> list[torch.Tensor]:
-    return [layer.codebook.embed for layer in vq_list]
 
 
 def nearest_code(x: torch.Tensor, embed: torch.Tensor) -> torch.Tensor:
@@ -88,34 +63,6 @@ def rvq_quantize(r: torch.Tensor, valid: torch.Tensor, books: list[torch.Tensor]
     return torch.stack(codes, -1)                       # (B, T, n_books)
 
 
-def rvq_recover(codes: torch.Tensor, books: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-    """codes (N, n_books) -> Σ_{i=n-1..0} fp32(E_i[code_i]) cast to dtype: (N, D)."""
-    total = torch.zeros(codes.shape[0], books[0].shape[1], dtype=torch.float32, device=codes.device)
-    for i in reversed(range(len(books))):              # last codebook first, as the reference
-        total = total + books[i][codes[:, i]].float()
-    return total.to(dtype)
-
-
-class CodeDecoder(nn.Module):
-    """codes (N, n_books) -> proj_decoder(Σ codebook rows) (N, d_model) (§5.3).
-
-    The decoder stage loads it from the bridge prefix with partial=True."""
-
-    def __init__(self, audio: AudioConfig):
-        super().__init__()
-        self.vq_list = make_vq_list(audio)
-        self.proj_decoder = nn.Linear(audio.bridge_dim, audio.d_model)
-
-    def recover(self, codes: torch.Tensor) -> torch.Tensor:
-        # (N, n_books) -> (N, bridge_dim) in the module dtype
-        _check_codes(codes, self.vq_list)
-        return rvq_recover(codes, codebooks(self.vq_list), self.proj_decoder.weight.dtype)
-
-    def forward(self, codes: torch.Tensor) -> torch.Tensor:
-        # (N, n_books) -> (N, d_model)
-        return self.proj_decoder(self.recover(codes))
-
-
 class VQBridge(nn.Module):
     """Encoder output (B, T, d_model), zeros beyond encoder_length -> codes (B, ceil(T/4), n_books)."""
 
@@ -152,10 +99,5 @@ class VQBridge(nn.Module):
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """codes (N, n_books) -> (N, d_model); the same maths as CodeDecoder."""
-        _check_codes(codes, self.vq_list)
+        check_codes(codes, self.vq_list)
         return self.proj_decoder(rvq_recover(codes, codebooks(self.vq_list), self.proj_decoder.weight.dtype))
-
-
-def _check_codes(codes: torch.Tensor, vq_list: nn.ModuleList) -> None:
-    if codes.dim() != 2 or codes.shape[1] != len(vq_list):
-        raise ValueError(f"codes must be (N, {len(vq_list)}) (one column per codebook), got {tuple(codes.shape)}")

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from services.common.checkpoint import PREFIX, CheckpointError, load_state
-from services.tokenizer.rvq import CodeDecoder, VQBridge
+from services.common.codebooks import CodeDecoder
+from services.tokenizer.rvq import VQBridge
 
 FX = "04_decoder_flow"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}

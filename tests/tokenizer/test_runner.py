@@ -14,7 +14,7 @@ from services.common.layers import sinusoids
 from services.tokenizer.audio_io import AudioInputError, min_samples
 from services.tokenizer.log_mel import chunk_lengths, plan_chunks, to_mono_16k
 from services.tokenizer.runner import TokenizerRunner
-from services.tokenizer.rvq import codebooks
+from services.common.codebooks import codebooks
 from tests.tokenizer.test_parity_encoder_rvq import allowed_bf16_code_flips, batch_cases, sees_padding
 
 
