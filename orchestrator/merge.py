@@ -18,9 +18,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+import torch
+
 from baichuan_audio.v1 import conversation_pb2 as pb
 from services.common import bus
 from services.common.audio import from_pcm16, to_pcm16
+from services.common.crossfade import crossfade_block, crossfade_samples
 
 
 @dataclass
@@ -37,13 +40,15 @@ class ReplyMerger:
         self.turn_id = turn_id
         self.num_codebooks = num_codebooks
         self.sample_rate = sample_rate
-        self.overlap = int(sample_rate * 0.01)           # 240 samples at 24 kHz (reference)
+        self.overlap = crossfade_samples(sample_rate)    # 240 samples at 24 kHz (reference)
         self.spoken = spoken
         self.t0 = started if started is not None else time.time()
         self.segments: dict[int, _Segment] = {}
         self.next_segment = 0                             # audio segment to emit next
         self.sequence = 0
-        self.prev_tail: np.ndarray | None = None          # last `overlap` samples emitted
+        self.prev_tail: np.ndarray | None = None          # last `overlap` samples of the previous segment
+        self.prev_len = 0                                 # samples of the previous audio segment
+        self.cur_len = 0                                  # samples of the current one so far
         self.text: list[str] = []
         self.audio_samples = 0
         self.llm_done: bus.TurnEnd | None = None
@@ -122,20 +127,27 @@ class ReplyMerger:
             while seg.next_chunk in seg.received:
                 piece = seg.received.pop(seg.next_chunk)
                 samples = from_pcm16(piece.pcm16)
-                if seg.next_chunk == 0 and self.prev_tail is not None and len(samples) > self.overlap:
-                    ramp = np.linspace(0.0, 1.0, self.overlap, dtype=np.float32)
-                    block = self.prev_tail * (1.0 - ramp) + samples[:self.overlap] * ramp
-                    out.append(self._audio_event(block, self.next_segment))
+                if seg.next_chunk == 0:
+                    # §11.4: the inserted block when both segments are longer than the overlap
+                    # (a first chunk is at least one token, far longer than the overlap)
+                    if self.prev_tail is not None and self.prev_len > self.overlap and len(samples) > self.overlap:
+                        block = crossfade_block(torch.from_numpy(self.prev_tail),
+                                                torch.from_numpy(samples[:self.overlap])).numpy()
+                        out.append(self._audio_event(block, self.next_segment))
+                    self.cur_len = 0
                 m = self._mark("first_audio")
                 if m:
                     out.append(m)
                 out.append(self._audio_event(samples, self.next_segment))
                 self.segment_audio.setdefault(self.next_segment, []).append(samples)
-                if len(samples) >= self.overlap:
-                    self.prev_tail = samples[-self.overlap:].copy()
+                # the segment's last `overlap` samples, across its chunks
+                tail = samples if self.cur_len == 0 or self.prev_tail is None else np.concatenate([self.prev_tail, samples])
+                self.prev_tail = tail[-self.overlap:].copy()
+                self.cur_len += len(samples)
                 seg.next_chunk += 1
             if seg.chunks is not None and seg.next_chunk >= seg.chunks:
                 if seg.chunks > 0:
+                    self.prev_len = self.cur_len
                     out.append(pb.TurnEvent(turn_id=self.turn_id, segment=pb.SegmentBoundary(
                         segment=self.next_segment, kind=pb.SegmentBoundary.AUDIO_END, audio_frames=seg.frames or 0)))
                 self.next_segment += 1

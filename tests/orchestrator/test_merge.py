@@ -7,7 +7,7 @@ import pytest
 from orchestrator.merge import ReplyMerger
 from services.common import bus as B
 from services.common.audio import from_pcm16, to_pcm16
-from services.vocoder.crossfade import join_segments
+from services.common.crossfade import join_segments
 
 T = "turn-1"
 
@@ -55,7 +55,8 @@ def test_segments_join_with_the_reference_inserted_crossfade_in_any_arrival_orde
     import torch
     expected = join_segments([torch.from_numpy(q(a)), torch.from_numpy(np.concatenate([q(b1), q(b2)])),
                               torch.from_numpy(q(c))], 240).numpy()
-    np.testing.assert_allclose(audio_of(events), expected, atol=1.5 / 32768)
+    # the merger joins with the reference's join itself: equal to the sample after PCM16
+    assert to_pcm16(audio_of(events), limit=1.0) == to_pcm16(expected, limit=1.0)
     assert len(audio_of(events)) == len(a) + len(b1) + len(b2) + len(c) + 2 * 240
     end = events[-1].end
     assert end.reason == "complete" and end.text == "Hi, there"
@@ -88,3 +89,20 @@ def test_a_stage_error_ends_the_turn_with_it():
     m = ReplyMerger(T)
     out = feed_all(m, [B.TurnError(turn_id=T, stage="decoder", code=13, message="lost segment 0 chunk 0")])
     assert out[-1].error.code == 13 and "decoder" in out[-1].error.message and m.finished
+
+
+def test_the_inserted_block_is_the_reference_join_to_the_sample():
+    """The merger's block is the reference's rounding (linspace(1, 0), not 1 - linspace(0, 1)):
+    for these samples the two differ after PCM16, so only the shared join passes."""
+    import torch
+    rng = np.random.default_rng(13)                    # a case where the two roundings differ
+    q = lambda x: from_pcm16(to_pcm16(x, limit=1.0))   # noqa: E731
+    tail, head = (q(rng.uniform(-0.9, 0.9, 240).astype(np.float32)) for _ in range(2))
+    a = np.concatenate([q(rng.uniform(-0.5, 0.5, 720).astype(np.float32)), tail])
+    b = np.concatenate([head, q(rng.uniform(-0.5, 0.5, 720).astype(np.float32))])
+    m = ReplyMerger(T)
+    events = feed_all(m, [chunk(0, 0, a), B.SegmentBoundary(turn_id=T, segment=0, kind="audio", audio_frames=2, chunks=1),
+                          chunk(1, 0, b), B.SegmentBoundary(turn_id=T, segment=1, kind="audio", audio_frames=2, chunks=1),
+                          B.TurnEnd(turn_id=T, reason="eos")])
+    expected = join_segments([torch.from_numpy(a), torch.from_numpy(b)], 240).numpy()
+    assert to_pcm16(audio_of(events), limit=1.0) == to_pcm16(expected, limit=1.0)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from services.vocoder.crossfade import StreamJoiner, crossfade_samples, join_segments
+from services.common.crossfade import StreamJoiner, crossfade_samples, join_segments
 
 
 def test_overlap_is_ten_ms():

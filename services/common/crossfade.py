@@ -8,7 +8,8 @@ not longer than `overlap`, the two are simply concatenated. overlap = int(sample
 
 Since X comes after all of A, every sample of A is final the moment A exists: the streaming
 joiner emits each segment whole (preceded by the X of its left boundary) and only remembers the
-last `overlap` samples for the next boundary.
+last `overlap` samples for the next boundary. The conversation's reply merger
+(orchestrator/merge.py) joins segments with `crossfade_block` too: one join everywhere.
 """
 from __future__ import annotations
 
