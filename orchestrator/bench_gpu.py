@@ -222,15 +222,9 @@ def run_level(stack: Stack, C: int, rate: float, question_s: float, reply: str, 
     def decoder_loop():
         with stream_ctx("dec"):
             while not stop.is_set():
-                try:
-                    jobs = [dec_q.get(timeout=0.01)]
-                except queue.Empty:
+                jobs = _take(dec_q, stack.decoder.max_batch)
+                if not jobs:
                     continue
-                while len(jobs) < stack.decoder.max_batch:
-                    try:
-                        jobs.append(dec_q.get_nowait())
-                    except queue.Empty:
-                        break
                 pieces = [(torch.from_numpy(j.codes_array().astype("int64")), j.context_frames, j.seed) for j in jobs]
                 for j, (mel, vctx) in zip(jobs, decode_pieces(stack.decoder, pieces)):
                     voc_q.put((j, mel, vctx))
@@ -238,15 +232,9 @@ def run_level(stack: Stack, C: int, rate: float, question_s: float, reply: str, 
     def vocoder_loop():
         with stream_ctx("voc"):
             while not stop.is_set():
-                try:
-                    items = [voc_q.get(timeout=0.01)]
-                except queue.Empty:
+                items = _take(voc_q, stack.vocoder.max_batch)
+                if not items:
                     continue
-                while len(items) < stack.vocoder.max_batch:
-                    try:
-                        items.append(voc_q.get_nowait())
-                    except queue.Empty:
-                        break
                 waves = stack.vocoder.vocode([m for _, m, _ in items], seed=[j.seed for j, _, _ in items],
                                              context_frames=[c for _, _, c in items])
                 now = time.perf_counter()
@@ -301,6 +289,20 @@ def run_level(stack: Stack, C: int, rate: float, question_s: float, reply: str, 
            "underrun": max((tr.underrun() for tr in done), default=float("nan")),
            "kv_gib": engine.cache.nbytes() / 2**30, "graphs": engine.runner.stats.copy()}
     return out
+
+
+def _take(q: "queue.Queue", n: int) -> list:
+    """Up to n items: what a worker claims at once (waits briefly for the first)."""
+    try:
+        items = [q.get(timeout=0.01)]
+    except queue.Empty:
+        return []
+    while len(items) < n:
+        try:
+            items.append(q.get_nowait())
+        except queue.Empty:
+            break
+    return items
 
 
 class _null:
