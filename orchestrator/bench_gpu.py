@@ -333,6 +333,8 @@ def bench_gpu(size: str = "tiny", device: str = "cpu", concurrency=(1, 2), rate:
         print_fn(f"{'C':>4} {'done':>4} | {'audio step p50/p95 ms':>21} {'text step':>15} | "
                  f"{'first text p50/p95 s':>20} {'first audio p50/p95 s':>21} | {'speed p50/min':>13} | "
                  f"{'underrun s':>10} | {'KV GiB':>6}")
+        # graphs are captured the first time a shape runs: once, untimed, before the levels
+        run_level(stack, min(2, max(concurrency)), 10.0, question_s, reply, seed=99)
         rows = []
         for C in concurrency:
             r = run_level(stack, C, rate if rate > 0 else max(1.0, C / 2.0), question_s, reply)

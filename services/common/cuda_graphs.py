@@ -36,16 +36,23 @@ class GraphCache:
         self.stats["replays"] += 1
 
     def _capture(self, fn: Callable[[], None]) -> "torch.cuda.CUDAGraph":
-        # the warm-up (lazy inits, library workspaces) writes the same outputs the replay rewrites
+        # The warm-up (lazy inits, library workspaces) runs on the side stream capture needs; it
+        # writes the same outputs the replay rewrites. No device-wide synchronisation (which
+        # torch.cuda.graph() does): other threads (another stage in one process, a replica's
+        # I/O) may be running or capturing meanwhile, and thread_local capture lets them.
         current = torch.cuda.current_stream(self.device)
         side = torch.cuda.Stream(self.device)
         side.wait_stream(current)
+        g = torch.cuda.CUDAGraph()
         with torch.cuda.stream(side):
             fn()
+            side.synchronize()
+            g.capture_begin(pool=self._pool, capture_error_mode="thread_local")
+            try:
+                fn()
+            finally:
+                g.capture_end()
         current.wait_stream(side)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g, pool=self._pool):
-            fn()
         self.stats["captures"] += 1
         return g
 
