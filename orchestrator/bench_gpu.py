@@ -156,6 +156,8 @@ def run_level(stack: Stack, C: int, rate: float, question_s: float, reply: str, 
     max_len = prompt_len + len(schedule) + frames_total + sum(n for k, n in schedule if k == "text") + 64
     engine = Engine(stack.model, stack.text_tokenizer, config=EngineConfig(
         num_slots=C, max_len=max_len, prefill_budget=2048, max_batch=min(C, max_batch)))
+    if dev.type == "cuda":
+        engine.warm_up()                                 # as the LLM deployment does at start
     streams = {name: torch.cuda.Stream(dev) if dev.type == "cuda" else None for name in ("tok", "llm", "dec", "voc")}
     dec_q: "queue.Queue" = queue.Queue()
     voc_q: "queue.Queue" = queue.Queue()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from typing import Any
 
 import numpy as np
@@ -52,6 +53,10 @@ class LLMDeployment:
                                                  prefill_budget=s.prefill_chunk_tokens,
                                                  # sequences decoded together in one step
                                                  max_batch=min(s.max_slots, self.settings.stages.llm.max_batch_size)))
+        if device.type == "cuda":          # capture every decode shape now, not on a user's turn
+            t0 = time.perf_counter()
+            n = self.engine.warm_up()
+            log.info("LLM engine: %d decode shapes captured as CUDA graphs in %.1f s", n, time.perf_counter() - t0)
         self.engine.run_forever()
         self.prompts = PromptBuilder(self.engine.tokenizer, self.engine.tokens, self.engine.cfg.audio.num_codebooks)
         # the operator's per-turn limits, on every request whichever way it arrives

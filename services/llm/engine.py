@@ -208,6 +208,12 @@ class Engine:
         h._seq.cancelled = True
         self._wake.set()
 
+    def warm_up(self) -> int:
+        """Run (on a GPU: capture) every decode shape before serving, so no request waits for a
+        CUDA-graph capture. Returns the number of shapes."""
+        with self._lock:
+            return self.runner.warm_up()
+
     def has_work(self) -> bool:
         return bool(self.scheduler.waiting or self.scheduler.running)
 

@@ -192,6 +192,26 @@ class DecodeRunner:
         nt = len(text)
         return flat[:nt], [flat[nt + j * self.C: nt + (j + 1) * self.C] for j in range(len(audio))]
 
+    @torch.inference_mode()
+    def warm_up(self) -> int:
+        """Run every shape once (capturing its graph on a GPU), so no request pays for a
+        capture: the backbone for each batch and KV-length bucket, each tail for each batch.
+        Only padding rows run, on the scratch slot. Returns the number of shapes."""
+        n = self.ladder[-1]
+        self.ints.copy_(torch.tensor([self._pad_row] * n, dtype=torch.int64))
+        self.text_sel.copy_(torch.tensor([[0, self.scratch]] * n, dtype=torch.int64))
+        self.audio_sel.copy_(torch.tensor([[0, self.scratch]] * n, dtype=torch.int64))
+        self.ban.zero_()
+        shapes = 0
+        for B in self.ladder:
+            for L in self.kv_ladder:
+                self._run(("backbone", B, L), self._backbone, B, L)
+                shapes += 1
+            self._run(("text", B), self._text_tail, B)
+            self._run(("audio", B), self._audio_tail, B)
+            shapes += 2
+        return shapes
+
     def step(self, rows: Sequence[DecodeRow]) -> tuple[list[int], list[list[int]]]:
         """forward + decide for rows that all forward one token."""
         self.forward(rows)

@@ -86,3 +86,14 @@ def test_engine_bench_prints_figures_through_the_serving_path(capsys):
     assert [r["batch"] for r in rows] == [1, 2] and all(r["eager"][0] > 0 for r in rows)
     out = capsys.readouterr().out
     assert "engine decode bench" in out and "per stream vs real time" in out
+
+
+def test_warm_up_runs_every_shape_on_the_scratch_slot_only(parts):
+    cfg, model = parts
+    r = runner_for(cfg, model, slots=3, max_batch=4)
+    r.cache.k.normal_()
+    before = r.cache.k.clone()
+    n = r.warm_up()
+    assert n == len(r.ladder) * (len(r.kv_ladder) + 2) and r.stats["eager"] == n
+    changed = {s for s in range(r.cache.num_slots) if not torch.equal(before[:, s], r.cache.k[:, s])}
+    assert changed == {r.scratch}
