@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+from services.common.dtypes import default_dtype
 from services.common.model_config import HiFTConfig, ModelConfig
 from services.common.tiny_checkpoint import TINY_HIFT, random_hift_state, tiny_config_dict
 from services.decoder.bench import decoder_config, random_tensors
@@ -82,7 +83,7 @@ def build_stack(size: str, device: torch.device, tmp: Path, attn: str) -> Stack:
         dec_cfg, hift_cfg = decoder_config("real"), HiFTConfig()
     tokenizer = TokenizerRunner(tok_cfg, None, device=device)
     mem["tokenizer"], before = _allocated(device) - before, _allocated(device)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = default_dtype(device)
     model = build_model(llm_cfg, device, dtype, attn, seed=0)
     mem["llm weights"], before = _allocated(device) - before, _allocated(device)
     decoder = DecoderRunner(dec_cfg, random_tensors(dec_cfg), device=device, max_batch=16)

@@ -22,7 +22,7 @@ from typing import Any, Callable
 import numpy as np
 import redis
 
-from services.common.grpc_status import AlreadyExists, NotFound, ResourceExhausted
+from services.common.errors import AlreadyExists, NotFound, ResourceExhausted
 
 ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 LIVE_SET = "sessions"

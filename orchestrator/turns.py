@@ -15,6 +15,7 @@ import numpy as np
 from baichuan_audio.v1 import conversation_pb2 as pb
 from services.common import bus as B
 from services.common.audio import to_pcm16
+from services.common.errors import Status
 from services.common.telemetry import get_metrics
 
 READ_BLOCK_MS = 200
@@ -84,7 +85,7 @@ def produce(bus: B.Bus, merger, turn_id: str, *, interrupted: Callable[[], bool]
             progress = now
         elif now - progress > stall_timeout_s:
             emit(pb.TurnEvent(turn_id=turn_id, error=pb.TurnError(
-                code=14, message=f"no stage produced anything for {stall_timeout_s:.0f} s; the turn was abandoned")))
+                code=Status.UNAVAILABLE, message=f"no stage produced anything for {stall_timeout_s:.0f} s; the turn was abandoned")))
             return out
         for m in msgs:
             last[m.stream] = m.id
@@ -106,7 +107,7 @@ def finish(bus: B.Bus, turn_id: str, outcome: "TurnOutcome | None") -> None:
     final = outcome.final if outcome is not None else []
     if not final:
         final = [pb.TurnEvent(turn_id=turn_id, error=pb.TurnError(
-            code=13, message="the turn failed in the orchestrator; see its logs"))]
+            code=Status.INTERNAL, message="the turn failed in the orchestrator; see its logs"))]
     for i, ev in enumerate(final):
         send(bus, turn_id, ev, final=i == len(final) - 1)
 

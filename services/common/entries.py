@@ -337,8 +337,8 @@ class TurnEnd(Entry, type_name="end"):
 
 @dataclass(frozen=True)
 class TurnError(Entry, type_name="error"):
-    """The turn failed in `stage`. code: a google.rpc.Code value (e.g. 13 INTERNAL,
-    14 UNAVAILABLE); message: what a person can act on. (segment, chunk) name the lost piece
+    """The turn failed in `stage`. code: a google.rpc.Code value (errors.Status: INTERNAL,
+    UNAVAILABLE, ...); message: what a person can act on. (segment, chunk) name the lost piece
     when known, else -1."""
 
     turn_id: str

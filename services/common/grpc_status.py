@@ -1,9 +1,9 @@
 """Map the stack's exceptions to gRPC status codes, in one place.
 
-Model and runner code raise plain Python exceptions (they never import gRPC): ValueError
-subclasses for bad input, LookupError for unknown ids, and the few classes below for
-limits. Deployments and servicers wrap their methods with `grpc_errors` so a caller gets a
-precise status and message, and the replica stays up."""
+Model, runner and session code raise plain Python exceptions (they never import gRPC):
+ValueError subclasses for bad input, LookupError for unknown ids, and the classes of
+services/common/errors.py for limits. Deployments and servicers wrap their methods with
+`grpc_errors` so a caller gets a precise status and message, and the replica stays up."""
 from __future__ import annotations
 
 import functools
@@ -12,29 +12,10 @@ import logging
 
 import grpc
 
+from services.common.errors import AlreadyExists, Cancelled, NotFound, ResourceExhausted, Unavailable  # noqa: F401
 from services.common.telemetry import trace_id_hex
 
 log = logging.getLogger(__name__)
-
-
-class ResourceExhausted(RuntimeError):
-    """A limit was hit (sessions, KV budget, queue length). Retry later or raise the limit."""
-
-
-class Unavailable(RuntimeError):
-    """A stage is down or not ready yet."""
-
-
-class Cancelled(RuntimeError):
-    """The request was cancelled (Interrupt)."""
-
-
-class NotFound(LookupError):
-    """An unknown or expired session, turn or job."""
-
-
-class AlreadyExists(RuntimeError):
-    """A caller-chosen id is taken."""
 
 
 class StatusError(Exception):

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from services.common.checkpoint import Checkpoint
+from services.common.dtypes import default_dtype
 from services.common.settings import Settings
 
 TINY_SEED = 0
@@ -69,7 +70,7 @@ def device_and_dtype(settings: Settings) -> tuple[torch.device, torch.dtype]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dt = settings.model.dtype
     if dt == "auto":
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        dtype = default_dtype(device)
     else:
         dtype = getattr(torch, dt)
     return device, dtype

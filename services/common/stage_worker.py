@@ -14,12 +14,12 @@ from typing import Callable
 
 from services.common.autoscaling import BACKLOG_METRIC
 from services.common.bus import Bus, Job, TurnError, run_worker, worker_options
+from services.common.errors import Status
 from services.common.settings import Settings
 
 log = logging.getLogger(__name__)
 
 GROUP = "stage-workers"
-INTERNAL = 13  # google.rpc.Code
 
 
 def consumer_name(stage: str) -> str:
@@ -45,7 +45,7 @@ class StageWorker:
         # the turn must hear that a piece of its audio is lost instead of waiting for it
         e = job.entry
         self.bus.publish(e.turn_id, "audio", TurnError(
-            turn_id=e.turn_id, stage=self.stage, code=INTERNAL, segment=e.segment, chunk=e.chunk,
+            turn_id=e.turn_id, stage=self.stage, code=Status.INTERNAL, segment=e.segment, chunk=e.chunk,
             message=f"{self.stage} could not process segment {e.segment} chunk {e.chunk}: {reason}"))
 
     def _run(self) -> None:

@@ -29,6 +29,7 @@ from services.common.checkpoint import PREFIX, Checkpoint, load_state
 from services.common.chunking import chunk_plan
 from services.common.codebooks import CodeDecoder
 from services.common.cuda_graphs import GraphCache, bucket, ladder
+from services.common.dtypes import default_dtype
 from services.common.layers import length_mask, sinusoids
 from services.common.model_config import ModelConfig
 from services.decoder import cfm
@@ -98,7 +99,7 @@ class DecoderRunner:
         time) as a CUDA graph per padded (batch, frames) shape (None: on CUDA)."""
         self.config = config
         self.device = torch.device(device if device is not None else "cpu")
-        self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+        self.dtype = dtype or default_dtype(self.device)
         self.max_frames, self.max_batch, self.batch_cfg = max_frames, max_batch, batch_cfg
         a = config.audio
         self.codebook_sizes = a.codebook_sizes

@@ -20,6 +20,7 @@ from ray import serve
 
 from baichuan_audio.v1 import conversation_pb2, stages_pb2
 from services.common.bus import DECODER_JOBS, Bus
+from services.common.errors import Status
 from services.common.grpc_status import grpc_errors
 from services.common.runtime import device_and_dtype, open_checkpoint, start_replica
 from services.common.telemetry import start_span
@@ -127,7 +128,7 @@ class LLMDeployment:
             log.exception("turn %s: publishing failed", turn_id)
             from services.common.bus import TurnError
             try:
-                self.bus.publish(turn_id, "llm", TurnError(turn_id=turn_id, stage="llm", code=14,
+                self.bus.publish(turn_id, "llm", TurnError(turn_id=turn_id, stage="llm", code=Status.UNAVAILABLE,
                                                            message=f"publishing the reply failed: {e}"))
             except Exception:  # noqa: BLE001 - Redis is down; the orchestrator times out
                 pass

@@ -17,6 +17,7 @@ import numpy as np
 
 from services.common import entries
 from services.common.chunking import chunk_plan
+from services.common.errors import Status
 from services.llm.protocol import AudioFrame, Done, Event, SegmentEnd, SegmentStart, TextDelta
 
 # emit(target, entry): target is "llm" (the turn's LLM stream) or entries.DECODER_JOBS
@@ -102,7 +103,7 @@ class TurnPublisher:
                                                      audio_frames=n, chunks=self._sent_chunks))
         elif isinstance(ev, Done):
             if ev.reason == "error":
-                self.emit("llm", entries.TurnError(turn_id=t, stage="llm", code=13,
+                self.emit("llm", entries.TurnError(turn_id=t, stage="llm", code=Status.INTERNAL,
                                                message=ev.error or "generation failed"))
             else:
                 self.emit("llm", entries.TurnEnd.with_tokens(t, ev.reason, ev.final_sequence, text="".join(self.text)))

@@ -15,6 +15,7 @@ from typing import Iterable, Sequence
 import torch
 
 from services.common.checkpoint import PREFIX, Checkpoint, load_state
+from services.common.dtypes import default_dtype
 from services.common.model_config import ModelConfig
 from services.tokenizer.audio_io import DEFAULT_MAX_SECONDS, AudioInputError, check_waveform, read_audio
 from services.tokenizer.encoder import AudioEncoder, sinusoid_dtype
@@ -27,7 +28,7 @@ def default_device_dtype(device=None, dtype=None) -> tuple[torch.device, torch.d
     device = torch.device(device) if device is not None else \
         torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if dtype is None:
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        dtype = default_dtype(device)
     return device, dtype
 
 
