@@ -20,7 +20,8 @@ from ray import serve
 
 from baichuan_audio.v1 import conversation_pb2 as pb
 from services.common.bus import Bus
-from services.common.grpc_status import NotFound, grpc_errors
+from services.common.errors import NotFound
+from services.common.grpc_status import grpc_errors
 from services.common.runtime import open_checkpoint, start_replica
 from services.common.telemetry import inject_context, start_span
 from services.common.text_tokenizer import DEFAULT_SYSTEM_PROMPT, load_text_tokenizer

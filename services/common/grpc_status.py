@@ -12,7 +12,7 @@ import logging
 
 import grpc
 
-from services.common.errors import AlreadyExists, Cancelled, NotFound, ResourceExhausted, Unavailable  # noqa: F401
+from services.common.errors import AlreadyExists, Cancelled, NotFound, ResourceExhausted, Unavailable
 from services.common.telemetry import trace_id_hex
 
 log = logging.getLogger(__name__)

@@ -9,7 +9,8 @@ import grpc
 import pytest
 import ray.exceptions as rex
 
-from services.common.grpc_status import NotFound, ResourceExhausted, StatusError, grpc_errors, status_for
+from services.common.errors import NotFound, ResourceExhausted
+from services.common.grpc_status import StatusError, grpc_errors, status_for
 
 LEAKS = ("\x1b[", "Traceback", 'File "', "pid=", "ip=", "ray::", "actor_id")
 
