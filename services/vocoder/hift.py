@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from services.common.layers import length_mask
 from services.common.model_config import HiFTConfig
 from services.vocoder.f0_predictor import (ConvRNNF0Predictor, WNConv1d, WNConvTranspose1d, fold_weight_norm,
                                            unfold_weight_norm)
@@ -33,11 +34,12 @@ def hann_window(n: int) -> torch.Tensor:
     return (0.5 + 0.5 * torch.cos(fac)).float()
 
 
-def length_mask(valid: torch.Tensor | None, length: int) -> torch.Tensor | None:
-    """(B,) valid lengths -> (B, 1, length) float mask, or None when nothing is padded."""
+def channel_mask(valid: torch.Tensor | None, length: int) -> torch.Tensor | None:
+    """(B,) valid lengths -> (B, 1, length) float mask for (B, C, T) tensors, or None when
+    nothing is padded."""
     if valid is None:
         return None
-    return (torch.arange(length, device=valid.device)[None, :] < valid[:, None]).unsqueeze(1).float()
+    return length_mask(valid, length).unsqueeze(1).float()
 
 
 def _masked(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -141,7 +143,7 @@ class HiFTGenerator(nn.Module):
         frames = padded.unfold(-1, self.n_fft, self.hop_len) * self.window            # (B, F, n_fft)
         spec = torch.fft.rfft(frames, dim=-1).transpose(1, 2)                         # (B, n_freq, F)
         if n_valid is not None:
-            spec = spec * length_mask(n_valid // self.hop_len + 1, spec.shape[-1])
+            spec = spec * channel_mask(n_valid // self.hop_len + 1, spec.shape[-1])
         return spec.real, spec.imag
 
     def istft(self, magnitude: torch.Tensor, phase: torch.Tensor,
@@ -153,7 +155,7 @@ class HiFTGenerator(nn.Module):
         envelope, so a row's samples are those of its own inverse; samples past it are 0."""
         b, _, f = magnitude.shape
         w2 = (self.window ** 2)[None, :, None].expand(b, -1, f)                        # (B, n_fft, F)
-        mask = length_mask(n_frames, f)                                               # (B, 1, F)
+        mask = channel_mask(n_frames, f)                                               # (B, 1, F)
         if mask is not None:
             magnitude = torch.where(mask > 0, magnitude, 0.0)                         # where: padding may hold inf
             w2 = w2 * mask
@@ -176,7 +178,7 @@ class HiFTGenerator(nn.Module):
                    generator: torch.Generator | None = None, draws: SourceDraws | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """mel (B, 80, T) -> f0 (B, T) Hz, source s (B, 1, N), uv (B, N)."""
-        f0 = self.f0_predictor(mel, length_mask(lengths, mel.shape[-1]))
+        f0 = self.f0_predictor(mel, channel_mask(lengths, mel.shape[-1]))
         s, uv = self.m_source(upsample_f0(f0, self.hop), draws=draws, generator=generator)
         return f0, s, uv
 
@@ -188,7 +190,7 @@ class HiFTGenerator(nn.Module):
         re, im = self.stft(source.squeeze(1), n_samples)
         s_stft = torch.cat([re, im], dim=1)                                          # (B, n_fft+2, F)
 
-        mel_mask = length_mask(lengths, t)                                           # padding may hold anything
+        mel_mask = channel_mask(lengths, t)                                           # padding may hold anything
         x = _masked(self.conv_pre(_masked(mel, mel_mask)), mel_mask)                 # (B, C, T)
         rate = 1
         n_up, k = len(self.ups), len(self.cfg.resblock_kernel_sizes)
@@ -199,7 +201,7 @@ class HiFTGenerator(nn.Module):
             if i == n_up - 1:
                 x = F.pad(x, (1, 0), mode="reflect")                                 # one frame more: F = hop·T/4 + 1
                 extra = 1
-            mask = length_mask(None if lengths is None else lengths * rate + extra, x.shape[-1])
+            mask = channel_mask(None if lengths is None else lengths * rate + extra, x.shape[-1])
             x = _masked(x, mask)
             si = _masked(self.source_downs[i](s_stft), mask)
             x = x + self.source_resblocks[i](si, mask)
@@ -221,7 +223,7 @@ class HiFTGenerator(nn.Module):
         wave = self.istft(magnitude.clamp(max=100.0), phase, n_frames)
         wave = wave.clamp(-self.cfg.audio_limit, self.cfg.audio_limit)
         if lengths is not None:                                                      # the last frame spills 7 samples over
-            wave = wave * length_mask(lengths * self.hop, wave.shape[-1]).squeeze(1)
+            wave = wave * channel_mask(lengths * self.hop, wave.shape[-1]).squeeze(1)
         return wave
 
     def forward(self, mel: torch.Tensor, lengths: torch.Tensor | None = None, *,

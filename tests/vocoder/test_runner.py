@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import save_file
 
 from services.common.checkpoint import Checkpoint, load_state
-from services.vocoder.hift import HiFTGenerator, length_mask
+from services.vocoder.hift import HiFTGenerator, channel_mask
 from services.vocoder.runner import VocodeInputError, VocoderRunner
 from services.vocoder.source import SourceDraws, draw_source
 from tests.parity import MARGIN
@@ -97,7 +97,7 @@ def test_padded_batch_forward_equals_each_alone(fixtures, hift, mels, frames):
     gen = torch.Generator().manual_seed(6)
     draws = [draw_source(1, h, m.shape[1] * hop, generator=gen) for m in mels]
     lengths = torch.tensor([m.shape[1] for m in mels])
-    mask = length_mask(lengths, max(frames))
+    mask = channel_mask(lengths, max(frames))
     with torch.no_grad():
         alone = [hift(m[None], draws=d)[0] for m, d in zip(mels, draws)]
         f0_alone = [hift.f0_predictor(m[None])[0] for m in mels]
@@ -133,7 +133,7 @@ def test_runner_vocode_batches_and_crops(fixtures, hift, runner, mels, frames):
         for start in range(0, len(order), runner.max_batch):
             group = order[start:start + runner.max_batch]
             t = torch.tensor([frames[i] for i in group])
-            mask = length_mask(t, int(t.max())) if len(set(t.tolist())) > 1 else None
+            mask = channel_mask(t, int(t.max())) if len(set(t.tolist())) > 1 else None
             f0 = hift.f0_predictor(_pad([mels[i] for i in group]), mask)
             for j, i in enumerate(group):
                 f0_diff[i] = (f0[j, :frames[i]] - f0_alone[i]).abs().max().item()
