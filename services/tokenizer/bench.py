@@ -17,6 +17,7 @@ import torch
 
 from services.common.model_config import ModelConfig
 from services.common.tiny_checkpoint import legacy_vocoder_config, reference_cfm_params
+from services.tokenizer.log_mel import encoder_length
 from services.tokenizer.runner import TokenizerRunner, default_device_dtype
 
 # reference-model.md §2.2 (Baichuan-Audio-Instruct; the audio token ids of §2.3).
@@ -125,8 +126,7 @@ def stage_breakdown(config: ModelConfig, batch_size: int = 16, seconds: float = 
 
     with torch.inference_mode():
         t_mel, (feats, mel_len) = timed(lambda: r.log_mel(chunks))
-        k, s = config.audio.kernel_size, config.audio.stride_size
-        enc_len = ((mel_len + 2 * (k // 2) - k + 1) + 2 * (k // 2) - k) // s + 1
+        enc_len = encoder_length(mel_len, config.audio)
         t_enc, h = timed(lambda: r.encoder(feats, enc_len, mel_len))
         t_br, x = timed(lambda: r.bridge.downsample(h))
         t_vq, _ = timed(lambda: r.bridge.quantize(x, enc_len // config.audio.avg_pooler))

@@ -40,7 +40,8 @@ def mel_frames(samples: int, audio: AudioConfig) -> int:
     return min(max_chunk_samples(audio) // audio.hop_length, samples // audio.hop_length + 1)
 
 
-def encoder_length(mel: int, audio: AudioConfig) -> int:
+def encoder_length(mel, audio: AudioConfig):
+    """Encoder output frames of `mel` input frames (an int, or a tensor of lengths)."""
     k, s = audio.kernel_size, audio.stride_size
     n = (mel + 2 * (k // 2) - k) // 1 + 1          # conv1: stride 1, pad k//2
     return (n + 2 * (k // 2) - k) // s + 1          # conv2: stride s, pad k//2

@@ -19,7 +19,7 @@ from services.common.dtypes import default_dtype
 from services.common.model_config import ModelConfig
 from services.tokenizer.audio_io import DEFAULT_MAX_SECONDS, AudioInputError, check_waveform, read_audio
 from services.tokenizer.encoder import AudioEncoder, sinusoid_dtype
-from services.tokenizer.log_mel import LogMel, plan_chunks, resampled_length, to_mono_16k
+from services.tokenizer.log_mel import LogMel, encoder_length, plan_chunks, resampled_length, to_mono_16k
 from services.tokenizer.rvq import VQBridge
 
 
@@ -107,9 +107,7 @@ class TokenizerRunner:
         """Chunks (16 kHz, each n_fft..30 s) -> codes of all chunks, rows chunk-major then time."""
         a = self.audio
         features, mel_lengths = self.log_mel(chunks)                        # (B, mel, T), (B,)
-        k, s = a.kernel_size, a.stride_size
-        enc_lengths = (mel_lengths + 2 * (k // 2) - k) + 1                   # conv1, stride 1
-        enc_lengths = (enc_lengths + 2 * (k // 2) - k) // s + 1              # conv2
+        enc_lengths = encoder_length(mel_lengths, a)
         bridge_lengths = enc_lengths // a.avg_pooler
         h = self.encoder(features, enc_lengths, None if joint_padding else mel_lengths)   # (B, T_enc, d)
         codes = self.bridge(h, bridge_lengths)                               # (B, T4, n), -1 beyond length
