@@ -128,6 +128,8 @@ class Engine:
             stops=StopTables(tokenizer, config.stop_mode, self.vocab_size),
             decode=lambda ids: tokenizer.decode(list(ids)),     # as the s2s demo decodes each segment
             decode_plain=lambda ids: tokenizer.decode(list(ids), skip_special_tokens=True),
+            strip=tuple(tokenizer.convert_ids_to_tokens([self.tokens.eos, self.cfg.audio_tokens.audiogen_start,
+                                                         self.cfg.audio_tokens.audiogen_end])),
         )
 
         llm = self.cfg.llm

@@ -185,9 +185,6 @@ def _override(specs: dict, sampling: dict, mode: "Mode") -> dict:
 
 # ---------------------------------------------------------------------------- protocol context
 
-_DISPLAY_STRIP = ("<|endoftext|>", "<audiogen_start_baichuan>", "<audiogen_end_baichuan>")
-
-
 @dataclass
 class Protocol:
     """What every sequence shares: ids, the phase table, stop-string tables, the decoder."""
@@ -202,7 +199,9 @@ class Protocol:
     stops: StopTables | None                   # None: stop strings never match (tests)
     decode: Callable[[Seq[int]], str] = lambda ids: ""
     decode_plain: Optional[Callable[[Seq[int]], str]] = None   # special tokens skipped (ASR demo)
-    strip: tuple[str, ...] = _DISPLAY_STRIP    # the demo removes these from shown text
+    # token strings the s2s demo removes from shown text (<|endoftext|>, <audiogen_start>,
+    # <audiogen_end>: the engine takes them from the tokenizer)
+    strip: tuple[str, ...] = ()
 
     def __post_init__(self):
         self._strip_re = re.compile("|".join(re.escape(s) for s in self.strip)) if self.strip else None

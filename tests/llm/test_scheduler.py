@@ -33,6 +33,7 @@ def proto(**cfg):
     if cfg:
         pc = ProtocolConfig(**{**pc.__dict__, **cfg})
     return Protocol(eos=EOS, audio_pad=PAD, audiogen_start=AG_START, audiogen_end=AG_END, eoa=K0, num_codebooks=C,
+                    strip=(STRINGS[EOS], STRINGS[AG_START], STRINGS[AG_END]),
                     config=pc, stops=Tables(), decode=lambda ids: "".join(STRINGS[i] for i in ids))
 
 
