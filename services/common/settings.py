@@ -122,6 +122,9 @@ class LLMEngineSettings:
     kv_budget_tokens: int = 65536         # KV-cache capacity shared by all slots, in tokens
     max_slots: int = 16                   # sequences decoded together in one step
     prefill_chunk_tokens: int = 512       # long prompts are prefilled in chunks of this size
+    # attention on CUDA: sdpa (fused kernels, faster) or math (the reference's numerics: fp32
+    # scores; the only choice whose CUDA-graph replay equals eager execution bit for bit)
+    attention: Literal["sdpa", "math"] = "sdpa"
 
 
 @dataclass(frozen=True)

@@ -47,7 +47,7 @@ class LLMDeployment:
         device, dtype = device_and_dtype(self.settings)
         ckpt = open_checkpoint(self.settings)
         model = AudioLLM.from_checkpoint(ckpt, dtype=dtype, device=device,
-                                         attn_impl="sdpa" if device.type == "cuda" else "math")
+                                         attn_impl=self.settings.llm.attention if device.type == "cuda" else "math")
         s = self.settings.llm
         self.engine = Engine(model, load_text_tokenizer(ckpt.path), generation_config=ckpt.generation_config(),
                              config=EngineConfig(num_slots=s.max_slots, max_len=max(256, s.kv_budget_tokens // s.max_slots),

@@ -145,6 +145,7 @@ def test_file_errors_name_the_key_and_file(tmp_path, text, message):
     ({"REDIS_URL": "http://x"}, r"environment variable REDIS_URL: redis.url must start with redis://"),
     ({"BAICHUAN_AUDIO__TELEMETRY__EXPORTER": "Console"}, r"must be one of none, console, otlp"),
     ({"BAICHUAN_AUDIO__SERVING__REFLECTION": "maybe"}, r"serving.reflection must be true or false; got 'maybe'"),
+    ({"BAICHUAN_AUDIO__LLM__ATTENTION": "flash"}, r"llm.attention must be one of sdpa, math"),
 ])
 def test_environment_errors_name_the_variable(env, message):
     with pytest.raises(SettingsError, match=message):
