@@ -11,7 +11,8 @@ launch per piece:
     audio_tail(Ba)   hidden rows of audio decisions -> 8-codebook audio head with sampling -> Long[Ba, C]
 
 B, Bt and Ba are padded up to a ladder of batch sizes (1, 2, 4, ... max_batch) and L, the
-attended KV prefix, up to a power of two; graphs are captured the first time a shape is needed.
+attended KV prefix, up to a power of two; `warm_up` captures every shape before serving (else a
+shape is captured the first time it is needed).
 Padding rows run on a scratch KV slot (the cache has one more slot than the engine hands out),
 so they never touch a sequence's cache. Every input is copied into the buffers with one
 host-to-device copy per table; the decisions come back with one device-to-host read.
@@ -29,11 +30,6 @@ import torch
 from services.common.cuda_graphs import GraphCache, bucket, ladder
 from services.llm import sampler as S
 from services.llm.model import AudioLLM
-
-
-def batch_ladder(max_batch: int) -> list[int]:
-    """1, 2, 4, ... up to the first power of two >= max_batch."""
-    return ladder(max_batch)
 
 
 @dataclass(frozen=True)
@@ -87,7 +83,7 @@ class DecodeRunner:
         self.device = w.device
         self.C = len(model.cfg.audio.codebook_sizes)
         self.scratch = cache.num_slots - 1
-        self.ladder = batch_ladder(max_batch)
+        self.ladder = ladder(max_batch)
         n = self.ladder[-1]
         self.kv_ladder = []
         q = max(1, kv_bucket)

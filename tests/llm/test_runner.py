@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from services.common.cuda_graphs import bucket, ladder
 from services.llm import sampler as S
 from services.llm.bench import build_model, synthetic_config
-from services.llm.runner import DecodeRow, DecodeRunner, batch_ladder, bucket
+from services.llm.runner import DecodeRow, DecodeRunner
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -16,10 +17,10 @@ DIMS = dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, num_key
 
 
 def test_ladders():
-    assert batch_ladder(1) == [1] and batch_ladder(5) == [1, 2, 4, 8] and batch_ladder(8) == [1, 2, 4, 8]
-    assert bucket(3, batch_ladder(8)) == 4 and bucket(8, batch_ladder(8)) == 8
+    assert ladder(1) == [1] and ladder(5) == [1, 2, 4, 8] and ladder(8) == [1, 2, 4, 8]
+    assert bucket(3, ladder(8)) == 4 and bucket(8, ladder(8)) == 8
     with pytest.raises(ValueError):
-        bucket(9, batch_ladder(8))
+        bucket(9, ladder(8))
 
 
 @pytest.fixture(scope="module")
