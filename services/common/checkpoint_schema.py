@@ -22,7 +22,7 @@ import torch
 
 from services.common.checkpoint import PREFIX
 from services.common.layers import sinusoids
-from services.common.model_config import ConfigError, HiFTConfig, ModelConfig
+from services.common.model_config import ConfigError, HiFTConfig, ModelConfig, check_llm_supported
 
 PARAM = "param"
 BUFFER = "buffer"
@@ -216,17 +216,12 @@ def _estimator(s: Schema, cfg: ModelConfig) -> None:
 
 def _llm(s: Schema, cfg: ModelConfig) -> None:
     m, p = cfg.llm, PREFIX["llm"]
-    raw = cfg.raw
-    if raw.get("attention_qkv_pack", True) is not True:
-        raise ConfigError("config.json: attention_qkv_pack must be true (Baichuan-Audio packs q/k/v in W_pack)")
-    if raw.get("sparse_attention_layers"):
-        raise ConfigError("config.json: sparse_attention_layers must be empty (Baichuan-Audio has none)")
-    qkv_bias = raw.get("attention_qkv_bias", True)
+    check_llm_supported(cfg.raw)
     q_dim, kv_dim = m.num_attention_heads * m.head_dim, m.num_key_value_heads * m.head_dim
     s[p + "embed_tokens.weight"] = _p(m.vocab_size, m.hidden_size)
     for i in range(m.num_hidden_layers):
         q = f"{p}layers.{i}."
-        _linear(s, q + "self_attn.W_pack", m.hidden_size, q_dim + 2 * kv_dim, bias=qkv_bias)
+        _linear(s, q + "self_attn.W_pack", m.hidden_size, q_dim + 2 * kv_dim, bias=True)
         _linear(s, q + "self_attn.o_proj", q_dim, m.hidden_size, bias=False)
         _linear(s, q + "mlp.gate_proj", m.hidden_size, m.intermediate_size, bias=False)
         _linear(s, q + "mlp.down_proj", m.intermediate_size, m.hidden_size, bias=False)

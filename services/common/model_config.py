@@ -331,3 +331,23 @@ class HiFTConfig:
             "ConvRNNF0Predictor": {"num_class": 1, "in_channels": self.in_channels,
                                    "cond_channels": self.f0_cond_channels},
         }
+
+
+def check_llm_supported(raw: dict) -> None:
+    """Raise ConfigError naming every config.json LLM setting this implementation does not run
+    (the reference's variants that Baichuan-Audio does not use)."""
+    bad = []
+    if str(raw.get("position_embedding_type", "rope")).lower() != "rope":
+        bad.append(f"position_embedding_type={raw['position_embedding_type']!r} (only rope)")
+    if raw.get("sparse_attention_layers"):
+        bad.append(f"sparse_attention_layers={raw['sparse_attention_layers']} (only dense layers)")
+    if raw.get("use_norm_head", False):
+        bad.append("use_norm_head=true (only a plain lm_head)")
+    if raw.get("tie_word_embeddings", False):
+        bad.append("tie_word_embeddings=true (lm_head.weight must be its own tensor)")
+    if raw.get("attention_qkv_pack", True) is not True or raw.get("attention_qkv_bias", True) is not True:
+        bad.append("attention_qkv_pack/attention_qkv_bias false (only a packed W_pack with bias)")
+    if "rotary_emb_base" in raw:
+        bad.append("rotary_emb_base is set (the reference would use it instead of rope_theta)")
+    if bad:
+        raise ConfigError("config.json: unsupported LLM settings: " + "; ".join(bad))

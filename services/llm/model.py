@@ -33,7 +33,7 @@ from torch import nn
 
 from services.common.checkpoint import PREFIX, Checkpoint, LoadReport, load_state
 from services.common.layers import RMSNorm
-from services.common.model_config import ModelConfig
+from services.common.model_config import ModelConfig, check_llm_supported
 from services.llm.audio_head import AudioHead
 from services.llm.kv_cache import KVCache
 
@@ -185,31 +185,12 @@ class Backbone(nn.Module):
                                                 for K in cfg.audio.codebook_sizes)
 
 
-def _check_supported(cfg: ModelConfig) -> None:
-    raw = cfg.raw
-    bad = []
-    if str(raw.get("position_embedding_type", "rope")).lower() != "rope":
-        bad.append(f"position_embedding_type={raw['position_embedding_type']!r} (only rope)")
-    if raw.get("sparse_attention_layers"):
-        bad.append(f"sparse_attention_layers={raw['sparse_attention_layers']} (only dense layers)")
-    if raw.get("use_norm_head", False):
-        bad.append("use_norm_head=true (only a plain lm_head)")
-    if raw.get("tie_word_embeddings", False):
-        bad.append("tie_word_embeddings=true (lm_head.weight must be its own tensor)")
-    if not raw.get("attention_qkv_pack", True) or not raw.get("attention_qkv_bias", True):
-        bad.append("attention_qkv_pack/attention_qkv_bias false (only a packed W_pack with bias)")
-    if "rotary_emb_base" in raw:
-        bad.append("rotary_emb_base is set (the reference would use it instead of rope_theta)")
-    if bad:
-        raise ValueError("config.json: unsupported LLM settings: " + "; ".join(bad))
-
-
 class AudioLLM(nn.Module):
     """Backbone + lm_head + audio head. Build in fp32, load, then `.to(dtype)`."""
 
     def __init__(self, cfg: ModelConfig, attn_impl: str = "math"):
         super().__init__()
-        _check_supported(cfg)
+        check_llm_supported(cfg.raw)
         if attn_impl not in ATTENTION:
             raise ValueError(f"attn_impl must be one of {sorted(ATTENTION)}, not {attn_impl!r}")
         self.cfg = cfg
