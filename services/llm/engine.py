@@ -2,11 +2,12 @@
 
     submit(Request) ─► waiting ─► admitted (slot, prefix reuse) ─► running ─► done
                                                      │
-    step():  Scheduler.plan()            which sequences run, how many tokens each
-             one batched forward         prefill chunks, text tokens and audio pads together
-             text rows ─► lm_head ─► sampler          ┐ on the device, one host read
-             audio rows ─► audio head ─► sampler ×8   ┘ of the decisions per step
-             Sequence.on_text / on_frame  protocol (scheduler.py) ─► events, history effects
+    step():  Scheduler.plan()            which sequences run, how many tokens each (scheduler.py)
+             DecodeRunner.forward        single-token rows: one step on persistent buffers,
+                                         CUDA graphs on a GPU (runner.py); prefill chunks eager
+             text rows ─► lm_head ─► sampler          ┐ DecodeRunner.decide: on the device,
+             audio rows ─► audio head ─► sampler ×8   ┘ one host read of the step's decisions
+             Sequence.on_text / on_frame  protocol (protocol.py) ─► events, history effects
 
 Every sequence owns a slot of the preallocated KV cache. A session keeps its slot between
 turns while memory allows; a new turn whose prompt extends the cached tokens prefills only
