@@ -41,8 +41,8 @@ from services.common.tiny_checkpoint import TINY_HIFT, random_hift_state, tiny_c
 from services.decoder.bench import decoder_config, random_tensors
 from services.decoder.runner import DecoderRunner
 from services.decoder.streaming import decode_pieces
-from services.llm.bench import PRESETS, build_model, synthetic_config
-from services.llm.bench_engine import make_tokenizer
+from services.llm.bench import build_model
+from services.llm.bench_engine import bench_config, make_tokenizer
 from services.llm.engine import Engine, EngineConfig, Request
 from services.llm.prompts import Audio, Message, PromptBuilder, ProtocolTokens
 from services.llm.publisher import ChunkPolicy, TurnPublisher
@@ -78,8 +78,7 @@ def build_stack(size: str, device: torch.device, tmp: Path, attn: str) -> Stack:
         tok_cfg, llm_cfg, dec_cfg, hift_cfg = tiny, tiny, tiny, TINY_HIFT
     else:
         tok_cfg = ModelConfig.from_dict(real_config())
-        ids = {k: v for k, v in tiny_config_dict()["audio_config"].items() if k.endswith("_token_id")}
-        llm_cfg = synthetic_config(**PRESETS["qwen7b"], audio_token_ids=ids)
+        llm_cfg = bench_config("qwen7b")
         dec_cfg, hift_cfg = decoder_config("real"), HiFTConfig()
     tokenizer = TokenizerRunner(tok_cfg, None, device=device)
     mem["tokenizer"], before = _allocated(device) - before, _allocated(device)

@@ -17,7 +17,6 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
-
 import torch
 
 from baichuan_audio.v1 import conversation_pb2 as pb
