@@ -9,6 +9,7 @@ from typing import Optional, Sequence as Seq
 
 from services.llm.protocol import EngineError, Sequence, UnknownSessionError
 
+
 @dataclass
 class Session:
     id: str

@@ -27,6 +27,7 @@ from typing import Callable, Optional, Sequence as Seq
 from services.llm.sampler import SamplingParams
 from services.llm.stop import StopStrings, StopTables
 
+
 class Mode(str, Enum):
     SPOKEN = "spoken"   # s2s demo, audiogen_flag=True: interleaved text and audio
     TEXT = "text"       # s2s demo, audiogen_flag=False: one text reply

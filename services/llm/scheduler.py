@@ -10,6 +10,7 @@ from typing import Callable
 from services.llm.kv_slots import SessionTable, common_prefix
 from services.llm.protocol import Phase, Sequence
 
+
 @dataclass(frozen=True)
 class Work:
     seq: Sequence
