@@ -100,7 +100,10 @@ class Turn:
     id: str
     arrival: float                       # the end of the request (the question fully received)
     question: torch.Tensor
+    prompted: float | None = None        # tokenized, prompt submitted to the engine
     first_text: float | None = None
+    first_job: float | None = None       # the first decode job left the LLM stage
+    first_mel: float | None = None       # ... and came out of the decoder
     first_audio: float | None = None
     audio: list[tuple[float, float]] = field(default_factory=list)   # (arrival time, seconds) per PCM piece
     finals: int = 0                      # audio segments whose last piece arrived
@@ -132,13 +135,29 @@ def _schedule(spec: str) -> list[tuple[str, int]]:
 
 
 # ---------------------------------------------------------------------------- one run
-def run_level(stack: Stack, C: int, rate: float, question_s: float, reply: str, seed: int = 0,
-              max_batch: int = 256, timeout_s: float = 600.0) -> dict:
+def max_context(stack: Stack, question_s: float, reply: str) -> int:
+    """KV tokens one conversation of the benchmark needs (prompt, reply, slack)."""
+    schedule = _schedule(reply)
+    prompt_len = len(stack.prompts.chat([Message("user", [Audio(torch.zeros(
+        max(1, round(question_s * 12.5)), stack.llm_config.audio.num_codebooks, dtype=torch.long))])]).ids)
+    return prompt_len + len(schedule) + sum(n for _, n in schedule) + 64
+
+
+def make_engine(stack: Stack, slots: int, max_len: int, max_batch: int) -> Engine:
+    """The engine as the LLM deployment builds it, graphs captured up front on a GPU."""
+    engine = Engine(stack.model, stack.text_tokenizer, config=EngineConfig(
+        num_slots=slots, max_len=max_len, prefill_budget=2048, max_batch=min(slots, max_batch)))
+    if stack.device.type == "cuda":
+        engine.warm_up()                                 # as the LLM deployment does at start
+    return engine
+
+
+def run_level(stack: Stack, engine: Engine, C: int, rate: float, question_s: float, reply: str,
+              seed: int = 0, timeout_s: float = 600.0) -> dict:
     """C conversations arriving at `rate` per second; returns the measurements."""
     dev = stack.device
     rng = random.Random(seed)
     schedule = _schedule(reply)
-    frames_total = sum(n for k, n in schedule if k == "audio")
     audio_segments = sum(1 for k, _ in schedule if k == "audio")
     sr_q = stack.tokenizer.audio.sampling_rate
     g = torch.Generator().manual_seed(seed)
@@ -147,17 +166,10 @@ def run_level(stack: Stack, C: int, rate: float, question_s: float, reply: str, 
     for i in range(C):
         arrivals.append(t)
         t += rng.expovariate(rate) if rate > 0 else 0.0
-    turns = [Turn(f"t{i}", a, 0.1 * torch.randn(1, int(question_s * sr_q), generator=g)) for i, a in enumerate(arrivals)]
+    turns = [Turn(f"c{C}s{seed}t{i}", a, 0.1 * torch.randn(1, int(question_s * sr_q), generator=g)) for i, a in enumerate(arrivals)]
     seeds = {tr.id: seed * 100_003 + i for i, tr in enumerate(turns)}
     by_id = {tr.id: tr for tr in turns}
 
-    prompt_len = len(stack.prompts.chat([Message("user", [Audio(torch.zeros(
-        max(1, round(question_s * 12.5)), stack.llm_config.audio.num_codebooks, dtype=torch.long))])]).ids)
-    max_len = prompt_len + len(schedule) + frames_total + sum(n for k, n in schedule if k == "text") + 64
-    engine = Engine(stack.model, stack.text_tokenizer, config=EngineConfig(
-        num_slots=C, max_len=max_len, prefill_budget=2048, max_batch=min(C, max_batch)))
-    if dev.type == "cuda":
-        engine.warm_up()                                 # as the LLM deployment does at start
     streams = {name: torch.cuda.Stream(dev) if dev.type == "cuda" else None for name in ("tok", "llm", "dec", "voc")}
     dec_q: "queue.Queue" = queue.Queue()
     voc_q: "queue.Queue" = queue.Queue()
@@ -176,6 +188,8 @@ def run_level(stack: Stack, C: int, rate: float, question_s: float, reply: str, 
                 if entry.TYPE == "text" and turn.first_text is None:
                     turn.first_text = time.perf_counter()
             else:
+                if turn.first_job is None:
+                    turn.first_job = time.perf_counter()
                 dec_q.put(entry)
         return emit
 
@@ -201,6 +215,7 @@ def run_level(stack: Stack, C: int, rate: float, question_s: float, reply: str, 
                     p = stack.prompts.chat([Message("user", [Audio(c)])], spoken=True)
                     tr.publisher = TurnPublisher(tr.id, tr.id, emit_for(tr), chunks=ChunkPolicy(4, 2.0, 50),
                                                  seed=seeds[tr.id])
+                    tr.prompted = time.perf_counter()
                     engine.submit(Request(p.ids, mode="spoken", audio_codes=p.audio_codes, forced=schedule,
                                           seed=seeds[tr.id], request_id=tr.id))
 
@@ -229,6 +244,9 @@ def run_level(stack: Stack, C: int, rate: float, question_s: float, reply: str, 
                     continue
                 pieces = [(torch.from_numpy(j.codes_array().astype("int64")), j.context_frames, j.seed) for j in jobs]
                 for j, (mel, vctx) in zip(jobs, decode_pieces(stack.decoder, pieces)):
+                    tr = by_id[j.turn_id]
+                    if tr.first_mel is None:
+                        tr.first_mel = time.perf_counter()
                     voc_q.put((j, mel, vctx))
 
     def vocoder_loop():
@@ -283,12 +301,15 @@ def run_level(stack: Stack, C: int, rate: float, question_s: float, reply: str, 
         ts = [t for kk, t in steps if kk == k]
         if ts:
             by_kind[k] = (pct(ts, 0.5), pct(ts, 0.95), len(ts))
+    # where the first audio's time goes: p50 of each milestone after the end of the request
+    marks = {name: pct([getattr(tr, name) - tr.arrival for tr in done if getattr(tr, name) is not None], 0.5)
+             for name in ("prompted", "first_text", "first_job", "first_mel", "first_audio")}
     ttfa = [tr.first_audio - tr.arrival for tr in done]
     ttft = [tr.first_text - tr.arrival for tr in done if tr.first_text is not None]
     out = {"C": C, "completed": len(done), "steps": by_kind,
            "ttft": (pct(ttft, 0.5), pct(ttft, 0.95)), "ttfa": (pct(ttfa, 0.5), pct(ttfa, 0.95)),
            "speed": (pct([tr.speed() for tr in done], 0.5), min((tr.speed() for tr in done), default=float("nan"))),
-           "underrun": max((tr.underrun() for tr in done), default=float("nan")),
+           "underrun": max((tr.underrun() for tr in done), default=float("nan")), "marks": marks,
            "kv_gib": engine.cache.nbytes() / 2**30, "graphs": engine.runner.stats.copy()}
     return out
 
@@ -318,7 +339,7 @@ class _null:
 # ---------------------------------------------------------------------------- report
 def bench_gpu(size: str = "tiny", device: str = "cpu", concurrency=(1, 2), rate: float = 0.0,
               question_s: float = 5.0, reply: str = "8,60,4,40", attn: str | None = None,
-              reference: bool = True, print_fn=print) -> list[dict]:
+              reference: bool = True, max_batch: int = 512, print_fn=print) -> list[dict]:
     dev = torch.device(device)
     attn = attn or ("sdpa" if dev.type == "cuda" else "math")
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU"
@@ -332,14 +353,21 @@ def bench_gpu(size: str = "tiny", device: str = "cpu", concurrency=(1, 2), rate:
                  f"({audio_s:.1f} s of audio), low-latency decoding; arrivals Poisson at "
                  f"{'C/2' if rate <= 0 else rate} per second")
         print_fn(f"# GPU memory: {mem}" if dev.type == "cuda" else "# (CPU run: no GPU memory)")
+        # one engine for every level, as one LLM replica serves them; its KV cache holds the
+        # largest level's conversations
+        t = time.perf_counter()
+        engine = make_engine(stack, max(concurrency), max_context(stack, question_s, reply), max_batch)
+        print_fn(f"# engine: {engine.num_slots} KV slots of {engine.config.max_len} tokens "
+                 f"({engine.cache.nbytes() / 2**30:.2f} GiB), batch ladder {engine.runner.ladder}, "
+                 f"KV ladder {engine.runner.kv_ladder}; built and warmed up in {time.perf_counter() - t:.1f} s")
+        # one untimed turn first: the other stages' graphs and allocator pools
+        run_level(stack, engine, min(2, max(concurrency)), 10.0, question_s, reply, seed=99)
         print_fn(f"{'C':>4} {'done':>4} | {'audio step p50/p95 ms':>21} {'text step':>15} | "
                  f"{'first text p50/p95 s':>20} {'first audio p50/p95 s':>21} | {'speed p50/min':>13} | "
                  f"{'underrun s':>10} | {'KV GiB':>6}")
-        # graphs are captured the first time a shape runs: once, untimed, before the levels
-        run_level(stack, min(2, max(concurrency)), 10.0, question_s, reply, seed=99)
         rows = []
         for C in concurrency:
-            r = run_level(stack, C, rate if rate > 0 else max(1.0, C / 2.0), question_s, reply)
+            r = run_level(stack, engine, C, rate if rate > 0 else max(1.0, C / 2.0), question_s, reply)
             rows.append(r)
             st = r["steps"]
 
@@ -348,6 +376,8 @@ def bench_gpu(size: str = "tiny", device: str = "cpu", concurrency=(1, 2), rate:
             print_fn(f"{C:>4} {r['completed']:>4} | {ms('audio'):>21} {ms('text'):>15} | "
                      f"{r['ttft'][0]:9.3f}/{r['ttft'][1]:9.3f} {r['ttfa'][0]:10.3f}/{r['ttfa'][1]:9.3f} | "
                      f"{r['speed'][0]:6.2f}/{r['speed'][1]:5.2f}x | {r['underrun']:10.3f} | {r['kv_gib']:6.2f}")
+            print_fn("       first audio p50 milestones (s after the request): " +
+                     ", ".join(f"{k} {v:.3f}" for k, v in r["marks"].items()))
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
         if reference:
@@ -371,11 +401,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--reply", default="8,60,4,40", help="text tokens, audio frames, ... (alternating)")
     p.add_argument("--attn", choices=["math", "sdpa"], default=None)
     p.add_argument("--no-reference", action="store_true")
+    p.add_argument("--max-batch", type=int, default=512, help="the engine's largest decode batch")
     a = p.parse_args(argv)
     if not a.device.startswith("cuda"):
         torch.set_num_threads(1)
     bench_gpu(a.size, a.device, tuple(int(c) for c in a.concurrency.split(",")), a.rate, a.question_s,
-              a.reply, a.attn, reference=not a.no_reference)
+              a.reply, a.attn, reference=not a.no_reference, max_batch=a.max_batch)
 
 
 if __name__ == "__main__":
