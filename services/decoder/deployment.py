@@ -6,6 +6,8 @@ whole segment, or a low-latency chunk with its prefix) is services/decoder/strea
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 from typing import Any
 
 import numpy as np
@@ -18,7 +20,9 @@ from services.common.grpc_status import grpc_errors
 from services.common.runtime import device_and_dtype, open_checkpoint, start_replica
 from services.common.stage_worker import WorkStreamReplica
 from services.decoder.streaming import check_piece, chunk_window, decode_pieces
-from services.decoder.runner import DecodeInputError, DecoderRunner
+from services.decoder.runner import WARM_UP_TOKENS, DecodeInputError, DecoderRunner
+
+log = logging.getLogger(__name__)
 
 
 @serve.deployment(name="Decoder")
@@ -28,6 +32,10 @@ class DecoderDeployment(WorkStreamReplica):
         device, dtype = device_and_dtype(self.settings)
         self.runner = DecoderRunner.from_checkpoint(open_checkpoint(self.settings), device=device, dtype=dtype,
                                                     max_batch=self.settings.stages.decoder.max_batch_size)
+        if device.type == "cuda":          # capture the low-latency windows' solves now, not on a user's turn
+            t0 = time.perf_counter()
+            n = self.runner.warm_up(WARM_UP_TOKENS)
+            log.info("decoder: %d CFM solve shapes captured as CUDA graphs in %.1f s", n, time.perf_counter() - t0)
         self.start_worker(self.settings, DECODER_JOBS, "decoder", self.handle_jobs,
                           self.settings.stages.decoder.max_batch_size)
 
