@@ -98,7 +98,7 @@ def bench_decoder(config: ModelConfig, batch_sizes=(1, 16), frames: int = 50, de
     g = torch.Generator().manual_seed(0)
     rows = []
     print(f"decoder bench: {device} {run.dtype} d_model {config.audio.d_model}, {frames} code frames "
-          f"({mel_frames(frames, run.stride) * hop_s:.2f} s) per segment, batch_cfg={batch_cfg}, "
+          f"({mel_frames(frames, run.stride) * hop_s:.2f} s) per segment, batch_cfg={run.batch_cfg}, "
           f"cuda_graphs={run.graphs.enabled}")
     for B in batch_sizes:
         segs = [torch.stack([torch.randint(0, k, (frames,), generator=g) for k in config.audio.codebook_sizes], 1)
