@@ -13,7 +13,8 @@ import torch
 from ray import serve
 
 from baichuan_audio.v1 import stages_pb2
-from services.common.bus import DECODER_JOBS, VOCODER_JOBS, Bus, Job, PermanentError, VocodeJob
+from services.common.bus import Bus
+from services.common.entries import DECODER_JOBS, VOCODER_JOBS, Job, PermanentError, VocodeJob
 from services.common.grpc_status import grpc_errors
 from services.common.runtime import device_and_dtype, open_checkpoint, start_replica
 from services.common.stage_worker import WorkStreamReplica

@@ -13,7 +13,8 @@ from ray import serve
 
 from baichuan_audio.v1 import stages_pb2
 from services.common.audio import to_pcm16
-from services.common.bus import VOCODER_JOBS, Bus, Job, PcmChunk, PermanentError
+from services.common.bus import Bus
+from services.common.entries import VOCODER_JOBS, Job, PcmChunk, PermanentError
 from services.common.grpc_status import grpc_errors
 from services.common.runtime import device_and_dtype, open_checkpoint, start_replica
 from services.common.stage_worker import WorkStreamReplica
