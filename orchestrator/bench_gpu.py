@@ -227,7 +227,7 @@ def run_level(stack: Stack, C: int, rate: float, question_s: float, reply: str, 
                 jobs = _take(dec_q, stack.decoder.max_batch)
                 if not jobs:
                     continue
-                pieces = [(torch.from_numpy(j.codes_array().astype("int64")), j.context_frames, j.seed) for j in jobs]
+                pieces = [(j.codes.tensor("int64"), j.context_frames, j.seed) for j in jobs]
                 for j, (mel, vctx) in zip(jobs, decode_pieces(stack.decoder, pieces)):
                     voc_q.put((j, mel, vctx))
 

@@ -96,7 +96,7 @@ class ReplyMerger:
                 seg = self._seg(entry.segment)
                 seg.frames, seg.chunks = entry.audio_frames, entry.chunks
         elif isinstance(entry, AudioFrames):
-            self.codes.setdefault(entry.segment, []).append(np.array(entry.codes_array()))
+            self.codes.setdefault(entry.segment, []).append(np.array(entry.codes.numpy()))
         elif isinstance(entry, PcmChunk):
             if entry.sample_rate != self.sample_rate:   # the vocoder's rate rules
                 self.sample_rate, self.overlap = entry.sample_rate, int(entry.sample_rate * 0.01)
@@ -125,7 +125,7 @@ class ReplyMerger:
             # emit the chunks of the current segment that are next in order
             while seg.next_chunk in seg.received:
                 piece = seg.received.pop(seg.next_chunk)
-                samples = from_pcm16(piece.pcm16)
+                samples = from_pcm16(piece.pcm16.data)
                 if seg.next_chunk == 0:
                     # §11.4: the inserted block when both segments are longer than the overlap
                     # (a first chunk is at least one token, far longer than the overlap)

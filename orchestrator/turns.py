@@ -91,7 +91,7 @@ def produce(bus: Bus, merger, turn_id: str, *, interrupted: Callable[[], bool],
         for m in msgs:
             last[m.stream] = m.id
             if isinstance(m.entry, TurnEnd):
-                out.tokens = m.entry.token_list()
+                out.tokens = m.entry.tokens.numpy().tolist()
             for ev in merger.feed(m.entry):
                 emit(ev)
     out.text = "".join(merger.text)

@@ -19,8 +19,8 @@ Two kinds of stream:
         The loop that serves a work stream is services/common/worker.py.
 
 Entries (services/common/entries.py) are typed dataclasses with an explicit, flat field encoding
-(no pickle): str as UTF-8, numbers in decimal, bools as 1/0, tensors as raw little-endian bytes
-with an explicit shape. Each entry carries the W3C trace context (`traceparent`, `tracestate`) of
+(no pickle): str as UTF-8, numbers in decimal, bools as 1/0, arrays as raw little-endian bytes
+with an explicit dtype and shape. Each entry carries the W3C trace context (`traceparent`, `tracestate`) of
 the span that wrote it; `Bus.add` fills it from the current span when the entry has none.
 
 Consumer-group names and ids are plain strings. Redis Cluster is not supported: a result key

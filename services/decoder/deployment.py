@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-import numpy as np
 import torch
 from ray import serve
 
@@ -38,7 +37,7 @@ class DecoderDeployment(WorkStreamReplica):
         good, pieces = [], []
         for i, job in enumerate(jobs):
             e = job.entry
-            codes = torch.from_numpy(np.array(e.codes_array(), dtype=np.int64))
+            codes = e.codes.tensor("int64")
             try:
                 pieces.append((check_piece(self.runner, i, codes, e.context_frames), e.context_frames, e.seed))
                 good.append(i)

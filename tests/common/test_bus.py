@@ -11,7 +11,7 @@ import redis
 from services.common.bus import BacklogFull, Bus
 from services.common.entries import (
     ENTRY_TYPES, AudioFrames, BusError, ClientEvent, DecodeJob, Entry, PcmChunk, SegmentBoundary, TextDelta,
-    Timing, TurnEnd, TurnError, VocodeJob, decode_entry,
+    Timing, TurnEnd, TurnError, VocodeJob,
 )
 
 TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
@@ -26,7 +26,7 @@ def every_entry(turn: str) -> list[Entry]:
         VocodeJob.from_mel(turn, 2, 1, mel, final=True, context_frames=4, seed=7),
         TextDelta(turn, 0, "你好, world\n"),
         AudioFrames.from_codes(turn, 1, 12, codes),
-        PcmChunk(turn, 1, 3, np.array([0, -32768, 32767], "<i2").tobytes(), 24000, final=False),
+        PcmChunk.from_pcm16(turn, 1, 3, np.array([0, -32768, 32767], "<i2").tobytes(), 24000, final=False),
         SegmentBoundary(turn, 1, "audio", audio_frames=13, chunks=3),
         Timing(turn, "first_audio", 1.7e12 + 0.125),
         TurnEnd.with_tokens(turn, "eos", [151643, 0, 7], text="done"),
@@ -47,36 +47,11 @@ def test_every_entry_type_round_trips_through_redis(bus, uid):
     assert [m.entry for m in got] == entries
     assert [m.stream for m in got] == [stream] * len(entries)
     dj, vj = got[0].entry, got[1].entry
-    np.testing.assert_array_equal(dj.codes_array(), np.arange(24).reshape(3, 8) - 5)
-    assert dj.codes_array().dtype == np.int32
-    np.testing.assert_array_equal(vj.mel_array(), entries[1].mel_array())
-    assert got[7].entry.token_list() == [151643, 0, 7]
+    np.testing.assert_array_equal(dj.codes.numpy(), np.arange(24).reshape(3, 8) - 5)
+    assert dj.codes.numpy().dtype == np.int32
+    np.testing.assert_array_equal(vj.mel.numpy(), entries[1].mel.numpy())
+    assert got[7].entry.tokens.numpy().tolist() == [151643, 0, 7]
     assert got[4].entry.samples == 3
-
-
-def test_float_and_large_int_fields_are_exact():
-    e = Timing("t", "x", 0.1 + 0.2)
-    assert decode_entry(e.encode()).unix_ms == 0.1 + 0.2
-    j = DecodeJob.from_codes("t", 0, 0, np.zeros((1, 8), np.int64), seed=2**64 - 1)
-    assert decode_entry(j.encode()).seed == 2**64 - 1
-
-
-def test_malformed_entries_are_named_errors():
-    with pytest.raises(BusError, match="integer payload expected"):
-        DecodeJob.from_codes("t", 0, 0, np.zeros((2, 8)))
-    good = DecodeJob.from_codes("t", 0, 0, np.zeros((2, 8), np.int32)).encode()
-    with pytest.raises(BusError, match="unknown type 'nope'"):
-        decode_entry({**good, b"type": b"nope"})
-    with pytest.raises(BusError, match="lacks field 'codes_shape'"):
-        decode_entry({k: v for k, v in good.items() if k != b"codes_shape"})
-    with pytest.raises(BusError, match=r"do not hold shape \(3, 8\)"):
-        decode_entry({**good, b"codes_shape": b"3,8"})
-    with pytest.raises(BusError, match="field 'final' is not a valid bool"):
-        decode_entry({**good, b"final": b"yes"})
-    with pytest.raises(BusError, match="schema version '2'"):
-        decode_entry({**good, b"v": b"2"})
-    # a field added by a newer writer is ignored
-    assert decode_entry({**good, b"new_field": b"x"}) == decode_entry(good)
 
 
 def test_bus_refuses_clients_it_cannot_read(redis_url):
@@ -120,7 +95,7 @@ def test_reader_resumes_from_last_id_without_loss_or_duplication(bus, redis_url,
         for i in range(n):
             w.publish(uid, "llm", TextDelta(uid, 0, str(i)))
             if i % 3 == 0:
-                w.publish(uid, "audio", PcmChunk(uid, 0, i // 3, b"\0\0" * 4, 24000))
+                w.publish(uid, "audio", PcmChunk.from_pcm16(uid, 0, i // 3, b"\0\0" * 4, 24000))
         w.redis.close()
 
     t = threading.Thread(target=writer)

@@ -26,7 +26,7 @@ def test_workers_share_jobs_and_publish_each_result_once(bus, redis_url, uid):
             time.sleep(0.01)  # long enough that the other worker takes the next job
             done_by[name].append(job.entry.segment)
             key = Bus.result_key("vocoder", uid, job.entry.segment, 0)
-            return [(out, PcmChunk(uid, job.entry.segment, 0, b"\1\0", 24000), key)]
+            return [(out, PcmChunk.from_pcm16(uid, job.entry.segment, 0, b"\1\0", 24000), key)]
         return handler
 
     for s in range(n):
@@ -58,7 +58,7 @@ def test_dead_consumer_job_is_reclaimed_and_completed_exactly_once(bus, redis_ur
 
     def handler(job: Job):
         e = job.entry
-        return [(out, PcmChunk(uid, e.segment, e.chunk, b"\2\0", 24000),
+        return [(out, PcmChunk.from_pcm16(uid, e.segment, e.chunk, b"\2\0", 24000),
                  Bus.result_key("vocoder", e.turn_id, e.segment, e.chunk))]
 
     stop = threading.Event()
@@ -161,7 +161,7 @@ def test_batched_worker_finishes_each_job_on_its_own(bus, redis_url, uid):
             elif seg == 5:
                 outcomes.append(RuntimeError("retry me"))
             else:
-                outcomes.append([(out, PcmChunk(uid, seg, 0, b"\0\0", 24000),
+                outcomes.append([(out, PcmChunk.from_pcm16(uid, seg, 0, b"\0\0", 24000),
                                   Bus.result_key("vocoder", uid, seg, 0))])
         return outcomes
 
@@ -211,7 +211,7 @@ def test_worker_outlives_failures_around_the_handler(bus, redis_url, uid):
 
     def handler(job: Job):
         e = job.entry
-        return [(out, PcmChunk(uid, e.segment, 0, b"\0\0", 24000), Bus.result_key("vocoder", uid, e.segment, 0))]
+        return [(out, PcmChunk.from_pcm16(uid, e.segment, 0, b"\0\0", 24000), Bus.result_key("vocoder", uid, e.segment, 0))]
 
     stop = threading.Event()
     t = start_worker(flaky, stream, "g", "w", handler, stop, block_ms=20)

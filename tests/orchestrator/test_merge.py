@@ -13,8 +13,8 @@ T = "turn-1"
 
 
 def chunk(seg: int, idx: int, samples: np.ndarray, final: bool = True) -> E.PcmChunk:
-    return E.PcmChunk(turn_id=T, segment=seg, chunk=idx, pcm16=to_pcm16(samples, limit=1.0),
-                      sample_rate=24000, final=final)
+    return E.PcmChunk.from_pcm16(turn_id=T, segment=seg, chunk=idx, pcm16=to_pcm16(samples, limit=1.0),
+                                 sample_rate=24000, final=final)
 
 
 def audio_of(events) -> np.ndarray:
