@@ -266,7 +266,7 @@ def _decoder_stage(opts, dev, tmp, cfgs, inbox, outbox, marks) -> None:
         items = _take(inbox, MAX_JOBS)
         jobs = [j for j in items if not (j is None or isinstance(j, str))]
         if jobs:
-            pieces = [(torch.from_numpy(j.codes_array().astype("int64")), j.context_frames, j.seed) for j in jobs]
+            pieces = [(j.codes.tensor("int64"), j.context_frames, j.seed) for j in jobs]
             for j, (mel, vctx) in zip(jobs, decode_pieces(runner, pieces)):
                 marks.put(("first_mel", j.turn_id, time.perf_counter()))
                 outbox.put((j.turn_id, j.seed, j.final, mel.numpy(), vctx))

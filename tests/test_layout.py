@@ -47,3 +47,17 @@ def test_model_and_runner_code_imports_no_serving_framework(stage):
     bad = {f.name: sorted(m for m in imports(f) if m.split(".")[0] in SERVING)
            for f in modules(stage) if f.name != "deployment.py"}
     assert not {k: v for k, v in bad.items() if v}, f"services/{stage} model/runner code imports {bad}"
+
+
+# The modules of services/common that talk to Redis, gRPC or Ray. Everything else there is
+# plain logic (entries, errors, settings, audio, ...) that tests, benchmarks and model code
+# import without a serving framework, also not through one of these.
+SERVING_ADAPTERS = ("bus.py", "worker.py", "stage_worker.py", "grpc_status.py")
+
+
+def test_shared_logic_imports_no_serving_framework():
+    adapters = {f"services.common.{name[:-3]}" for name in SERVING_ADAPTERS}
+    bad = {f.name: sorted(m for m in imports(f) if m.split(".")[0] in SERVING or m in adapters)
+           for f in modules("common") if f.name not in SERVING_ADAPTERS}
+    bad = {k: v for k, v in bad.items() if v}
+    assert not bad, f"services/common logic imports a serving framework: {bad}"

@@ -10,12 +10,12 @@ import logging
 import time
 from typing import Any
 
-import numpy as np
 import torch
 from ray import serve
 
 from baichuan_audio.v1 import stages_pb2
-from services.common.bus import DECODER_JOBS, VOCODER_JOBS, Bus, Job, PermanentError, VocodeJob
+from services.common.bus import Bus
+from services.common.entries import DECODER_JOBS, VOCODER_JOBS, Job, PermanentError, VocodeJob
 from services.common.grpc_status import grpc_errors
 from services.common.runtime import device_and_dtype, open_checkpoint, start_replica
 from services.common.stage_worker import WorkStreamReplica
@@ -45,7 +45,7 @@ class DecoderDeployment(WorkStreamReplica):
         good, pieces = [], []
         for i, job in enumerate(jobs):
             e = job.entry
-            codes = torch.from_numpy(np.array(e.codes_array(), dtype=np.int64))
+            codes = e.codes.tensor("int64")
             try:
                 pieces.append((check_piece(self.runner, i, codes, e.context_frames), e.context_frames, e.seed))
                 good.append(i)
