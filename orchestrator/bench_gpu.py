@@ -152,8 +152,6 @@ def _stage(name: str, opts: dict, inbox, outbox, marks) -> None:
     try:
         with tempfile.TemporaryDirectory() as tmp:
             tok_cfg, llm_cfg, dec_cfg, hift_cfg = _configs(opts["size"])
-            if dev.type == "cuda":
-                torch.cuda.set_stream(torch.cuda.Stream(dev))
             {"tokenizer": _tokenizer_stage, "llm": _llm_stage, "decoder": _decoder_stage,
              "vocoder": _vocoder_stage}[name](opts, dev, Path(tmp), (tok_cfg, llm_cfg, dec_cfg, hift_cfg),
                                               inbox, outbox, marks)
