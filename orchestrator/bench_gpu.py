@@ -48,6 +48,7 @@ from services.decoder.streaming import decode_pieces
 from services.llm.bench import build_model, reference_steps
 from services.llm.bench_engine import bench_config, make_tokenizer
 from services.llm.engine import Engine, EngineConfig, Request
+from services.llm.kv_cache import KVCache
 from services.llm.prompts import Audio, Message, PromptBuilder, ProtocolTokens
 from services.llm.protocol import TextDelta
 from services.llm.publisher import ChunkPolicy, TurnPublisher
@@ -187,8 +188,10 @@ def _llm_stage(opts, dev, tmp, cfgs, inbox, outbox, marks) -> None:
     tok, prompts = _prompts(llm_cfg, tmp)
     t = time.perf_counter()
     slots = opts["slots"]
-    engine = Engine(model, tok, config=EngineConfig(
-        num_slots=slots, max_len=max_context(prompts, llm_cfg, opts["question_s"], opts["reply"]),
+    max_len = max_context(prompts, llm_cfg, opts["question_s"], opts["reply"])
+    engine = Engine(model, tok, config=EngineConfig(       # paged KV, as the LLM deployment runs it
+        num_slots=slots, max_len=max_len, paged=True,
+        kv_budget_bytes=slots * max_len * KVCache.block_bytes(llm_cfg, 1, default_dtype(dev)),
         prefill_budget=2048, max_batch=min(slots, opts["max_batch"])))
     if dev.type == "cuda":
         engine.warm_up()                                 # as the LLM deployment does at start

@@ -27,6 +27,7 @@ from services.common.runtime import device_and_dtype, open_checkpoint, start_rep
 from services.common.telemetry import start_span
 from services.common.text_tokenizer import load_text_tokenizer
 from services.llm.engine import Engine, EngineConfig, EngineError, Request
+from services.llm.kv_cache import KVCache
 from services.llm.model import AudioLLM
 from services.llm.prompts import PromptBuilder
 from services.llm.publisher import ChunkPolicy, TurnPublisher
@@ -41,6 +42,11 @@ MODES = {stages_pb2.GENERATE_MODE_UNSPECIFIED: "spoken", stages_pb2.GENERATE_MOD
          stages_pb2.GENERATE_MODE_TTS: "tts"}
 
 
+# Slots beyond the running ones let idle sessions keep their KV (while blocks allow), so a
+# conversation's next turn prefills only what it adds.
+KEPT_SESSIONS_PER_SLOT = 4
+
+
 @serve.deployment(name="LLM")
 class LLMDeployment:
     def __init__(self, config: Any = None):
@@ -50,8 +56,13 @@ class LLMDeployment:
         model = AudioLLM.from_checkpoint(ckpt, dtype=dtype, device=device,
                                          attn_impl=self.settings.llm.attention if device.type == "cuda" else "math")
         s = self.settings.llm
+        # Paged KV: the budget is shared by running sequences and idle sessions' cached turns,
+        # block by block; one sequence may use up to the model's context (or the whole budget).
         self.engine = Engine(model, load_text_tokenizer(ckpt.path), generation_config=ckpt.generation_config(),
-                             config=EngineConfig(num_slots=s.max_slots, max_len=max(256, s.kv_budget_tokens // s.max_slots),
+                             config=EngineConfig(num_slots=KEPT_SESSIONS_PER_SLOT * s.max_slots,
+                                                 max_len=min(s.kv_budget_tokens, model.cfg.llm.max_position_embeddings),
+                                                 paged=True,
+                                                 kv_budget_bytes=s.kv_budget_tokens * KVCache.block_bytes(model.cfg, 1, dtype),
                                                  prefill_budget=s.prefill_chunk_tokens,
                                                  # sequences decoded together in one step
                                                  max_batch=min(s.max_slots, self.settings.stages.llm.max_batch_size)))

@@ -32,7 +32,8 @@ import torch
 from services.llm import sampler as S
 from services.llm.prompts import ProtocolTokens
 from services.llm.runner import DecodeRow, DecodeRunner
-from services.llm.kv_slots import SessionTable
+from services.llm.kv_cache import KVCache
+from services.llm.kv_slots import BlockPool, SessionTable
 from services.llm.protocol import (AudioFrame, Done, EngineError, Event, Mode, Protocol, ProtocolConfig,
                                    Request, SegmentEnd, SegmentStart, Sequence, TextDelta,
                                    UnknownSessionError)
@@ -48,8 +49,10 @@ __all__ = ["AudioFrame", "Done", "Engine", "EngineConfig", "EngineError", "Event
 @dataclass(frozen=True)
 class EngineConfig:
     num_slots: int = 8                   # KV slots: running sequences + idle sessions kept
-    max_len: int = 4096                  # tokens per slot = the context limit
-    kv_budget_bytes: Optional[int] = None  # if set, caps num_slots to what fits
+    max_len: int = 4096                  # tokens per sequence = the context limit
+    kv_budget_bytes: Optional[int] = None  # KV memory: paged, the blocks' total; static, caps num_slots
+    paged: bool = False                  # KV blocks handed out as sequences grow (else max_len per slot)
+    kv_block_size: int = 16              # tokens per KV block
     prefill_budget: int = 512            # prompt tokens forwarded per step, over all sequences
     max_batch: Optional[int] = None      # running sequences at once (default num_slots)
     stop_mode: str = "text"              # "text": transformers 4.45 stop strings (the reference); "bytes": >= 4.50
@@ -133,11 +136,18 @@ class Engine:
                                                          self.cfg.audio_tokens.audiogen_end])),
         )
 
-        llm = self.cfg.llm
-        per_slot = (2 * llm.num_hidden_layers * llm.num_key_value_heads * config.max_len * llm.head_dim
-                    * w.element_size())                      # K and V of one slot
+        # K and V of one block, every layer; a static slot is max_len tokens of blocks
+        block_bytes = KVCache.block_bytes(self.cfg, config.kv_block_size, w.dtype)
+        per_slot = -(-config.max_len // config.kv_block_size) * block_bytes
         num_slots = config.num_slots
-        if config.kv_budget_bytes is not None:
+        num_blocks = None
+        if config.paged:
+            num_blocks = (config.kv_budget_bytes // block_bytes if config.kv_budget_bytes is not None
+                          else num_slots * (per_slot // block_bytes))
+            if num_blocks < 1:
+                raise EngineError(f"kv_budget_bytes {config.kv_budget_bytes} holds no KV block: a block of "
+                                  f"{config.kv_block_size} tokens needs {block_bytes} bytes")
+        elif config.kv_budget_bytes is not None:
             num_slots = min(num_slots, config.kv_budget_bytes // per_slot)
             if num_slots < 1:
                 raise EngineError(f"kv_budget_bytes {config.kv_budget_bytes} holds no slot: one slot of "
@@ -145,10 +155,13 @@ class Engine:
         self.config = config
         self.num_slots = num_slots
         # one more slot than sequences get: the decode runner's padding rows write there
-        self.cache = model.new_cache(num_slots + 1, config.max_len)
+        self.cache = model.new_cache(num_slots + 1, config.max_len, block_size=config.kv_block_size,
+                                     num_blocks=num_blocks)
+        self.pool = (BlockPool(num_blocks, config.kv_block_size, num_slots + 1, self.cache.set_blocks)
+                     if config.paged else None)
         self.counts = S.TokenCounts(num_slots + 1, self.vocab_size, self.device)
         self.codes = S.CodeHistory(num_slots + 1, sizes, self.device)
-        self.sessions = SessionTable(num_slots)
+        self.sessions = SessionTable(num_slots, self.pool)
         max_batch = config.max_batch or num_slots
         self.scheduler = Scheduler(self.sessions, max_batch, config.prefill_budget)
         self.runner = DecodeRunner(model, self.cache, self.counts, self.codes, audio_pad=self.proto.audio_pad,
@@ -271,6 +284,9 @@ class Engine:
         if len(ids) >= limit:
             raise EngineError(f"prompt has {len(ids)} tokens; the context limit is {limit} tokens "
                               f"(EngineConfig.max_len), and the prompt must leave room for the reply")
+        if self.pool is not None and self.pool.blocks_for(len(ids) + 1) > self.pool.num_blocks:
+            raise EngineError(f"prompt has {len(ids)} tokens; the paged KV cache holds "
+                              f"{self.pool.num_blocks * self.pool.block_size} tokens in all (kv_budget_bytes)")
         bad = [t for t in ids if not 0 <= t < self.vocab_size]
         if bad:
             raise EngineError(f"prompt ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})")
@@ -323,12 +339,13 @@ class Engine:
         """Run one batched step. False when there was nothing to do."""
         with self._lock:
             self._handle_cancellations()
-            work = self.scheduler.plan()
+            planned = self.scheduler.plan()
             for seq in self.scheduler.admitted:
                 self._setup(seq)
+            work = self._grow(planned)
             if not work:
                 self._finish_step()
-                return False
+                return bool(planned)
             try:
                 with torch.inference_mode():
                     self._run(work)
@@ -350,6 +367,26 @@ class Engine:
         for seq in self.scheduler.running:
             if seq.cancelled:
                 seq.finish("cancelled")
+
+    def _grow(self, work: list) -> list:
+        """Paged KV: blocks for every row's new tokens, evicting idle sessions if needed. A row
+        whose blocks cannot be had waits a step; if no row can run, the most recently admitted
+        of them ends with an error, so the others get its blocks (vLLM would recompute it later)."""
+        pool = self.pool
+        if pool is None:
+            return work
+        ready = []
+        for w in work:
+            tokens = w.seq.kv_len + w.n
+            if self.sessions.make_room(pool.need(w.seq.slot, tokens)) and pool.ensure(w.seq.slot, tokens):
+                ready.append(w)
+        if work and not ready:
+            order = {id(s): i for i, s in enumerate(self.scheduler.running)}
+            victim = max((w.seq for w in work), key=lambda s: order.get(id(s), -1))
+            victim.finish("error", error=f"KV cache full: {pool.num_blocks} blocks of {pool.block_size} tokens "
+                                         f"are held by running sequences (raise the KV budget or lower max_batch)")
+            log.warning("KV cache full: request %s ended", victim.id)
+        return ready
 
     def _setup(self, seq: Sequence) -> None:
         """A newly admitted sequence: its text history is the whole prompt, its code history

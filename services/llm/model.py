@@ -18,8 +18,8 @@ Numerics follow the reference as run on torch 2.11 (the golden fixtures):
   copies of the cache (within 1 bf16 ulp of it). `attn_impl="sdpa"` uses the fused kernels
   in the model dtype instead (faster on a GPU; differs by bf16 rounding of the probabilities).
 
-The KV cache is a slotted, preallocated `KVCache`; `forward` writes the new keys/values
-into each row's slot and attends causally to that slot. No host synchronisation happens
+The KV cache is a paged, preallocated `KVCache`; `forward` writes the new keys/values
+into each row's slot (its blocks) and attends causally to that slot. No host synchronisation happens
 in `forward`, so a decode step (T = 1) can be compiled or captured in a CUDA graph.
 """
 from __future__ import annotations
@@ -141,7 +141,9 @@ class Attention(nn.Module):
         v = v.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         cache.write(layer, slots, index, k, v, valid)
-        k_all, v_all = cache.read(layer, slots, kv_len)                  # (B, KVH, L, d)
+        # fused SDPA takes the gathered blocks as strided views; the math path keeps the
+        # reference's layout (its matmuls are then the same calls as the reference's)
+        k_all, v_all = cache.read(layer, slots, kv_len, contiguous=attend is not attention_sdpa)   # (B, KVH, L, d)
         y = attend(q, k_all, v_all, mask)                                # (B, H, T, d)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
@@ -215,10 +217,10 @@ class AudioLLM(nn.Module):
                        source=str(ckpt.path))
         return m.to(device=device, dtype=dtype).eval()
 
-    def new_cache(self, num_slots: int, max_len: int) -> KVCache:
-        """A cache in this model's dtype and device."""
+    def new_cache(self, num_slots: int, max_len: int, **kw) -> KVCache:
+        """A cache in this model's dtype and device (kw: block_size, num_blocks; see KVCache)."""
         w = self.lm_head.weight
-        return KVCache.for_config(self.cfg, num_slots, max_len, dtype=w.dtype, device=w.device)
+        return KVCache.for_config(self.cfg, num_slots, max_len, dtype=w.dtype, device=w.device, **kw)
 
     # ------------------------------------------------------------------ embeddings
     def audio_embed(self, codes: torch.Tensor) -> torch.Tensor:

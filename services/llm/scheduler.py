@@ -1,6 +1,7 @@
-"""Who runs this step: admission of waiting requests to KV slots, then per step every decoding
-sequence forwards its one pending token, and prefills are cut into chunks under a token budget
-so a long prompt never stalls running streams. Pure Python (no model, no device)."""
+"""Who runs this step: admission of waiting requests to KV slots (and, with a paged cache, only
+when their blocks fit), then per step every decoding sequence forwards its one pending token,
+and prefills are cut into chunks under a token budget so a long prompt never stalls running
+streams. Pure Python (no model, no device)."""
 from __future__ import annotations
 
 from collections import deque
@@ -35,11 +36,25 @@ class Scheduler:
     def all(self) -> list[Sequence]:
         return list(self.waiting) + self.running
 
+    def _blocks_ok(self, seq: Sequence) -> bool:
+        """Paged KV: blocks for the prompt and its first decision, plus one block of headroom
+        per running sequence (so that admitting does not starve running streams)."""
+        pool = self.sessions.pool
+        if pool is None:
+            return True
+        sid = seq.request.session_id
+        s = self.sessions.sessions.get(sid) if sid is not None else None
+        tokens = len(seq.tokens) + 1
+        need = pool.need(s.slot, tokens) if s is not None and s.slot is not None else pool.blocks_for(tokens)
+        return self.sessions.make_room(need + len(self.running))
+
     def _admit(self) -> None:
         self.admitted = []
         while self.waiting and len(self.running) < self.max_batch:
             seq = self.waiting[0]
             sid = seq.request.session_id
+            if not self._blocks_ok(seq):
+                break
             slot = self.sessions.acquire(sid)
             if slot is None:
                 break

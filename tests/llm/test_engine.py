@@ -213,7 +213,8 @@ def test_prefix_reuse_equals_full_prefill(protocol_env):
 def test_lru_eviction_under_small_budget(protocol_env):
     env = protocol_env
     max_len = env.outputs["runs"]["asr"]["final_kv_len"]            # what an ASR turn needs
-    cache_bytes = KVCache.for_config(env.model.cfg, 1, max_len, dtype=torch.float32).nbytes()
+    cache = KVCache.for_config(env.model.cfg, 1, max_len, dtype=torch.float32)     # one static slot
+    cache_bytes = cache.blocks_per_slot * KVCache.block_bytes(env.model.cfg, cache.block_size, torch.float32)
     eng = env.engine(num_slots=8, max_len=max_len, kv_budget_bytes=2 * cache_bytes + 1)
     assert eng.num_slots == 2
     s1, s2, s3 = (eng.open_session(f"s{i}") for i in (1, 2, 3))
@@ -264,8 +265,8 @@ class NeverEndingAudio(torch.nn.Module):
         self.audio = [torch.linspace(1.0, 2.0, K + (1 if k == 0 else 0)) for k, K in enumerate(sizes)]
         self.audio[0][sizes[0]] = -100.0                   # end-of-audio never wins
 
-    def new_cache(self, num_slots, max_len):
-        return KVCache.for_config(self.cfg, num_slots, max_len, dtype=torch.float32)
+    def new_cache(self, num_slots, max_len, **kw):
+        return KVCache.for_config(self.cfg, num_slots, max_len, dtype=torch.float32, **kw)
 
     def embed(self, ids, codes=None, check=True):
         return torch.zeros(*ids.shape, 1)

@@ -139,8 +139,9 @@ def test_batched_rows_in_any_slots_match_single_rows(model, cfg):
         h = model(E, pos, cache, torch.tensor([3, 1]), torch.tensor([0, 0]), n_new=torch.tensor([9, 4]))
     _close(h[0], ra[0])
     _close(h[1, :4], rb[0])
-    assert (cache.k[:, 1, :, 4:] == 7.0).all() and (cache.v[:, 1, :, 4:] == 7.0).all()
-    assert (cache.k[:, [0, 2]] == 7.0).all()                            # other slots never touched
+    k1, v1 = cache.slot(1)
+    assert (k1[:, :, 4:] == 7.0).all() and (v1[:, :, 4:] == 7.0).all()
+    assert all((cache.slot(s)[0] == 7.0).all() for s in (0, 2))        # other slots never touched
     assert torch.equal(AudioLLM.last_hidden(h, torch.tensor([9, 4])), torch.stack([h[0, 8], h[1, 3]]))
 
 
@@ -153,8 +154,9 @@ def test_right_padded_chunk_may_overhang_the_cache_end(model, cfg):
     with torch.no_grad():
         model(torch.randn(1, 4, H), torch.arange(9, 13)[None], cache, torch.tensor([0]), torch.tensor([8]),
               n_new=torch.tensor([2]))
-    assert (cache.k[:, 0, :, :8] == 3.0).all()
-    assert (cache.k[:, 0, :, 8:] != 3.0).all()
+    k0 = cache.slot(0)[0]
+    assert (k0[:, :, :8] == 3.0).all()
+    assert (k0[:, :, 8:] != 3.0).all()
 
 
 def test_sdpa_matches_math_in_fp32():
@@ -179,19 +181,56 @@ def test_math_attention_is_fp32_softmax_attention():
     assert (out.float() - ref.float()).abs().max() <= 2 ** -7 * ref.float().abs().max()
 
 
-def test_kv_cache_write_read_layout():
-    c = KVCache(num_layers=2, num_slots=3, max_len=6, num_kv_heads=2, head_dim=4, dtype=torch.float32)
-    assert c.k.shape == (2, 3, 2, 6, 4) and c.nbytes() == 2 * 2 * 3 * 2 * 6 * 4 * 4
+@pytest.mark.parametrize("paged", [False, True])
+def test_kv_cache_write_read_layout(paged):
+    """Token i of a slot lands at its block table[slot, i // bs], offset i % bs; reads gather
+    the blocks back in order, so a slot reads the same whatever blocks back it."""
+    kw = {"block_size": 2, "num_blocks": 20} if paged else {"block_size": 2}
+    c = KVCache(num_layers=2, num_slots=3, max_len=6, num_kv_heads=2, head_dim=4, dtype=torch.float32, **kw)
+    assert c.k.shape == (2, 1 + (20 if paged else 3 * 3), 2, 2, 4)
+    assert c.nbytes() == 2 * c.k.numel() * 4
+    if paged:                      # blocks in a scrambled order, and slot 1 shorter
+        for slot, blocks in ((0, [7, 3, 12]), (1, [5]), (2, [19, 1, 8])):
+            c.set_blocks(slot, blocks)
+        assert c.table[1].tolist() == [5, 0, 0]
     k = torch.arange(2 * 2 * 3 * 4, dtype=torch.float32).view(2, 2, 3, 4)   # (B, kv_heads, T, d)
     c.write(1, torch.tensor([2, 0]), torch.tensor([[1, 2, 3], [0, 1, 2]]), k, -k)
-    assert torch.equal(c.k[1, 2, :, 1:4], k[0]) and torch.equal(c.k[1, 0, :, 0:3], k[1])
-    assert torch.equal(c.v[1, 2, :, 1:4], -k[0])
+    k2, v2 = c.slot(2)
+    assert torch.equal(k2[1, :, 1:4], k[0]) and torch.equal(v2[1, :, 1:4], -k[0])
+    assert torch.equal(c.slot(0)[0][1, :, 0:3], k[1])
+    if paged:                      # where it went: slot 2's index 1 is block 19, offset 1
+        assert torch.equal(c.k[1, 19, 1], k[0, :, 0]) and torch.equal(c.k[1, 1, 0], k[0, :, 1])
     rk, rv = c.read(1, torch.tensor([0]), 3)
-    assert torch.equal(rk[0], k[1]) and rk.shape == (1, 2, 3, 4)
+    assert torch.equal(rk[0], k[1]) and rk.shape == (1, 2, 3, 4) and rk.is_contiguous()
+    sk, _ = c.read(1, torch.tensor([0]), 3, contiguous=False)
+    assert torch.equal(sk, rk)
+    if paged:
+        c.set_blocks(1, [4, 9])
     c.copy_slot(0, 1, 3)
-    assert torch.equal(c.k[:, 1, :, :3], c.k[:, 0, :, :3])
+    assert torch.equal(c.slot(1, 3)[0], c.slot(0, 3)[0])
     c.clear(torch.tensor([1]))
-    assert not c.k[:, 1].any()
+    assert not c.slot(1, 3 if paged else None)[0].any()
+
+
+def test_paged_and_static_caches_give_the_same_hidden_states(model, cfg):
+    """Two sequences prefilled and decoded in a paged cache whose blocks are scattered equal the
+    same run in a static cache (the blocks only move data)."""
+    H = cfg.llm.hidden_size
+    torch.manual_seed(4)
+    e = torch.randn(2, 9, H)
+    pos = torch.arange(1, 10).expand(2, 9)
+    outs = []
+    for kw in ({}, {"block_size": 4, "num_blocks": 9}):
+        cache = model.new_cache(2, 12, **kw)
+        if kw:
+            cache.set_blocks(0, [8, 2, 5])
+            cache.set_blocks(1, [1, 9, 3])
+        with torch.no_grad():
+            h = [model(e[:, :6], pos[:, :6], cache, torch.tensor([1, 0]), torch.tensor([0, 0]))]
+            h += [model(e[:, i:i + 1], pos[:, i:i + 1], cache, torch.tensor([1, 0]), torch.tensor([i, i]), kv_len=12)
+                  for i in range(6, 9)]
+        outs.append(torch.cat(h, 1))
+    assert torch.equal(outs[0], outs[1])
 
 
 def test_unsupported_config_is_named(cfg):

@@ -97,10 +97,11 @@ def test_parity_llm_last_hidden_state(run):
 
 
 def test_parity_llm_kv_cache(run):
+    slots = [run.cache.slot(int(s)) for s in run.slots]           # per row: K, V (layers, kv_heads, max_len, d)
     for i in range(run.cfg.llm.num_hidden_layers):
-        for name, buf in (("key", run.cache.k), ("value", run.cache.v)):
+        for j, name in enumerate(("key", "value")):
             ref = run.out[f"past.{i}.{name}"]                      # (B, kv_heads, S, d), left-padded
-            ours = buf[i, run.slots].transpose(1, 2)               # (B, max_len, kv_heads, d)
+            ours = torch.stack([kv[j][i] for kv in slots]).transpose(1, 2)   # (B, max_len, kv_heads, d)
             a, r = run.valid(ours, ref.transpose(1, 2))
             run.check(a, r, f"past.{i}.{name}[valid]")
 
