@@ -1,8 +1,8 @@
 """Merge a turn's stage streams into the ordered event stream a caller receives.
 
 Inputs, as they arrive (from turn:{id}:llm and turn:{id}:audio, possibly interleaved in any
-order across the two streams): text deltas, segment boundaries, audio frames, PCM chunks
-(one per decoded piece, keyed by (segment, chunk)), the LLM's end, errors.
+order across the two streams): text deltas, segment boundaries, PCM chunks (one per decoded
+piece, keyed by (segment, chunk)), the LLM's end, errors.
 
 Output, in order: text deltas as they come; audio as gap-free numbered chunks in (segment,
 chunk) order, with the reference's 240-sample crossfade block inserted between consecutive
@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from baichuan_audio.v1 import conversation_pb2 as pb
-from services.common import bus
+from services.common import entries as E
 from services.common.audio import from_pcm16, to_pcm16
 from services.common.crossfade import crossfade_block, crossfade_samples
 
@@ -29,15 +29,14 @@ from services.common.crossfade import crossfade_block, crossfade_samples
 class _Segment:
     frames: int | None = None          # announced by the LLM's audio boundary
     chunks: int | None = None
-    received: dict[int, bus.PcmChunk] = field(default_factory=dict)
+    received: dict[int, E.PcmChunk] = field(default_factory=dict)
     next_chunk: int = 0
 
 
 class ReplyMerger:
     def __init__(self, turn_id: str, *, sample_rate: int = 24000, spoken: bool = True,
-                 started: float | None = None, num_codebooks: int = 8):
+                 started: float | None = None):
         self.turn_id = turn_id
-        self.num_codebooks = num_codebooks
         self.sample_rate = sample_rate
         self.overlap = crossfade_samples(sample_rate)    # 240 samples at 24 kHz (reference)
         self.spoken = spoken
@@ -49,12 +48,12 @@ class ReplyMerger:
         self.prev_len = 0                                 # samples of the previous audio segment
         self.cur_len = 0                                  # samples of the current one so far
         self.text: list[str] = []
+        self.text_tokens: list[int] = []                  # token ids of the text sent so far
         self.audio_samples = 0
-        self.llm_done: bus.TurnEnd | None = None
-        self.error: bus.TurnError | None = None
+        self.llm_done: E.TurnEnd | None = None
+        self.error: E.TurnError | None = None
         self.finished = False
         self.marks: dict[str, float] = {}
-        self.codes: dict[int, list[np.ndarray]] = {}      # generated codes per segment (history)
         self.segment_text: dict[int, str] = {}            # reply text per text segment
         self.segment_audio: dict[int, list[np.ndarray]] = {}  # emitted samples per audio segment (no crossfade)
 
@@ -71,39 +70,34 @@ class ReplyMerger:
     def _seg(self, i: int) -> _Segment:
         return self.segments.setdefault(i, _Segment())
 
-    def generated_codes(self) -> np.ndarray:
-        rows = [c for i in sorted(self.codes) for c in self.codes[i]]
-        return np.concatenate(rows) if rows else np.zeros((0, self.num_codebooks), np.int32)
-
     # ------------------------------------------------------------------ feeding
-    def feed(self, entry: bus.Entry) -> list[pb.TurnEvent]:
+    def feed(self, entry: E.Entry) -> list[pb.TurnEvent]:
         if self.finished:
             return []
         out: list[pb.TurnEvent] = []
-        if isinstance(entry, bus.TextDelta):
+        if isinstance(entry, E.TextDelta):
             if entry.text:
                 m = self._mark("first_text")
                 if m:
                     out.append(m)
                 self.text.append(entry.text)
+                self.text_tokens.extend(entry.tokens)
                 self.segment_text[entry.segment] = self.segment_text.get(entry.segment, "") + entry.text
                 out.append(pb.TurnEvent(turn_id=self.turn_id, text=pb.TextDelta(text=entry.text, segment=entry.segment)))
-        elif isinstance(entry, bus.SegmentBoundary):
+        elif isinstance(entry, E.SegmentBoundary):
             if entry.kind == "text":
                 out.append(pb.TurnEvent(turn_id=self.turn_id, segment=pb.SegmentBoundary(
                     segment=entry.segment, kind=pb.SegmentBoundary.TEXT_END)))
             else:
                 seg = self._seg(entry.segment)
                 seg.frames, seg.chunks = entry.audio_frames, entry.chunks
-        elif isinstance(entry, bus.AudioFrames):
-            self.codes.setdefault(entry.segment, []).append(np.array(entry.codes_array()))
-        elif isinstance(entry, bus.PcmChunk):
+        elif isinstance(entry, E.PcmChunk):
             if entry.sample_rate != self.sample_rate:   # the vocoder's rate rules
                 self.sample_rate, self.overlap = entry.sample_rate, int(entry.sample_rate * 0.01)
             self._seg(entry.segment).received.setdefault(entry.chunk, entry)
-        elif isinstance(entry, bus.TurnEnd):
+        elif isinstance(entry, E.TurnEnd):
             self.llm_done = entry
-        elif isinstance(entry, bus.TurnError):
+        elif isinstance(entry, E.TurnError):
             self.error = entry
         out.extend(self._drain())
         return out
@@ -165,7 +159,7 @@ class ReplyMerger:
         exactly what the caller was sent."""
         if self.finished:
             return []
-        self.llm_done = bus.TurnEnd(turn_id=self.turn_id, reason="cancelled")
+        self.llm_done = E.TurnEnd(turn_id=self.turn_id, reason="cancelled")
         self.segments = {i: s for i, s in self.segments.items() if i < self.next_segment}
         return self._maybe_end()
 

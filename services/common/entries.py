@@ -233,11 +233,14 @@ class VocodeJob(Entry, type_name="vocode_job"):
 
 @dataclass(frozen=True)
 class TextDelta(Entry, type_name="text"):
-    """New reply text of text segment `segment` (0-based), in generation order."""
+    """New reply text of text segment `segment` (0-based), in generation order. tokens: the
+    ids of the generated tokens this text shows (the history of an interrupted turn keeps the
+    tokens of the text its caller got)."""
 
     turn_id: str
     segment: int
     text: str
+    tokens: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -315,24 +318,38 @@ class Timing(Entry, type_name="timing"):
 @dataclass(frozen=True)
 class TurnEnd(Entry, type_name="end"):
     """The writer is done with this turn. reason: 'eos', 'length', 'cancelled' (LLM) or
-    'complete'. text: the full reply text. tokens: the final token sequence as int32 LE
-    (the session history), empty when not applicable."""
+    'complete'. text: the full reply text. tokens: the session's model history after the turn
+    as int32 LE (prompt and reply as the next turn extends them), empty when not applicable.
+    codes: int32, shape `codes_shape` = (frames, codebooks): one row per audio pad the reply
+    added to `tokens` (the prompt's own rows are the caller's)."""
 
     turn_id: str
     reason: str
     text: str = ""
     tokens: bytes = field(default=b"", repr=False)
+    codes: bytes = field(default=b"", repr=False)
+    codes_shape: tuple[int, ...] = (0, 0)
 
     @classmethod
-    def with_tokens(cls, turn_id: str, reason: str, tokens: Sequence[int], **kw: Any) -> "TurnEnd":
-        return cls(turn_id=turn_id, reason=reason, tokens=_pack(list(tokens), "<i4")[0], **kw)
+    def with_tokens(cls, turn_id: str, reason: str, tokens: Sequence[int], codes: Any = None,
+                    **kw: Any) -> "TurnEnd":
+        """codes: (frames, codebooks) integers; None or no rows: none."""
+        data, shape = _pack(codes, "<i4") if codes is not None and len(codes) else (b"", (0, 0))
+        return cls(turn_id=turn_id, reason=reason, tokens=_pack(list(tokens), "<i4")[0], codes=data,
+                   codes_shape=shape, **kw)
 
     def token_list(self) -> list[int]:
         return _unpack(self.tokens, (len(self.tokens) // 4,), "<i4", "end.tokens").tolist()
 
+    def codes_array(self) -> np.ndarray:
+        return _unpack(self.codes, self.codes_shape, "<i4", "end.codes")
+
     def _check(self) -> None:
         if len(self.tokens) % 4:
             raise BusError(f"end entry of turn {self.turn_id}: tokens is not whole int32s")
+        if len(self.codes_shape) != 2:
+            raise BusError(f"end.codes_shape must be (frames, codebooks); got {self.codes_shape}")
+        self.codes_array()
 
 
 @dataclass(frozen=True)

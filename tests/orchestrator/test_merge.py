@@ -85,6 +85,17 @@ def test_interrupt_ends_now_with_only_what_was_sent():
     assert m.feed(chunk(0, 1, np.zeros(1920, np.float32))) == []
 
 
+def test_the_token_ids_of_the_text_sent_are_kept_for_the_history():
+    m = ReplyMerger(T)
+    feed_all(m, [B.TextDelta(turn_id=T, segment=0, text="Hel", tokens=(11, 12)),
+                 B.TextDelta(turn_id=T, segment=0, text="lo", tokens=(13,)),
+                 B.SegmentBoundary(turn_id=T, segment=0, kind="text"),
+                 B.TextDelta(turn_id=T, segment=1, text="!", tokens=(14,))])
+    m.interrupt()
+    assert m.feed(B.TextDelta(turn_id=T, segment=1, text=" late", tokens=(15,))) == []
+    assert "".join(m.text) == "Hello!" and m.text_tokens == [11, 12, 13, 14]
+
+
 def test_a_stage_error_ends_the_turn_with_it():
     m = ReplyMerger(T)
     out = feed_all(m, [B.TurnError(turn_id=T, stage="decoder", code=13, message="lost segment 0 chunk 0")])
