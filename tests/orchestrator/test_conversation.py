@@ -169,7 +169,12 @@ def test_interrupted_turn_keeps_the_prompt_and_the_tokens_of_the_text_sent():
     assert sess.tokens == p2.ids + [X] and sess.codes.tolist() == [[9, 9, 9]]
 
 
-@pytest.mark.parametrize("reply", [Reply(text="x", error="decoder: lost segment 0"), Reply(text="x"), None])
+@pytest.mark.parametrize("reply", [
+    # the LLM finished, a later stage failed: the caller did not get that reply
+    Reply(text="x", error="decoder: lost segment 0", history=[1, 2, 7], reply_codes=np.zeros((0, NB), np.int32)),
+    Reply(text="x"),                                  # no end entry from the LLM
+    None,                                             # the orchestrator failed
+])
 def test_failed_turn_keeps_the_model_history_before_it(reply):
     c = conv()
     sess = session()
