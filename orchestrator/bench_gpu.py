@@ -1,38 +1,42 @@
 """`baichuan-audio bench gpu`: spoken conversations through the serving path on one device.
 
-In one process, at the chosen dimensions with random weights, every stage runs the code its
-deployment runs: the tokenizer runner (batched like the tokenizer deployment), the prompt
-builder, the LLM engine (decode steps as CUDA graphs on a GPU) with the turn publisher that
-cuts audio into decode jobs, the decoder's `decode_pieces` on those jobs and the vocoder runner
-with each job's seed and left context. Only the transport differs: in-process queues instead of
-Serve handles and Redis streams (the hop that `--hops` would add is measured on the CPU
-elsewhere). Each stage runs on its own thread and CUDA stream, so decoding overlaps LLM steps.
+Every stage runs in its own process, as its deployment's replicas do, with the code that
+deployment runs, at the chosen dimensions with random weights: the tokenizer runner (batched
+like the tokenizer deployment) and the prompt builder, the LLM engine (decode steps as CUDA
+graphs on a GPU, captured at start) with the turn publisher that cuts audio into decode jobs,
+the decoder's `decode_pieces` (CFM solves captured at start) and the vocoder runner with each
+job's seed and left context. On one GPU the processes share the card. Only the transport
+differs: multiprocessing queues instead of Serve handles and Redis streams (that hop is
+measured on the CPU by `bench hops`).
 
 Conversations arrive as a Poisson process; each is one spoken turn: a question of
 `--question-s` seconds, then a reply on a fixed schedule (random weights decide nothing useful:
 `--reply` text tokens and audio frames, alternating), in low-latency mode (small first decode
 chunk). For each concurrency level it prints:
   engine step times by kind (p50/p95), time to first text and first audio from the end of the
-  request (p50/p95), each stream's speed against real time, the worst playback underrun a
-  real-time player would hear, and the GPU memory each stage holds;
-and, for the ratio, the reference-style decode loop's audio-frame step in the same process.
+  request (p50/p95) and where the first audio's time goes, each stream's speed against real
+  time, the worst playback underrun a real-time player would hear, and the GPU memory each
+  stage holds;
+and, for the ratio, the reference-style decode loop's audio-frame step in the LLM's process.
 
 Imports only model, runner and engine code (the GPU machine has no Ray, Redis or soundfile).
 
     python -m orchestrator.bench_gpu --size tiny --concurrency 1,2          # CPU smoke run
-    python -m orchestrator.bench_gpu --size real --device cuda --concurrency 1,8,32,64,128,256
+    python -m orchestrator.bench_gpu --size real --device cuda --concurrency 1,8,32,64,128,256,512
 """
 from __future__ import annotations
 
 import argparse
+import multiprocessing as mp
 import queue
 import random
 import tempfile
-import threading
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from services.common.dtypes import default_dtype
@@ -41,57 +45,18 @@ from services.common.tiny_checkpoint import TINY_HIFT, random_hift_state, tiny_c
 from services.decoder.bench import decoder_config, random_tensors
 from services.decoder.runner import DecoderRunner
 from services.decoder.streaming import decode_pieces
-from services.llm.bench import build_model
+from services.llm.bench import build_model, reference_steps
 from services.llm.bench_engine import bench_config, make_tokenizer
 from services.llm.engine import Engine, EngineConfig, Request
 from services.llm.prompts import Audio, Message, PromptBuilder, ProtocolTokens
+from services.llm.protocol import TextDelta
 from services.llm.publisher import ChunkPolicy, TurnPublisher
 from services.tokenizer.bench import real_config
 from services.tokenizer.runner import TokenizerRunner
 from services.vocoder.runner import VocoderRunner
 
-
-# ---------------------------------------------------------------------------- the model
-@dataclass
-class Stack:
-    device: torch.device
-    tokenizer: TokenizerRunner
-    llm_config: ModelConfig
-    model: object
-    text_tokenizer: object
-    prompts: PromptBuilder
-    decoder: DecoderRunner
-    vocoder: VocoderRunner
-    memory: dict[str, float] = field(default_factory=dict)      # GiB per stage
-
-
-def _allocated(device: torch.device) -> float:
-    return torch.cuda.memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
-
-
-def build_stack(size: str, device: torch.device, tmp: Path, attn: str) -> Stack:
-    """Random weights at `size` ("tiny": the tiny checkpoint's dimensions, for the CPU; "real":
-    Baichuan-Audio's). Every stage's codebooks are the same, so codes flow between them."""
-    mem, before = {}, _allocated(device)
-    if size == "tiny":
-        tiny = ModelConfig.from_dict(tiny_config_dict())
-        tok_cfg, llm_cfg, dec_cfg, hift_cfg = tiny, tiny, tiny, TINY_HIFT
-    else:
-        tok_cfg = ModelConfig.from_dict(real_config())
-        llm_cfg = bench_config("qwen7b")
-        dec_cfg, hift_cfg = decoder_config("real"), HiFTConfig()
-    tokenizer = TokenizerRunner(tok_cfg, None, device=device)
-    mem["tokenizer"], before = _allocated(device) - before, _allocated(device)
-    dtype = default_dtype(device)
-    model = build_model(llm_cfg, device, dtype, attn, seed=0)
-    mem["llm weights"], before = _allocated(device) - before, _allocated(device)
-    decoder = DecoderRunner(dec_cfg, random_tensors(dec_cfg), device=device, max_batch=16)
-    mem["decoder"], before = _allocated(device) - before, _allocated(device)
-    vocoder = VocoderRunner(hift_cfg, random_hift_state(hift_cfg, 0), device=device, max_batch=16)
-    mem["vocoder"] = _allocated(device) - before
-    text_tok = make_tokenizer(llm_cfg, tmp)
-    prompts = PromptBuilder(text_tok, ProtocolTokens.from_tokenizer(text_tok, llm_cfg), llm_cfg.audio.num_codebooks)
-    return Stack(device, tokenizer, llm_cfg, model, text_tok, prompts, decoder, vocoder, mem)
+STAGES = ("tokenizer", "llm", "decoder", "vocoder")
+MAX_JOBS = 16                    # decode / vocode jobs per batch, the deployments' default scale
 
 
 # ---------------------------------------------------------------------------- one conversation
@@ -99,13 +64,18 @@ def build_stack(size: str, device: torch.device, tmp: Path, attn: str) -> Stack:
 class Turn:
     id: str
     arrival: float                       # the end of the request (the question fully received)
-    question: torch.Tensor
-    first_text: float | None = None
+    question: np.ndarray | None
+    prompted: float | None = None        # tokenized, prompt submitted to the engine
+    first_text: float | None = None      # the engine decided the first text token
+    first_job: float | None = None       # the first decode job left the LLM stage
+    first_mel: float | None = None       # ... and came out of the decoder
     first_audio: float | None = None
     audio: list[tuple[float, float]] = field(default_factory=list)   # (arrival time, seconds) per PCM piece
     finals: int = 0                      # audio segments whose last piece arrived
-    done: threading.Event = field(default_factory=threading.Event)
-    publisher: TurnPublisher | None = None
+
+    def mark(self, name: str, t: float) -> None:
+        if getattr(self, name) is None:
+            setattr(self, name, t)
 
     def underrun(self) -> float:
         """The worst deficit of a player that starts at the first piece and plays in real time:
@@ -131,175 +101,41 @@ def _schedule(spec: str) -> list[tuple[str, int]]:
     return [("text" if i % 2 == 0 else "audio", k) for i, k in enumerate(n)]
 
 
-# ---------------------------------------------------------------------------- one run
-def run_level(stack: Stack, C: int, rate: float, question_s: float, reply: str, seed: int = 0,
-              max_batch: int = 256, timeout_s: float = 600.0) -> dict:
-    """C conversations arriving at `rate` per second; returns the measurements."""
-    dev = stack.device
-    rng = random.Random(seed)
+# ---------------------------------------------------------------------------- the stages
+def _configs(size: str) -> tuple[ModelConfig, ModelConfig, ModelConfig, HiFTConfig]:
+    """(tokenizer, LLM, decoder, vocoder) configs: the tiny checkpoint's dimensions (for the
+    CPU) or Baichuan-Audio's. Every stage's codebooks are the same, so codes flow between them."""
+    if size == "tiny":
+        tiny = ModelConfig.from_dict(tiny_config_dict())
+        return tiny, tiny, tiny, TINY_HIFT
+    return ModelConfig.from_dict(real_config()), bench_config("qwen7b"), decoder_config("real"), HiFTConfig()
+
+
+def _allocated(device: torch.device) -> float:
+    return torch.cuda.memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
+
+
+def _prompts(llm_cfg: ModelConfig, tmp: Path) -> tuple[object, PromptBuilder]:
+    tok = make_tokenizer(llm_cfg, tmp)
+    return tok, PromptBuilder(tok, ProtocolTokens.from_tokenizer(tok, llm_cfg), llm_cfg.audio.num_codebooks)
+
+
+def max_context(prompts: PromptBuilder, llm_cfg: ModelConfig, question_s: float, reply: str) -> int:
+    """KV tokens one conversation of the benchmark needs (prompt, reply, slack)."""
     schedule = _schedule(reply)
-    frames_total = sum(n for k, n in schedule if k == "audio")
-    audio_segments = sum(1 for k, _ in schedule if k == "audio")
-    sr_q = stack.tokenizer.audio.sampling_rate
-    g = torch.Generator().manual_seed(seed)
-    t0 = time.perf_counter() + 0.5
-    arrivals, t = [], t0
-    for i in range(C):
-        arrivals.append(t)
-        t += rng.expovariate(rate) if rate > 0 else 0.0
-    turns = [Turn(f"t{i}", a, 0.1 * torch.randn(1, int(question_s * sr_q), generator=g)) for i, a in enumerate(arrivals)]
-    seeds = {tr.id: seed * 100_003 + i for i, tr in enumerate(turns)}
-    by_id = {tr.id: tr for tr in turns}
-
-    prompt_len = len(stack.prompts.chat([Message("user", [Audio(torch.zeros(
-        max(1, round(question_s * 12.5)), stack.llm_config.audio.num_codebooks, dtype=torch.long))])]).ids)
-    max_len = prompt_len + len(schedule) + frames_total + sum(n for k, n in schedule if k == "text") + 64
-    engine = Engine(stack.model, stack.text_tokenizer, config=EngineConfig(
-        num_slots=C, max_len=max_len, prefill_budget=2048, max_batch=min(C, max_batch)))
-    if dev.type == "cuda":
-        engine.warm_up()                                 # as the LLM deployment does at start
-    streams = {name: torch.cuda.Stream(dev) if dev.type == "cuda" else None for name in ("tok", "llm", "dec", "voc")}
-    dec_q: "queue.Queue" = queue.Queue()
-    voc_q: "queue.Queue" = queue.Queue()
-    stop = threading.Event()
-    steps: list[tuple[str, float]] = []
-    errors: list[BaseException] = []
-    rate_hz = stack.vocoder.config.sampling_rate
-
-    def stream_ctx(name):
-        s = streams[name]
-        return torch.cuda.stream(s) if s is not None else _null()
-
-    def emit_for(turn: Turn):
-        def emit(target: str, entry) -> None:           # what the LLM deployment sends on
-            if target == "llm":
-                if entry.TYPE == "text" and turn.first_text is None:
-                    turn.first_text = time.perf_counter()
-            else:
-                dec_q.put(entry)
-        return emit
-
-    def on_event(ev) -> None:                          # the deployment's per-turn forwarder
-        tr = by_id.get(ev.request_id)
-        if tr is not None and tr.publisher is not None:
-            tr.publisher.feed(ev)
-
-    engine.on_event = on_event
-
-    def tokenizer_loop():
-        pending = list(turns)
-        with stream_ctx("tok"):
-            while pending and not stop.is_set():
-                now = time.perf_counter()
-                ready = [tr for tr in pending if tr.arrival <= now]
-                if not ready:
-                    time.sleep(min(0.002, max(0.0, pending[0].arrival - now)))
-                    continue
-                pending = [tr for tr in pending if tr.arrival > now]
-                codes = stack.tokenizer.tokenize([(tr.question, sr_q) for tr in ready])   # one batch, like @serve.batch
-                for tr, c in zip(ready, codes):
-                    p = stack.prompts.chat([Message("user", [Audio(c)])], spoken=True)
-                    tr.publisher = TurnPublisher(tr.id, tr.id, emit_for(tr), chunks=ChunkPolicy(4, 2.0, 50),
-                                                 seed=seeds[tr.id])
-                    engine.submit(Request(p.ids, mode="spoken", audio_codes=p.audio_codes, forced=schedule,
-                                          seed=seeds[tr.id], request_id=tr.id))
-
-    def engine_loop():
-        with stream_ctx("llm"):
-            while not stop.is_set():
-                before = dict(engine.stats)
-                s = time.perf_counter()
-                busy = engine.step()
-                if not busy:
-                    time.sleep(0.0005)
-                    continue
-                el = time.perf_counter() - s
-                d = {k: engine.stats[k] - before[k] for k in ("text_decisions", "audio_frames", "forward_tokens")}
-                rows = d["text_decisions"] + d["audio_frames"]
-                kind = ("prefill" if d["forward_tokens"] > rows + 1 else
-                        "audio" if d["audio_frames"] and not d["text_decisions"] else
-                        "text" if d["text_decisions"] and not d["audio_frames"] else "mixed")
-                steps.append((kind, el))
-
-    def decoder_loop():
-        with stream_ctx("dec"):
-            while not stop.is_set():
-                jobs = _take(dec_q, stack.decoder.max_batch)
-                if not jobs:
-                    continue
-                pieces = [(torch.from_numpy(j.codes_array().astype("int64")), j.context_frames, j.seed) for j in jobs]
-                for j, (mel, vctx) in zip(jobs, decode_pieces(stack.decoder, pieces)):
-                    voc_q.put((j, mel, vctx))
-
-    def vocoder_loop():
-        with stream_ctx("voc"):
-            while not stop.is_set():
-                items = _take(voc_q, stack.vocoder.max_batch)
-                if not items:
-                    continue
-                waves = stack.vocoder.vocode([m for _, m, _ in items], seed=[j.seed for j, _, _ in items],
-                                             context_frames=[c for _, _, c in items])
-                now = time.perf_counter()
-                for (j, _, _), w in zip(items, waves):
-                    tr = by_id[j.turn_id]
-                    if tr.first_audio is None:
-                        tr.first_audio = now
-                    tr.audio.append((now, w.shape[-1] / rate_hz))
-                    tr.finals += j.final
-                    if tr.finals == audio_segments:          # the last chunk of the last segment
-                        tr.done.set()
-
-    def guard(fn):
-        def run():
-            try:
-                fn()
-            except BaseException as e:  # noqa: BLE001 - reported after the run
-                errors.append(e)
-                stop.set()
-        return run
-
-    threads = [threading.Thread(target=guard(f), daemon=True)
-               for f in (tokenizer_loop, engine_loop, decoder_loop, vocoder_loop)]
-    for th in threads:
-        th.start()
-    deadline = time.perf_counter() + timeout_s
-    for tr in turns:
-        while not tr.done.wait(0.05):
-            if errors or time.perf_counter() > deadline:
-                break
-    stop.set()
-    for th in threads:
-        th.join(timeout=30)
-    if errors:
-        raise errors[0]
-    done = [tr for tr in turns if tr.done.is_set()]
-
-    def pct(xs, q):
-        xs = sorted(xs)
-        return xs[min(len(xs) - 1, int(q * (len(xs) - 1) + 0.5))] if xs else float("nan")
-
-    by_kind = {}
-    for k in ("audio", "text", "mixed", "prefill"):
-        ts = [t for kk, t in steps if kk == k]
-        if ts:
-            by_kind[k] = (pct(ts, 0.5), pct(ts, 0.95), len(ts))
-    ttfa = [tr.first_audio - tr.arrival for tr in done]
-    ttft = [tr.first_text - tr.arrival for tr in done if tr.first_text is not None]
-    out = {"C": C, "completed": len(done), "steps": by_kind,
-           "ttft": (pct(ttft, 0.5), pct(ttft, 0.95)), "ttfa": (pct(ttfa, 0.5), pct(ttfa, 0.95)),
-           "speed": (pct([tr.speed() for tr in done], 0.5), min((tr.speed() for tr in done), default=float("nan"))),
-           "underrun": max((tr.underrun() for tr in done), default=float("nan")),
-           "kv_gib": engine.cache.nbytes() / 2**30, "graphs": engine.runner.stats.copy()}
-    return out
+    frames = max(1, round(question_s * 12.5))
+    prompt_len = len(prompts.chat([Message("user", [Audio(torch.zeros(
+        frames, llm_cfg.audio.num_codebooks, dtype=torch.long))])]).ids)
+    return prompt_len + len(schedule) + sum(n for _, n in schedule) + 64
 
 
-def _take(q: "queue.Queue", n: int) -> list:
+def _take(q, n: int, wait: float = 0.01) -> list:
     """Up to n items: what a worker claims at once (waits briefly for the first)."""
     try:
-        items = [q.get(timeout=0.01)]
+        items = [q.get(timeout=wait)]
     except queue.Empty:
         return []
-    while len(items) < n:
+    while len(items) < n and items[-1] is not None and not isinstance(items[-1], str):
         try:
             items.append(q.get_nowait())
         except queue.Empty:
@@ -307,36 +143,311 @@ def _take(q: "queue.Queue", n: int) -> list:
     return items
 
 
-class _null:
-    def __enter__(self):
-        return self
+def _stage(name: str, opts: dict, inbox, outbox, marks) -> None:
+    """One stage's process: build it (reporting its GPU memory), then serve its inbox until None.
+    The string "flush" asks for the stage's statistics since the last flush."""
+    dev = torch.device(opts["device"])
+    if dev.type != "cuda":
+        torch.set_num_threads(1)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            tok_cfg, llm_cfg, dec_cfg, hift_cfg = _configs(opts["size"])
+            if dev.type == "cuda":
+                torch.cuda.set_stream(torch.cuda.Stream(dev))
+            {"tokenizer": _tokenizer_stage, "llm": _llm_stage, "decoder": _decoder_stage,
+             "vocoder": _vocoder_stage}[name](opts, dev, Path(tmp), (tok_cfg, llm_cfg, dec_cfg, hift_cfg),
+                                              inbox, outbox, marks)
+    except BaseException:  # noqa: BLE001 - the parent reports it
+        marks.put(("error", name, traceback.format_exc()))
 
-    def __exit__(self, *a):
-        return False
+
+def _tokenizer_stage(opts, dev, tmp, cfgs, inbox, outbox, marks) -> None:
+    tok_cfg, llm_cfg = cfgs[0], cfgs[1]
+    runner = TokenizerRunner(tok_cfg, None, device=dev)
+    _, prompts = _prompts(llm_cfg, tmp)
+    sr = runner.audio.sampling_rate
+    marks.put(("ready", "tokenizer", {"tokenizer": _allocated(dev)}, {"sampling_rate": sr}))
+    while True:
+        items = _take(inbox, MAX_JOBS, wait=0.05)
+        turns = [m for m in items if isinstance(m, tuple)]
+        if turns:                                    # one batch, like @serve.batch
+            codes = runner.tokenize([(torch.from_numpy(q), sr) for _, q, _ in turns])
+            for (tid, _, seed), c in zip(turns, codes):
+                p = prompts.chat([Message("user", [Audio(c)])], spoken=True)
+                outbox.put((tid, p.ids, p.audio_codes.numpy(), seed))
+                marks.put(("prompted", tid, time.perf_counter()))
+        if "flush" in items:
+            marks.put(("stats", "tokenizer", {}))
+        if None in items:
+            return
+
+
+def _llm_stage(opts, dev, tmp, cfgs, inbox, outbox, marks) -> None:
+    llm_cfg = cfgs[1]
+    model = build_model(llm_cfg, dev, default_dtype(dev), opts["attn"], seed=0)
+    weights = _allocated(dev)
+    tok, prompts = _prompts(llm_cfg, tmp)
+    t = time.perf_counter()
+    slots = opts["slots"]
+    engine = Engine(model, tok, config=EngineConfig(
+        num_slots=slots, max_len=max_context(prompts, llm_cfg, opts["question_s"], opts["reply"]),
+        prefill_budget=2048, max_batch=min(slots, opts["max_batch"])))
+    if dev.type == "cuda":
+        engine.warm_up()                                 # as the LLM deployment does at start
+    info = {"slots": engine.num_slots, "max_len": engine.config.max_len, "kv_gib": engine.cache.nbytes() / 2**30,
+            "ladder": engine.runner.ladder, "kv_ladder": engine.runner.kv_ladder,
+            "start_s": time.perf_counter() - t}
+    marks.put(("ready", "llm", {"llm weights": weights, "llm KV cache, graphs": _allocated(dev) - weights}, info))
+    schedule = _schedule(opts["reply"])
+    publishers: dict[str, TurnPublisher] = {}
+
+    def on_event(ev) -> None:                          # the deployment's per-turn forwarder
+        if isinstance(ev, TextDelta) and ev.token_id is not None and ev.request_id not in texted:
+            texted.add(ev.request_id)
+            marks.put(("first_text", ev.request_id, time.perf_counter()))
+        pub = publishers.get(ev.request_id)
+        if pub is not None:
+            pub.feed(ev)
+
+    def emit_for(tid: str):
+        def emit(target: str, entry) -> None:           # what the LLM deployment sends on
+            if target != "llm":
+                if tid not in jobbed:
+                    jobbed.add(tid)
+                    marks.put(("first_job", tid, time.perf_counter()))
+                outbox.put(entry)
+        return emit
+
+    texted: set[str] = set()
+    jobbed: set[str] = set()
+    engine.on_event = on_event
+    steps: list[tuple[str, float, int]] = []
+    captures = engine.runner.stats["captures"]
+    while True:
+        while True:
+            try:
+                msg = inbox.get_nowait() if engine.has_work() else inbox.get(timeout=0.05)
+            except queue.Empty:
+                break
+            if msg is None:
+                return
+            if msg == "flush":
+                marks.put(("stats", "llm", {"steps": steps, "captures": engine.runner.stats["captures"] - captures}))
+                steps, captures = [], engine.runner.stats["captures"]
+            elif msg == "reference":
+                marks.put(("stats", "reference", reference_steps(model, 1, 512, 3, 1)))
+            else:
+                tid, ids, codes, seed = msg
+                publishers[tid] = TurnPublisher(tid, tid, emit_for(tid), chunks=ChunkPolicy(4, 2.0, 50), seed=seed)
+                engine.submit(Request(ids, mode="spoken", audio_codes=torch.from_numpy(codes), forced=schedule,
+                                      seed=seed, request_id=tid))
+        if not engine.has_work():
+            continue
+        before = dict(engine.stats)
+        s = time.perf_counter()
+        engine.step()
+        el = time.perf_counter() - s
+        d = {k: engine.stats[k] - before[k] for k in ("text_decisions", "audio_frames", "forward_tokens")}
+        rows = d["text_decisions"] + d["audio_frames"]
+        kind = ("prefill" if d["forward_tokens"] > rows + 1 else
+                "audio" if d["audio_frames"] and not d["text_decisions"] else
+                "text" if d["text_decisions"] and not d["audio_frames"] else "mixed")
+        steps.append((kind, el, rows))
+
+
+def _decoder_stage(opts, dev, tmp, cfgs, inbox, outbox, marks) -> None:
+    runner = DecoderRunner(cfgs[2], random_tensors(cfgs[2]), device=dev, max_batch=MAX_JOBS)
+    t = time.perf_counter()
+    # the longest window of the benchmark's segments (a low-latency window is the segment's prefix)
+    shapes = runner.warm_up(max(n for k, n in _schedule(opts["reply"]) if k == "audio"))
+    marks.put(("ready", "decoder", {"decoder": _allocated(dev)}, {"shapes": shapes, "start_s": time.perf_counter() - t}))
+    captures = runner.graphs.stats["captures"]
+    while True:
+        items = _take(inbox, MAX_JOBS)
+        jobs = [j for j in items if not (j is None or isinstance(j, str))]
+        if jobs:
+            pieces = [(j.codes.tensor("int64"), j.context_frames, j.seed) for j in jobs]
+            for j, (mel, vctx) in zip(jobs, decode_pieces(runner, pieces)):
+                marks.put(("first_mel", j.turn_id, time.perf_counter()))
+                outbox.put((j.turn_id, j.seed, j.final, mel.numpy(), vctx))
+        if "flush" in items:
+            marks.put(("stats", "decoder", {"captures": runner.graphs.stats["captures"] - captures}))
+            captures = runner.graphs.stats["captures"]
+        if None in items:
+            return
+
+
+def _vocoder_stage(opts, dev, tmp, cfgs, inbox, outbox, marks) -> None:
+    hift_cfg = cfgs[3]
+    runner = VocoderRunner(hift_cfg, random_hift_state(hift_cfg, 0), device=dev, max_batch=MAX_JOBS)
+    marks.put(("ready", "vocoder", {"vocoder": _allocated(dev)}, {}))
+    rate = hift_cfg.sampling_rate
+    while True:
+        items = _take(inbox, MAX_JOBS)
+        jobs = [j for j in items if isinstance(j, tuple)]
+        if jobs:
+            waves = runner.vocode([torch.from_numpy(m) for _, _, _, m, _ in jobs], seed=[s for _, s, _, _, _ in jobs],
+                                  context_frames=[c for *_, c in jobs])
+            now = time.perf_counter()
+            for (tid, _, final, _, _), w in zip(jobs, waves):
+                marks.put(("audio", tid, now, w.shape[-1] / rate, final))
+        if "flush" in items:
+            marks.put(("stats", "vocoder", {}))
+        if None in items:
+            return
+
+
+# ---------------------------------------------------------------------------- the stack
+class Stack:
+    """The four stage processes and their queues (tokenizer -> llm -> decoder -> vocoder)."""
+
+    def __init__(self, opts: dict, timeout_s: float = 900.0):
+        ctx = mp.get_context("spawn")            # CUDA cannot be forked
+        self.marks = ctx.Queue()
+        self.inboxes = {n: ctx.Queue() for n in STAGES}
+        outs = {"tokenizer": "llm", "llm": "decoder", "decoder": "vocoder", "vocoder": None}
+        self.procs = [ctx.Process(target=_stage, name=f"bench-{n}", daemon=True,
+                                  args=(n, opts, self.inboxes[n], self.inboxes[outs[n]] if outs[n] else None,
+                                        self.marks)) for n in STAGES]
+        for p in self.procs:
+            p.start()
+        self.memory: dict[str, float] = {}
+        self.info: dict[str, dict] = {}
+        deadline = time.perf_counter() + timeout_s
+        while len(self.info) < len(STAGES):
+            m = self._get(deadline)
+            if m[0] == "ready":
+                self.memory.update(m[2])
+                self.info[m[1]] = m[3]
+
+    def _get(self, deadline: float):
+        while True:
+            try:
+                m = self.marks.get(timeout=0.5)
+            except queue.Empty:
+                if time.perf_counter() > deadline:
+                    raise TimeoutError("bench gpu: a stage did not answer in time")
+                dead = [p.name for p in self.procs if not p.is_alive()]
+                if dead:
+                    raise RuntimeError(f"bench gpu: stage process(es) {dead} died")
+                continue
+            if m[0] == "error":
+                raise RuntimeError(f"bench gpu: the {m[1]} stage failed:\n{m[2]}")
+            return m
+
+    def stats(self, names: tuple[str, ...], deadline: float) -> dict[str, dict]:
+        for n in names:
+            self.inboxes["llm" if n == "reference" else n].put("reference" if n == "reference" else "flush")
+        got: dict[str, dict] = {}
+        while len(got) < len(names):
+            m = self._get(deadline)
+            if m[0] == "stats":
+                got[m[1]] = m[2]
+        return got
+
+    def close(self) -> None:
+        for q in self.inboxes.values():
+            q.put(None)
+        for p in self.procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.terminate()
+
+
+def _pct(xs, q):
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * (len(xs) - 1) + 0.5))] if xs else float("nan")
+
+
+def run_level(stack: Stack, C: int, rate: float, question_s: float, reply: str, seed: int = 0,
+              timeout_s: float = 600.0) -> dict:
+    """C conversations arriving at `rate` per second; returns the measurements."""
+    rng = random.Random(seed)
+    audio_segments = sum(1 for k, _ in _schedule(reply) if k == "audio")
+    sr = stack.info["tokenizer"]["sampling_rate"]
+    g = np.random.default_rng(seed)
+    t0 = time.perf_counter() + 0.5
+    turns, t = [], t0
+    for i in range(C):
+        q = (0.1 * g.standard_normal((1, int(question_s * sr)))).astype(np.float32)
+        turns.append(Turn(f"c{C}s{seed}t{i}", t, q))
+        t += rng.expovariate(rate) if rate > 0 else 0.0
+    by_id = {tr.id: tr for tr in turns}
+    deadline = time.perf_counter() + timeout_s
+    pending, finished = list(turns), 0
+    while finished < C:
+        now = time.perf_counter()
+        while pending and pending[0].arrival <= now:      # the request ends: the client's question is in
+            tr = pending.pop(0)
+            stack.inboxes["tokenizer"].put((tr.id, tr.question, seed * 100_003 + turns.index(tr)))
+            tr.arrival = time.perf_counter()
+        try:
+            m = stack.marks.get(timeout=max(0.0005, min(0.01, pending[0].arrival - now)) if pending else 0.05)
+        except queue.Empty:
+            if time.perf_counter() > deadline:
+                break
+            continue
+        if m[0] == "error":
+            raise RuntimeError(f"bench gpu: the {m[1]} stage failed:\n{m[2]}")
+        tr = by_id.get(m[1]) if len(m) > 1 else None
+        if tr is None:
+            continue
+        if m[0] == "audio":
+            tr.mark("first_audio", m[2])
+            tr.audio.append((m[2], m[3]))
+            tr.finals += m[4]
+            finished += tr.finals == audio_segments and m[4]
+        else:
+            tr.mark(m[0], m[2])
+    st = stack.stats(("llm", "decoder"), time.perf_counter() + 60)
+    done = [tr for tr in turns if tr.finals == audio_segments]
+    by_kind = {}
+    for k in ("audio", "text", "mixed", "prefill"):
+        ts = [x for kk, x, _ in st["llm"]["steps"] if kk == k]
+        if ts:
+            by_kind[k] = (_pct(ts, 0.5), _pct(ts, 0.95), len(ts))
+    marks = {name: _pct([getattr(tr, name) - tr.arrival for tr in done if getattr(tr, name) is not None], 0.5)
+             for name in ("prompted", "first_text", "first_job", "first_mel", "first_audio")}
+    ttfa = [tr.first_audio - tr.arrival for tr in done]
+    ttft = [tr.first_text - tr.arrival for tr in done if tr.first_text is not None]
+    return {"C": C, "completed": len(done), "steps": by_kind, "marks": marks,
+            "ttft": (_pct(ttft, 0.5), _pct(ttft, 0.95)), "ttfa": (_pct(ttfa, 0.5), _pct(ttfa, 0.95)),
+            "speed": (_pct([tr.speed() for tr in done], 0.5), min((tr.speed() for tr in done), default=float("nan"))),
+            "underrun": max((tr.underrun() for tr in done), default=float("nan")),
+            "max_rows": max((r for *_, r in st["llm"]["steps"]), default=0),
+            "captures": {"llm": st["llm"]["captures"], "decoder": st["decoder"]["captures"]}}
 
 
 # ---------------------------------------------------------------------------- report
 def bench_gpu(size: str = "tiny", device: str = "cpu", concurrency=(1, 2), rate: float = 0.0,
               question_s: float = 5.0, reply: str = "8,60,4,40", attn: str | None = None,
-              reference: bool = True, print_fn=print) -> list[dict]:
+              reference: bool = True, max_batch: int = 512, print_fn=print) -> list[dict]:
     dev = torch.device(device)
     attn = attn or ("sdpa" if dev.type == "cuda" else "math")
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU"
-    with tempfile.TemporaryDirectory() as tmp:
-        stack = build_stack(size, dev, Path(tmp), attn)
-        mem = ", ".join(f"{k} {v:.2f} GiB" for k, v in stack.memory.items())
-        sched = _schedule(reply)
-        audio_s = 0.08 * sum(n for k, n in sched if k == "audio")
-        print_fn(f"# bench gpu: {size} dimensions, random weights, {dev} ({name}), LLM attention {attn}")
-        print_fn(f"# each conversation: a {question_s:g} s spoken question, then a forced reply {sched} "
-                 f"({audio_s:.1f} s of audio), low-latency decoding; arrivals Poisson at "
-                 f"{'C/2' if rate <= 0 else rate} per second")
-        print_fn(f"# GPU memory: {mem}" if dev.type == "cuda" else "# (CPU run: no GPU memory)")
+    sched = _schedule(reply)
+    audio_s = 0.08 * sum(n for k, n in sched if k == "audio")
+    print_fn(f"# bench gpu: {size} dimensions, random weights, {dev} ({name}), LLM attention {attn}; "
+             f"one process per stage")
+    print_fn(f"# each conversation: a {question_s:g} s spoken question, then a forced reply {sched} "
+             f"({audio_s:.1f} s of audio), low-latency decoding; arrivals Poisson at "
+             f"{'C/2' if rate <= 0 else rate} per second")
+    t = time.perf_counter()
+    stack = Stack({"size": size, "device": device, "attn": attn, "slots": max(concurrency), "max_batch": max_batch,
+                   "question_s": question_s, "reply": reply})
+    try:
+        llm, dec = stack.info["llm"], stack.info["decoder"]
+        print_fn(f"# stages up in {time.perf_counter() - t:.1f} s; LLM engine: {llm['slots']} KV slots of "
+                 f"{llm['max_len']} tokens ({llm['kv_gib']:.2f} GiB), batch ladder {llm['ladder']}, KV ladder "
+                 f"{llm['kv_ladder']}, warm-up {llm['start_s']:.1f} s; decoder: {dec['shapes']} CFM solve shapes "
+                 f"captured in {dec['start_s']:.1f} s")
+        if dev.type == "cuda":
+            print_fn("# GPU memory: " + ", ".join(f"{k} {v:.2f} GiB" for k, v in stack.memory.items()))
+        # one untimed turn first: allocator pools, lazy initialisations
+        run_level(stack, min(2, max(concurrency)), 10.0, question_s, reply, seed=99)
         print_fn(f"{'C':>4} {'done':>4} | {'audio step p50/p95 ms':>21} {'text step':>15} | "
                  f"{'first text p50/p95 s':>20} {'first audio p50/p95 s':>21} | {'speed p50/min':>13} | "
-                 f"{'underrun s':>10} | {'KV GiB':>6}")
-        # graphs are captured the first time a shape runs: once, untimed, before the levels
-        run_level(stack, min(2, max(concurrency)), 10.0, question_s, reply, seed=99)
+                 f"{'underrun s':>10}")
         rows = []
         for C in concurrency:
             r = run_level(stack, C, rate if rate > 0 else max(1.0, C / 2.0), question_s, reply)
@@ -347,17 +458,18 @@ def bench_gpu(size: str = "tiny", device: str = "cpu", concurrency=(1, 2), rate:
                 return f"{st[k][0] * 1e3:7.2f}/{st[k][1] * 1e3:7.2f}" if k in st else f"{'-':>15}"
             print_fn(f"{C:>4} {r['completed']:>4} | {ms('audio'):>21} {ms('text'):>15} | "
                      f"{r['ttft'][0]:9.3f}/{r['ttft'][1]:9.3f} {r['ttfa'][0]:10.3f}/{r['ttfa'][1]:9.3f} | "
-                     f"{r['speed'][0]:6.2f}/{r['speed'][1]:5.2f}x | {r['underrun']:10.3f} | {r['kv_gib']:6.2f}")
-            if dev.type == "cuda":
-                torch.cuda.empty_cache()
+                     f"{r['speed'][0]:6.2f}/{r['speed'][1]:5.2f}x | {r['underrun']:10.3f}")
+            print_fn("       p50 s after the request: " + ", ".join(f"{k} {v:.3f}" for k, v in r["marks"].items())
+                     + f"; largest step {r['max_rows']} rows; graph captures during the level: {r['captures']}")
         if reference:
-            from services.llm.bench import reference_steps
-            ref = reference_steps(stack.model, 1, 512, 3, 1)
+            ref = stack.stats(("reference",), time.perf_counter() + 600)["reference"]
             ours = rows[0]["steps"].get("audio", (float("nan"),))[0]
             print_fn(f"# reference-style loop (per-layer torch.cat cache, full audio-head re-run per codebook, "
                      f"host sampling), batch 1, 512 cached: audio frame {ref['ref_audio_s'] * 1e3:.1f} ms; "
                      f"the serving engine at C={rows[0]['C']}: {ours * 1e3:.2f} ms "
                      f"({ref['ref_audio_s'] / ours:.1f}x)")
+    finally:
+        stack.close()
     return rows
 
 
@@ -371,11 +483,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--reply", default="8,60,4,40", help="text tokens, audio frames, ... (alternating)")
     p.add_argument("--attn", choices=["math", "sdpa"], default=None)
     p.add_argument("--no-reference", action="store_true")
+    p.add_argument("--max-batch", type=int, default=512, help="the engine's largest decode batch")
     a = p.parse_args(argv)
-    if not a.device.startswith("cuda"):
-        torch.set_num_threads(1)
     bench_gpu(a.size, a.device, tuple(int(c) for c in a.concurrency.split(",")), a.rate, a.question_s,
-              a.reply, a.attn, reference=not a.no_reference)
+              a.reply, a.attn, reference=not a.no_reference, max_batch=a.max_batch)
 
 
 if __name__ == "__main__":

@@ -20,16 +20,16 @@ import numpy as np
 import torch
 
 from baichuan_audio.v1 import conversation_pb2 as pb
-from services.common import entries as E
 from services.common.audio import from_pcm16, to_pcm16
 from services.common.crossfade import crossfade_block, crossfade_samples
+from services.common.entries import Entry, PcmChunk, SegmentBoundary, TextDelta, TurnEnd, TurnError
 
 
 @dataclass
 class _Segment:
     frames: int | None = None          # announced by the LLM's audio boundary
     chunks: int | None = None
-    received: dict[int, E.PcmChunk] = field(default_factory=dict)
+    received: dict[int, PcmChunk] = field(default_factory=dict)
     next_chunk: int = 0
 
 
@@ -50,8 +50,8 @@ class ReplyMerger:
         self.text: list[str] = []
         self.text_tokens: list[int] = []                  # token ids of the text sent so far
         self.audio_samples = 0
-        self.llm_done: E.TurnEnd | None = None
-        self.error: E.TurnError | None = None
+        self.llm_done: TurnEnd | None = None
+        self.error: TurnError | None = None
         self.finished = False
         self.marks: dict[str, float] = {}
         self.segment_text: dict[int, str] = {}            # reply text per text segment
@@ -71,33 +71,33 @@ class ReplyMerger:
         return self.segments.setdefault(i, _Segment())
 
     # ------------------------------------------------------------------ feeding
-    def feed(self, entry: E.Entry) -> list[pb.TurnEvent]:
+    def feed(self, entry: Entry) -> list[pb.TurnEvent]:
         if self.finished:
             return []
         out: list[pb.TurnEvent] = []
-        if isinstance(entry, E.TextDelta):
+        if isinstance(entry, TextDelta):
             if entry.text:
                 m = self._mark("first_text")
                 if m:
                     out.append(m)
                 self.text.append(entry.text)
-                self.text_tokens.extend(entry.tokens)
+                self.text_tokens.extend(entry.tokens.numpy().tolist())
                 self.segment_text[entry.segment] = self.segment_text.get(entry.segment, "") + entry.text
                 out.append(pb.TurnEvent(turn_id=self.turn_id, text=pb.TextDelta(text=entry.text, segment=entry.segment)))
-        elif isinstance(entry, E.SegmentBoundary):
+        elif isinstance(entry, SegmentBoundary):
             if entry.kind == "text":
                 out.append(pb.TurnEvent(turn_id=self.turn_id, segment=pb.SegmentBoundary(
                     segment=entry.segment, kind=pb.SegmentBoundary.TEXT_END)))
             else:
                 seg = self._seg(entry.segment)
                 seg.frames, seg.chunks = entry.audio_frames, entry.chunks
-        elif isinstance(entry, E.PcmChunk):
+        elif isinstance(entry, PcmChunk):
             if entry.sample_rate != self.sample_rate:   # the vocoder's rate rules
                 self.sample_rate, self.overlap = entry.sample_rate, int(entry.sample_rate * 0.01)
             self._seg(entry.segment).received.setdefault(entry.chunk, entry)
-        elif isinstance(entry, E.TurnEnd):
+        elif isinstance(entry, TurnEnd):
             self.llm_done = entry
-        elif isinstance(entry, E.TurnError):
+        elif isinstance(entry, TurnError):
             self.error = entry
         out.extend(self._drain())
         return out
@@ -119,7 +119,7 @@ class ReplyMerger:
             # emit the chunks of the current segment that are next in order
             while seg.next_chunk in seg.received:
                 piece = seg.received.pop(seg.next_chunk)
-                samples = from_pcm16(piece.pcm16)
+                samples = from_pcm16(piece.pcm16.data)
                 if seg.next_chunk == 0:
                     # §11.4: the inserted block when both segments are longer than the overlap
                     # (a first chunk is at least one token, far longer than the overlap)
@@ -159,7 +159,7 @@ class ReplyMerger:
         exactly what the caller was sent."""
         if self.finished:
             return []
-        self.llm_done = E.TurnEnd(turn_id=self.turn_id, reason="cancelled")
+        self.llm_done = TurnEnd(turn_id=self.turn_id, reason="cancelled")
         self.segments = {i: s for i, s in self.segments.items() if i < self.next_segment}
         return self._maybe_end()
 

@@ -13,8 +13,9 @@ from typing import Callable, Iterator
 import numpy as np
 
 from baichuan_audio.v1 import conversation_pb2 as pb
-from services.common import bus as B
 from services.common.audio import to_pcm16
+from services.common.bus import Bus
+from services.common.entries import ClientEvent, TurnEnd, decode_entry, id_ms
 from services.common.errors import Status
 from services.common.telemetry import get_metrics
 from orchestrator.conversation import Reply
@@ -35,12 +36,12 @@ class TurnOutcome(Reply):
     final: list[pb.TurnEvent] = field(default_factory=list)           # held back for `finish`
 
 
-def send(bus: B.Bus, turn_id: str, ev: pb.TurnEvent, final: bool = False) -> None:
+def send(bus: Bus, turn_id: str, ev: pb.TurnEvent, final: bool = False) -> None:
     """Append one caller event to turn:{id}:events (its entry id becomes the event id)."""
-    bus.publish(turn_id, "events", B.ClientEvent(turn_id=turn_id, payload=ev.SerializeToString(), last=final))
+    bus.publish(turn_id, "events", ClientEvent(turn_id=turn_id, payload=ev.SerializeToString(), last=final))
 
 
-def produce(bus: B.Bus, merger, turn_id: str, *, interrupted: Callable[[], bool],
+def produce(bus: Bus, merger, turn_id: str, *, interrupted: Callable[[], bool],
             stall_timeout_s: float = STALL_TIMEOUT_S) -> TurnOutcome:
     """Merge the stage streams into turn:{id}:events until the turn ends; return its outcome.
 
@@ -85,8 +86,8 @@ def produce(bus: B.Bus, merger, turn_id: str, *, interrupted: Callable[[], bool]
             return out
         for m in msgs:
             last[m.stream] = m.id
-            if isinstance(m.entry, B.TurnEnd):
-                out.history, out.reply_codes = m.entry.token_list(), m.entry.codes_array()
+            if isinstance(m.entry, TurnEnd):
+                out.history, out.reply_codes = m.entry.tokens.numpy().tolist(), m.entry.codes.numpy()
             for ev in merger.feed(m.entry):
                 emit(ev)
     out.text = "".join(merger.text)
@@ -98,7 +99,7 @@ def produce(bus: B.Bus, merger, turn_id: str, *, interrupted: Callable[[], bool]
     return out
 
 
-def finish(bus: B.Bus, turn_id: str, outcome: "TurnOutcome | None") -> None:
+def finish(bus: Bus, turn_id: str, outcome: "TurnOutcome | None") -> None:
     """Send the held-back final events (the last one closes the caller's stream)."""
     final = outcome.final if outcome is not None else []
     if not final:
@@ -113,26 +114,26 @@ def interrupt_key(turn_id: str) -> str:
     return f"turn:{turn_id}:interrupt"
 
 
-def request_interrupt(bus: B.Bus, turn_id: str) -> None:
+def request_interrupt(bus: Bus, turn_id: str) -> None:
     bus.redis.set(interrupt_key(turn_id), b"1", ex=bus.turn_ttl_s)
 
 
-def interrupt_requested(bus: B.Bus, turn_id: str) -> bool:
+def interrupt_requested(bus: Bus, turn_id: str) -> bool:
     return bool(bus.redis.exists(interrupt_key(turn_id)))
 
 
-def is_over(bus: B.Bus, turn_id: str, stall_timeout_s: float) -> bool:
+def is_over(bus: Bus, turn_id: str, stall_timeout_s: float) -> bool:
     """The turn's caller stream ended, or nothing was written to it for `stall_timeout_s`
     (the producing replica died): a new turn may start."""
     last = bus.redis.xrevrange(bus.turn_stream(turn_id, "events"), count=1)
     if not last:
         return False      # not started yet (a turn is being set up) or expired long ago
     eid, fields = last[0]
-    entry = B.decode_entry(fields)
-    return bool(entry.last) or time.time() * 1000 - B.id_ms(eid.decode() if isinstance(eid, bytes) else eid) > stall_timeout_s * 1000
+    entry = decode_entry(fields)
+    return bool(entry.last) or time.time() * 1000 - id_ms(eid.decode() if isinstance(eid, bytes) else eid) > stall_timeout_s * 1000
 
 
-def events(bus: B.Bus, turn_id: str, after: str = "0", *, wait_s: float = 600.0) -> Iterator[tuple[str, pb.TurnEvent]]:
+def events(bus: Bus, turn_id: str, after: str = "0", *, wait_s: float = 600.0) -> Iterator[tuple[str, pb.TurnEvent]]:
     """(event id, event) of turn:{id}:events after `after`, until the turn's last event."""
     stream = bus.turn_stream(turn_id, "events")
     deadline = time.monotonic() + wait_s

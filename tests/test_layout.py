@@ -1,8 +1,9 @@
 """The import rules of the layout (README "Layout"): no stage imports another stage, shared code
 imports no stage, and a stage's model and runner code never imports Ray, Redis or gRPC (only
-its deployment.py does), so it runs on a bare GPU machine and in plain tests. The
-orchestrator's pure modules (what a turn means, merging, the session record) import none of
-them either, not even through the project modules they import."""
+its deployment.py does), so it runs on a bare GPU machine and in plain tests. Shared logic
+in services/common (all but its serving adapters) imports none of them either, and the
+orchestrator's pure modules (what a turn means, merging, the session record) do not reach them,
+not even through the project modules they import."""
 from __future__ import annotations
 
 import ast
@@ -50,6 +51,20 @@ def test_model_and_runner_code_imports_no_serving_framework(stage):
     bad = {f.name: sorted(m for m in imports(f) if m.split(".")[0] in SERVING)
            for f in modules(stage) if f.name != "deployment.py"}
     assert not {k: v for k, v in bad.items() if v}, f"services/{stage} model/runner code imports {bad}"
+
+
+# The modules of services/common that talk to Redis, gRPC or Ray. Everything else there is
+# plain logic (entries, errors, settings, audio, ...) that tests, benchmarks and model code
+# import without a serving framework, also not through one of these.
+SERVING_ADAPTERS = ("bus.py", "worker.py", "stage_worker.py", "grpc_status.py")
+
+
+def test_shared_logic_imports_no_serving_framework():
+    adapters = {f"services.common.{name[:-3]}" for name in SERVING_ADAPTERS}
+    bad = {f.name: sorted(m for m in imports(f) if m.split(".")[0] in SERVING or m in adapters)
+           for f in modules("common") if f.name not in SERVING_ADAPTERS}
+    bad = {k: v for k, v in bad.items() if v}
+    assert not bad, f"services/common logic imports a serving framework: {bad}"
 
 
 # orchestrator modules without I/O of their own, and what they may not reach: conversation.py and

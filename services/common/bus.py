@@ -2,7 +2,7 @@
 
 Two kinds of stream:
 
-    turn:{turn_id}:llm     text deltas, audio frames, segment boundaries, timing, end/error
+    turn:{turn_id}:llm     text deltas, segment boundaries, timing, end/error
     turn:{turn_id}:audio   PCM chunks keyed by (segment, chunk), boundaries, errors
     turn:{turn_id}:events  the merged reply as the caller receives it (ClientEvent), for resume
         Written by the stages, read in order by the orchestrator with XREAD. Capped with an
@@ -16,10 +16,11 @@ Two kinds of stream:
         (XAUTOCLAIM); after `max_deliveries` deliveries it goes to `jobs:{name}:dead` instead of
         looping forever. Results are published with `put_result_once`, keyed by
         (stage, turn, segment, chunk), so a job that is processed twice publishes once.
+        The loop that serves a work stream is services/common/worker.py.
 
 Entries (services/common/entries.py) are typed dataclasses with an explicit, flat field encoding
-(no pickle): str as UTF-8, numbers in decimal, bools as 1/0, tensors as raw little-endian bytes
-with an explicit shape. Each entry carries the W3C trace context (`traceparent`, `tracestate`) of
+(no pickle): str as UTF-8, numbers in decimal, bools as 1/0, arrays as raw little-endian bytes
+with an explicit dtype and shape. Each entry carries the W3C trace context (`traceparent`, `tracestate`) of
 the span that wrote it; `Bus.add` fills it from the current span when the entry has none.
 
 Consumer-group names and ids are plain strings. Redis Cluster is not supported: a result key
@@ -28,19 +29,12 @@ and its target stream are written by one script and must live on one server.
 from __future__ import annotations
 
 import logging
-import threading
-import time
-from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping
 
 import redis
 
-from services.common.entries import (  # noqa: F401  (the entry types are part of the bus's API)
-    DECODER_JOBS, ENTRY_TYPES, SCHEMA_VERSION, TURN_KINDS, VOCODER_JOBS, AudioFrames, BusError, ClientEvent, DecodeJob,
-    Entry, Job, Message, PcmChunk, PermanentError, SegmentBoundary, TextDelta, Timing, TurnEnd, TurnError,
-    VocodeJob, decode_entry, id_ms,
-)
-from services.common.telemetry import Metrics, get_metrics, inject_context, start_span
+from services.common.entries import TURN_KINDS, BusError, Entry, Job, Message, decode_entry
+from services.common.telemetry import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -370,179 +364,3 @@ class Bus:
             meta = {_s(k): _s(v) for k, v in fields.items() if _s(k).startswith("dead_")}
             out.append((Message(self.dead_letter_stream(stream), _s(eid), decode_entry(fields)), meta))
         return out
-
-
-# --------------------------------------------------------------------------- worker loop
-
-Result = tuple[str, Entry, str]  # (stream, entry, result key)
-Handler = Callable[[Job], Sequence[Result]]
-# Batched: all jobs of one claim at once; per job, its results or the exception it failed with.
-BatchHandler = Callable[[list[Job]], Sequence["Sequence[Result] | BaseException"]]
-
-
-@dataclass
-class WorkerStats:
-    claimed: int = 0
-    reclaimed: int = 0
-    completed: int = 0        # jobs whose results were published and that were acked
-    duplicates: int = 0       # results not published because a copy already was
-    failed: int = 0           # handler raised; left pending for a retry
-    dead_lettered: int = 0    # by PermanentError or by reclaim after max_deliveries
-
-
-def _finish(bus: Bus, job: Job, outcome: "Sequence[Result] | BaseException", stats: WorkerStats,
-            dead_lettered: Callable[[Job, str], None]) -> None:
-    """Publish a job's results then ack it, or dead-letter / leave it pending on failure."""
-    if isinstance(outcome, PermanentError):
-        reason = f"{type(outcome).__name__}: {outcome}"
-        bus.dead_letter(job, reason)
-        dead_lettered(job, reason)
-        return
-    if isinstance(outcome, BaseException):
-        # Left pending: after the visibility timeout some worker (maybe this one) reclaims it,
-        # until max_deliveries sends it to the dead-letter stream.
-        log.error("%s: handler failed on job %s (delivery %d)", job.stream, job.id, job.deliveries,
-                  exc_info=outcome)
-        stats.failed += 1
-        return
-    # Results first, ack last: a crash in between re-delivers the job, and the once-only keys
-    # stop its results from being published twice. A result without a trace context continues
-    # the current span (single-job mode) or, in a batch, the job's own trace.
-    carrier = job.entry.trace_carrier()
-    for stream, entry, key in outcome:
-        published, _ = bus.put_result_once(key, stream, entry.with_trace(inject_context() or carrier))
-        stats.duplicates += not published
-    bus.ack(job)
-    stats.completed += 1
-
-
-def _job_attrs(job: Job) -> dict[str, Any]:
-    return {"job.stream": job.stream, "job.id": job.id, "job.deliveries": job.deliveries,
-            "turn.id": getattr(job.entry, "turn_id", "")}
-
-
-def _run_jobs(bus: Bus, jobs: list[Job], handler: Callable, batched: bool, stats: WorkerStats,
-              stage: str, dead_lettered: Callable[[Job, str], None]) -> None:
-    if not batched:
-        for job in jobs:
-            with start_span(f"{stage}.job", parent_carrier=job.entry.trace_carrier(),
-                            attributes=_job_attrs(job)):
-                try:
-                    outcome = handler(job)
-                except Exception as e:
-                    outcome = e
-                _finish(bus, job, outcome, stats, dead_lettered)
-        return
-    # One span for the forward over the batch; each job's results continue that job's trace.
-    with start_span(f"{stage}.batch", attributes={"batch.size": len(jobs)}):
-        try:
-            outcomes = list(handler(jobs))
-            if len(outcomes) != len(jobs):
-                raise BusError(f"batched handler returned {len(outcomes)} outcomes for {len(jobs)} jobs")
-        except Exception as e:
-            outcomes = [e] * len(jobs)
-    for job, outcome in zip(jobs, outcomes):  # outside the span: results take the job's trace
-        _finish(bus, job, outcome, stats, dead_lettered)
-
-
-def run_worker(
-    bus: Bus,
-    stream: str,
-    group: str,
-    consumer: str,
-    handler: "Handler | BatchHandler",
-    stop_event: threading.Event,
-    visibility_timeout_ms: int = 30000,
-    block_ms: int = 1000,
-    count: int = 1,
-    reclaim_interval_ms: int = 5000,
-    max_deliveries: int | None = None,
-    on_dead_letter: Callable[[Job, str], None] | None = None,
-    stage: str | None = None,
-    batched: bool = False,
-) -> WorkerStats:
-    """Serve a work stream until `stop_event` is set; returns what it did.
-
-    Each round: every `reclaim_interval_ms`, jobs idle for `visibility_timeout_ms` are
-    reclaimed (and poison ones dead-lettered), else up to `count` new jobs are claimed, waiting
-    at most `block_ms` (the stop check period). A claim returns at once with whatever is
-    waiting, so batches fill up under load without adding latency when idle.
-
-    `handler(job)` returns the job's results as (stream, entry, result_key); with
-    `batched=True`, `handler(jobs)` gets all claimed jobs and returns, per job in order, its
-    results or the exception it failed with. Results are published once each, then the job is
-    acked. A handler exception leaves the job pending for a retry; a PermanentError
-    dead-letters it at once. `on_dead_letter(job, reason)` runs for every dead-lettered job
-    (e.g. to tell the turn that a chunk is lost).
-
-    `visibility_timeout_ms` must exceed the longest handler run, or a slow job is also run by
-    a second worker (harmless for the client thanks to the once-only results, wasted work).
-    `worker_options(settings)` gives these timings from the settings.
-    """
-    stage = stage or stream.split(":")[-1]
-    stats = WorkerStats()
-    metrics = bus.metrics or get_metrics()
-
-    def dead_lettered(job: Job, reason: str) -> None:
-        stats.dead_lettered += 1
-        if on_dead_letter is not None:
-            on_dead_letter(job, reason)
-
-    bus.ensure_group(stream, group)
-    next_reclaim = 0.0
-    backoff = 0.1
-    while not stop_event.is_set():
-        try:
-            jobs: list[Job] = []
-            now = time.monotonic()
-            if now >= next_reclaim:
-                next_reclaim = now + reclaim_interval_ms / 1000.0
-                jobs = bus.reclaim_stale(stream, group, consumer, visibility_timeout_ms,
-                                         count=count, max_deliveries=max_deliveries,
-                                         on_dead_letter=dead_lettered)
-                stats.reclaimed += len(jobs)
-            if not jobs:
-                jobs = bus.claim_next(stream, group, consumer, block_ms=block_ms, count=count)
-                stats.claimed += len(jobs)
-                for job in jobs:
-                    metrics.record_queue_lag(stage, job.lag_ms)
-            if jobs:
-                try:
-                    _run_jobs(bus, jobs, handler, batched, stats, stage, dead_lettered)
-                except (redis.ConnectionError, redis.TimeoutError):
-                    raise
-                except Exception:  # publishing failed: the jobs stay pending for a retry
-                    log.exception("%s: could not publish the results of jobs %s", stream,
-                                  [j.id for j in jobs])
-                    stats.failed += 1
-            backoff = 0.1
-        except redis.ResponseError as e:
-            if "NOGROUP" in str(e):  # the stream was deleted (e.g. FLUSHALL): recreate, go on
-                bus.ensure_group(stream, group)
-                continue
-            raise
-        except (redis.ConnectionError, redis.TimeoutError) as e:
-            log.warning("%s: redis unavailable (%s); retrying in %.1f s", stream, e, backoff)
-            stop_event.wait(backoff)
-            backoff = min(5.0, backoff * 2)
-    return stats
-
-
-def worker_options(settings: Any) -> dict[str, int]:
-    """run_worker's timing keywords from `Settings.bus`."""
-    b = settings.bus
-    return {"visibility_timeout_ms": b.visibility_timeout_ms, "block_ms": b.block_ms,
-            "reclaim_interval_ms": b.reclaim_interval_ms, "max_deliveries": b.max_deliveries}
-
-
-def start_worker(bus: Bus, stream: str, group: str, consumer: str, handler: "Handler | BatchHandler",
-                 stop_event: threading.Event, **kw: Any) -> threading.Thread:
-    """`run_worker` on a daemon thread named after the consumer; its stats land in
-    `thread.stats` when it returns."""
-    def target() -> None:
-        thread.stats = run_worker(bus, stream, group, consumer, handler, stop_event, **kw)  # type: ignore[attr-defined]
-
-    thread = threading.Thread(target=target, name=f"worker-{consumer}", daemon=True)
-    thread.stats = None  # type: ignore[attr-defined]
-    thread.start()
-    return thread

@@ -1,8 +1,12 @@
 """Stream entries: the typed records the stages exchange on Redis Streams, and their codec.
 
-Plain data (dataclasses, numpy payloads, a flat bytes field map per entry): no Redis client and
+Plain data (dataclasses, array payloads, a flat bytes field map per entry): no Redis client and
 no tracing import, so model-side code (the LLM's publisher, benchmarks on a GPU machine) can
-build the entries the serving path sends. services/common/bus.py writes and reads them."""
+build the entries the serving path sends. services/common/bus.py writes and reads them.
+
+The field encoding is explicit (no pickle): str as UTF-8, numbers in decimal, bools as 1/0, and
+every array (codes, mel, tokens, PCM) as one `Array` in three fields: `{name}` (raw
+little-endian bytes, row-major), `{name}_dtype` ('<i4') and `{name}_shape` ('3,8')."""
 from __future__ import annotations
 
 import dataclasses
@@ -14,7 +18,7 @@ from typing import Any, Callable, ClassVar, Mapping, Sequence
 
 import numpy as np
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2        # 2: every array carries its dtype (`{name}_dtype`); tokens and PCM are arrays
 DECODER_JOBS = "jobs:decoder"
 VOCODER_JOBS = "jobs:vocoder"
 TURN_KINDS = ("llm", "audio", "events")
@@ -27,6 +31,74 @@ class BusError(RuntimeError):
 class PermanentError(Exception):
     """Raised by a worker handler for a job that can never succeed (bad input): the job is
     dead-lettered at once instead of being retried until `max_deliveries`."""
+
+
+# --------------------------------------------------------------------------- arrays
+
+INT16, INT32, FLOAT32 = "<i2", "<i4", "<f4"
+
+
+@dataclass(frozen=True)
+class Array:
+    """An n-d array payload: `data` holds `shape` of `dtype` (a little-endian numpy dtype
+    string such as '<i4'), row-major. Entries declare the dtype and dimensions of each array
+    field (`array_field`) and check them when built or decoded."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    data: bytes = field(repr=False)
+
+    @classmethod
+    def of(cls, values: Any, dtype: str) -> "Array":
+        """`values` (numpy array, torch tensor on any device, nested lists) as `dtype`."""
+        if hasattr(values, "detach"):  # a torch tensor, without importing torch here
+            values = values.detach().cpu().numpy()
+        src = np.asarray(values)
+        dt = np.dtype(dtype)
+        if dt.kind in "iu" and src.size and src.dtype.kind not in "iub":
+            raise BusError(f"integer payload expected (codes, token ids); got {src.dtype} values")
+        a = np.ascontiguousarray(src, dtype=dt)
+        return cls(dt.str, tuple(int(n) for n in a.shape), a.tobytes())
+
+    def check(self, what: str, dtype: str | None = None, dims: Sequence[str] | None = None) -> None:
+        """Raise BusError naming `what` unless `data` holds `shape` of `dtype`, and the dtype
+        and number of dimensions are the expected ones (when given)."""
+        try:
+            dt = np.dtype(self.dtype)
+        except (TypeError, ValueError):
+            dt = None
+        if dt is None or dt.str != self.dtype or dt.kind not in "iuf":
+            raise BusError(f"{what} has dtype {self.dtype!r}; expected a little-endian number type "
+                           f"such as {dtype or INT32!r}")
+        if dtype is not None and self.dtype != dtype:
+            raise BusError(f"{what} has dtype {self.dtype!r}; expected {dtype!r}")
+        if dims is not None and len(self.shape) != len(dims):
+            raise BusError(f"{what} must be ({', '.join(dims)}); got shape {self.shape}")
+        if any(n < 0 for n in self.shape):
+            raise BusError(f"{what} has a negative dimension in shape {self.shape}")
+        n = int(np.prod(self.shape)) if self.shape else 1
+        if len(self.data) != n * dt.itemsize:
+            raise BusError(f"{what}: {len(self.data)} bytes do not hold shape {self.shape} of {dt.name} "
+                           f"({n * dt.itemsize} bytes)")
+
+    def numpy(self) -> np.ndarray:
+        """A read-only view of the payload."""
+        return np.frombuffer(self.data, dtype=self.dtype).reshape(self.shape)
+
+    def tensor(self, dtype: str | None = None) -> Any:
+        """A writable torch tensor copy, as numpy dtype `dtype` (e.g. 'int64') when given."""
+        import torch  # only the stages that compute need torch; readers of entries do not
+
+        return torch.from_numpy(np.array(self.numpy(), dtype=dtype))
+
+
+def array_field(dtype: str, *dims: str, **kw: Any) -> Any:
+    """A dataclass field of an entry holding an Array of `dtype` with the named dimensions."""
+    return field(metadata={"array": (dtype, dims)}, **kw)
+
+
+NO_TOKENS = Array(INT32, (0,), b"")        # the empty defaults of token and code fields
+NO_CODES = Array(INT32, (0, 0), b"")
 
 
 # --------------------------------------------------------------------------- entries
@@ -62,15 +134,27 @@ class Entry:
             cls.TYPE = type_name
             _ENTRY_TYPES[type_name] = cls
 
+    def __post_init__(self) -> None:
+        for name, (dtype, dims) in _arrays(type(self)).items():
+            getattr(self, name).check(f"{self.TYPE}.{name}", dtype, dims)
+
     def encode(self) -> dict[bytes, bytes]:
-        """The flat field map written with XADD: `type`, `v`, then every field."""
+        """The flat field map written with XADD: `type`, `v`, then every field (three per
+        array: the bytes, `{name}_dtype` and `{name}_shape`)."""
         out = {b"type": self.TYPE.encode(), b"v": str(SCHEMA_VERSION).encode()}
         for name, t in _fields(type(self)).items():
-            out[name.encode()] = _CODECS[t][0](getattr(self, name))
+            value = getattr(self, name)
+            if t is Array:
+                out[name.encode()] = value.data
+                out[f"{name}_dtype".encode()] = _CODECS[str][0](value.dtype)
+                out[f"{name}_shape".encode()] = _CODECS[tuple[int, ...]][0](value.shape)
+            else:
+                out[name.encode()] = _CODECS[t][0](value)
         return out
 
     def _check(self) -> None:
-        """Raise BusError if the fields are inconsistent (payload sizes); run on decode."""
+        """Raise BusError if the fields are inconsistent; run on decode (arrays are checked
+        whenever an entry is built)."""
 
     def trace_carrier(self) -> dict[str, str]:
         return {"traceparent": self.traceparent, "tracestate": self.tracestate}
@@ -95,10 +179,18 @@ def _fields(cls: type) -> dict[str, Any]:
     out = {}
     for f in dataclasses.fields(cls):
         t = hints[f.name]
-        if t not in _CODECS:
+        if t not in _CODECS and t is not Array:
             raise TypeError(f"{cls.__name__}.{f.name}: type {t} has no stream encoding")
+        if (t is Array) != ("array" in f.metadata):
+            raise TypeError(f"{cls.__name__}.{f.name}: an Array field is declared with array_field")
         out[f.name] = t
     return out
+
+
+@functools.cache
+def _arrays(cls: type) -> dict[str, tuple[str, tuple[str, ...]]]:
+    """(dtype, dimension names) of each Array field of `cls`."""
+    return {f.name: f.metadata["array"] for f in dataclasses.fields(cls) if "array" in f.metadata}
 
 
 def decode_entry(fields: Mapping[bytes | str, bytes | str]) -> Entry:
@@ -116,38 +208,28 @@ def decode_entry(fields: Mapping[bytes | str, bytes | str]) -> Entry:
     kwargs = {}
     defaults = {f.name for f in dataclasses.fields(cls)
                 if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING}
-    for name, t in _fields(cls).items():
-        if name not in raw:
-            if name in defaults:
-                continue
-            raise BusError(f"{type_name} entry lacks field {name!r}")
+
+    def value(name: str, t: Any) -> Any:
         try:
-            kwargs[name] = _CODECS[t][1](raw[name])
+            return _CODECS[t][1](raw[name])
         except (ValueError, KeyError, UnicodeDecodeError):
             raise BusError(f"{type_name} entry field {name!r} is not a valid {getattr(t, '__name__', t)}: "
                            f"{raw[name][:40]!r}") from None
-    entry = cls(**kwargs)
+
+    for name, t in _fields(cls).items():
+        wire = (name, f"{name}_dtype", f"{name}_shape") if t is Array else (name,)
+        if name in defaults and not any(w in raw for w in wire):
+            continue
+        for w in wire:
+            if w not in raw:
+                raise BusError(f"{type_name} entry lacks field {w!r}")
+        if t is Array:
+            kwargs[name] = Array(value(wire[1], str), value(wire[2], tuple[int, ...]), raw[name])
+        else:
+            kwargs[name] = value(name, t)
+    entry = cls(**kwargs)  # checks the arrays
     entry._check()
     return entry
-
-
-def _pack(array: Any, dtype: str) -> tuple[bytes, tuple[int, ...]]:
-    """Raw little-endian bytes and shape of `array` (numpy, CPU torch tensor or nested lists)."""
-    src = np.asarray(array)
-    dt = np.dtype(dtype)
-    if dt.kind == "i" and src.size and src.dtype.kind not in "iub":
-        raise BusError(f"integer payload expected (codes, token ids); got {src.dtype} values")
-    a = np.ascontiguousarray(src, dtype=dt)
-    return a.tobytes(), tuple(int(s) for s in a.shape)
-
-
-def _unpack(data: bytes, shape: tuple[int, ...], dtype: str, what: str) -> np.ndarray:
-    dt = np.dtype(dtype)
-    n = int(np.prod(shape)) if shape else 1
-    if len(data) != n * dt.itemsize:
-        raise BusError(f"{what}: {len(data)} bytes do not hold shape {shape} of {dt.name} "
-                       f"({n * dt.itemsize} bytes)")
-    return np.frombuffer(data, dtype=dt).reshape(shape)
 
 
 # Work items ---------------------------------------------------------------------------------
@@ -157,7 +239,7 @@ class DecodeJob(Entry, type_name="decode_job"):
     """Codes of one audio segment (or low-latency chunk) to decode to mel (jobs:decoder).
 
     turn_id, segment, chunk: identify the piece; chunk is 0 for a whole segment (faithful mode).
-    codes: int32 little-endian, shape `codes_shape` = (frames, codebooks), row-major.
+    codes: int32 (frames, codebooks).
     final: this is the last chunk of the segment.
     context_frames: leading frames of `codes` that are left context already decoded by the
         previous chunk (0 in faithful mode); their mel frames are decoded and then dropped.
@@ -168,8 +250,7 @@ class DecodeJob(Entry, type_name="decode_job"):
     turn_id: str
     segment: int
     chunk: int
-    codes: bytes = field(repr=False)
-    codes_shape: tuple[int, ...]
+    codes: Array = array_field(INT32, "frames", "codebooks")
     final: bool = True
     context_frames: int = 0
     seed: int = 0
@@ -177,18 +258,8 @@ class DecodeJob(Entry, type_name="decode_job"):
 
     @classmethod
     def from_codes(cls, turn_id: str, segment: int, chunk: int, codes: Any, **kw: Any) -> "DecodeJob":
-        """`codes`: (frames, codebooks) integer array or CPU tensor."""
-        data, shape = _pack(codes, "<i4")
-        return cls(turn_id=turn_id, segment=segment, chunk=chunk, codes=data, codes_shape=shape, **kw)
-
-    def codes_array(self) -> np.ndarray:
-        """(frames, codebooks) int32, read-only view of the payload."""
-        return _unpack(self.codes, self.codes_shape, "<i4", "decode_job.codes")
-
-    def _check(self) -> None:
-        if len(self.codes_shape) != 2:
-            raise BusError(f"decode_job.codes_shape must be (frames, codebooks); got {self.codes_shape}")
-        self.codes_array()
+        """`codes`: (frames, codebooks) integer array or tensor."""
+        return cls(turn_id=turn_id, segment=segment, chunk=chunk, codes=Array.of(codes, INT32), **kw)
 
 
 @dataclass(frozen=True)
@@ -196,7 +267,7 @@ class VocodeJob(Entry, type_name="vocode_job"):
     """A mel spectrogram to turn into 24 kHz audio (jobs:vocoder).
 
     turn_id, segment, chunk: as in the DecodeJob it came from.
-    mel: float32 little-endian, shape `mel_shape` = (n_mels, frames), row-major.
+    mel: float32 (n_mels, frames).
     final: last chunk of the segment (the vocoder flushes its crossfade tail).
     context_frames: leading mel frames that belong to left context; synthesised for
         continuity, their samples are not published.
@@ -206,8 +277,7 @@ class VocodeJob(Entry, type_name="vocode_job"):
     turn_id: str
     segment: int
     chunk: int
-    mel: bytes = field(repr=False)
-    mel_shape: tuple[int, ...]
+    mel: Array = array_field(FLOAT32, "n_mels", "frames")
     final: bool = True
     context_frames: int = 0
     seed: int = 0
@@ -215,18 +285,8 @@ class VocodeJob(Entry, type_name="vocode_job"):
 
     @classmethod
     def from_mel(cls, turn_id: str, segment: int, chunk: int, mel: Any, **kw: Any) -> "VocodeJob":
-        """`mel`: (n_mels, frames) float array or CPU fp32 tensor."""
-        data, shape = _pack(mel, "<f4")
-        return cls(turn_id=turn_id, segment=segment, chunk=chunk, mel=data, mel_shape=shape, **kw)
-
-    def mel_array(self) -> np.ndarray:
-        """(n_mels, frames) float32, read-only view of the payload."""
-        return _unpack(self.mel, self.mel_shape, "<f4", "vocode_job.mel")
-
-    def _check(self) -> None:
-        if len(self.mel_shape) != 2:
-            raise BusError(f"vocode_job.mel_shape must be (n_mels, frames); got {self.mel_shape}")
-        self.mel_array()
+        """`mel`: (n_mels, frames) float array or tensor."""
+        return cls(turn_id=turn_id, segment=segment, chunk=chunk, mel=Array.of(mel, FLOAT32), **kw)
 
 
 # Turn events (turn:{id}:llm and turn:{id}:audio) -------------------------------------------
@@ -240,52 +300,31 @@ class TextDelta(Entry, type_name="text"):
     turn_id: str
     segment: int
     text: str
-    tokens: tuple[int, ...] = ()
-
-
-@dataclass(frozen=True)
-class AudioFrames(Entry, type_name="audio_frames"):
-    """Audio codes the LLM generated for segment `segment`: int32 (frames, codebooks).
-    `first_frame` is the index of the first of these frames within the segment."""
-
-    turn_id: str
-    segment: int
-    first_frame: int
-    codes: bytes = field(repr=False)
-    codes_shape: tuple[int, ...]
-
-    @classmethod
-    def from_codes(cls, turn_id: str, segment: int, first_frame: int, codes: Any, **kw: Any) -> "AudioFrames":
-        data, shape = _pack(codes, "<i4")
-        return cls(turn_id=turn_id, segment=segment, first_frame=first_frame, codes=data,
-                   codes_shape=shape, **kw)
-
-    def codes_array(self) -> np.ndarray:
-        return _unpack(self.codes, self.codes_shape, "<i4", "audio_frames.codes")
-
-    def _check(self) -> None:
-        self.codes_array()
+    tokens: Array = array_field(INT32, "tokens", default=NO_TOKENS)
 
 
 @dataclass(frozen=True)
 class PcmChunk(Entry, type_name="pcm"):
-    """A piece of reply audio: mono little-endian int16 at `sample_rate`.
+    """A piece of reply audio: mono int16 samples at `sample_rate`.
     (segment, chunk) orders it within the turn; `final` marks the segment's last chunk."""
 
     turn_id: str
     segment: int
     chunk: int
-    pcm16: bytes = field(repr=False)
+    pcm16: Array = array_field(INT16, "samples")
     sample_rate: int
     final: bool = True
 
+    @classmethod
+    def from_pcm16(cls, turn_id: str, segment: int, chunk: int, pcm16: bytes, sample_rate: int,
+                   **kw: Any) -> "PcmChunk":
+        """`pcm16`: mono little-endian int16 bytes (audio.to_pcm16)."""
+        return cls(turn_id=turn_id, segment=segment, chunk=chunk, sample_rate=sample_rate,
+                   pcm16=Array(INT16, (len(pcm16) // 2,), bytes(pcm16)), **kw)
+
     @property
     def samples(self) -> int:
-        return len(self.pcm16) // 2
-
-    def _check(self) -> None:
-        if len(self.pcm16) % 2:
-            raise BusError(f"pcm entry of turn {self.turn_id} has an odd byte count {len(self.pcm16)}")
+        return self.pcm16.shape[0]
 
 
 @dataclass(frozen=True)
@@ -318,38 +357,23 @@ class Timing(Entry, type_name="timing"):
 @dataclass(frozen=True)
 class TurnEnd(Entry, type_name="end"):
     """The writer is done with this turn. reason: 'eos', 'length', 'cancelled' (LLM) or
-    'complete'. text: the full reply text. tokens: the session's model history after the turn
-    as int32 LE (prompt and reply as the next turn extends them), empty when not applicable.
-    codes: int32, shape `codes_shape` = (frames, codebooks): one row per audio pad the reply
-    added to `tokens` (the prompt's own rows are the caller's)."""
+    'complete'. text: the full reply text. tokens: the session's model history after the turn,
+    int32 (prompt and reply as the next turn extends them), empty when not applicable.
+    codes: int32 (frames, codebooks): one row per audio pad the reply added to `tokens` (the
+    prompt's own rows are the caller's); (0, 0) when there are none."""
 
     turn_id: str
     reason: str
     text: str = ""
-    tokens: bytes = field(default=b"", repr=False)
-    codes: bytes = field(default=b"", repr=False)
-    codes_shape: tuple[int, ...] = (0, 0)
+    tokens: Array = array_field(INT32, "tokens", default=NO_TOKENS)
+    codes: Array = array_field(INT32, "frames", "codebooks", default=NO_CODES)
 
     @classmethod
     def with_tokens(cls, turn_id: str, reason: str, tokens: Sequence[int], codes: Any = None,
                     **kw: Any) -> "TurnEnd":
         """codes: (frames, codebooks) integers; None or no rows: none."""
-        data, shape = _pack(codes, "<i4") if codes is not None and len(codes) else (b"", (0, 0))
-        return cls(turn_id=turn_id, reason=reason, tokens=_pack(list(tokens), "<i4")[0], codes=data,
-                   codes_shape=shape, **kw)
-
-    def token_list(self) -> list[int]:
-        return _unpack(self.tokens, (len(self.tokens) // 4,), "<i4", "end.tokens").tolist()
-
-    def codes_array(self) -> np.ndarray:
-        return _unpack(self.codes, self.codes_shape, "<i4", "end.codes")
-
-    def _check(self) -> None:
-        if len(self.tokens) % 4:
-            raise BusError(f"end entry of turn {self.turn_id}: tokens is not whole int32s")
-        if len(self.codes_shape) != 2:
-            raise BusError(f"end.codes_shape must be (frames, codebooks); got {self.codes_shape}")
-        self.codes_array()
+        rows = Array.of(codes, INT32) if codes is not None and len(codes) else NO_CODES
+        return cls(turn_id=turn_id, reason=reason, tokens=Array.of(list(tokens), INT32), codes=rows, **kw)
 
 
 @dataclass(frozen=True)

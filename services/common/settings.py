@@ -16,27 +16,31 @@ Precedence, lowest first:
        BAICHUAN_AUDIO__STAGES__LLM__MAX_REPLICAS=4
        BAICHUAN_AUDIO__LIMITS__MAX_AUDIO_SECONDS=120
 
-Values from the environment are converted to the key's type (booleans: true/false/1/0/yes/no/
-on/off). Unknown keys and bad values are errors that name the key and where it came from.
-The Redis password is a secret: it is accepted only from the environment and never appears in
-`repr`, `to_dict()` or logs.
+The sections are pydantic models and the sources are pydantic-settings' (environment with a
+prefix and a nested delimiter, YAML file, defaults merged key by key). Values in the file must
+have the key's type (an integer is fine for a number); values from the environment are
+converted to it (booleans: true/false/1/0/yes/no/on/off). Unknown keys and bad values are
+errors (SettingsError) that name the key and where it came from. The Redis password is a
+secret: it is accepted only from the environment and never appears in `repr`, `to_dict()` or
+logs. `Settings()` is the defaults alone; `Settings.load()` reads the file and environment.
 """
 from __future__ import annotations
 
-import dataclasses
-import functools
 import os
-import typing
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Annotated, Any, Callable, Literal, Mapping, get_args
 from urllib.parse import urlsplit, urlunsplit
 
 import yaml
+from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError, model_validator
+from pydantic_settings import (
+    BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource,
+)
+from pydantic_settings.sources.utils import parse_env_vars
 
 ENV_PREFIX = "BAICHUAN_AUDIO__"
 CONFIG_ENV = "BAICHUAN_AUDIO_CONFIG"
-PLAIN_ENV: dict[str, tuple[str, ...]] = {
+PLAIN_ENV: dict[str, tuple[str, ...]] = {   # every key here is a string: taken as is
     "MODEL_PATH": ("model", "path"),
     "REDIS_URL": ("redis", "url"),
     "REDIS_USERNAME": ("redis", "username"),
@@ -46,17 +50,42 @@ PLAIN_ENV: dict[str, tuple[str, ...]] = {
 }
 # Keys that may only come from the environment (a secret in a YAML file ends up in git).
 ENV_ONLY = {("redis", "password")}
-SECRET = {("redis", "password")}
 
 
 class SettingsError(ValueError):
     """A configuration key that is unknown or has a value of the wrong type or range."""
 
 
+def _rule(holds: Callable[[Any], bool], text: str) -> AfterValidator:
+    """A check on a key's converted value; the message names the value as the key holds it."""
+    def check(value: Any) -> Any:
+        if not holds(value):
+            raise ValueError(f"{text}; got {value!r}")
+        return value
+    return AfterValidator(check)
+
+
+Positive = _rule(lambda v: v > 0, "must be > 0")
+NonNegative = _rule(lambda v: v >= 0, "must be >= 0")
+AtLeastOne = _rule(lambda v: v >= 1, "must be >= 1")
+GpuShare = _rule(lambda v: v <= 1 or v == int(v), "must be a share <= 1 or a whole number")
+TcpPort = _rule(lambda v: 1 <= v <= 65535, "must be a TCP port 1..65535")
+
+
+def _redis_url(url: str) -> str:
+    if urlsplit(url).scheme not in ("redis", "rediss", "unix"):
+        raise ValueError(f"must start with redis://, rediss:// or unix://; got {_redact_url(url)!r}")
+    return url
+
+
+class _Section(BaseModel):
+    # strict: a file value must already have the key's type (no "1" for 1, no 1 for true)
+    model_config = ConfigDict(strict=True, frozen=True, extra="forbid")
+
+
 # --------------------------------------------------------------------------- sections
 
-@dataclass(frozen=True)
-class ModelSettings:
+class ModelSettings(_Section):
     path: str = ""                  # checkpoint directory; "" = build the tiny random checkpoint
     dtype: Literal["auto", "bfloat16", "float32"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
 
@@ -65,115 +94,149 @@ class ModelSettings:
         return self.path == ""
 
 
-@dataclass(frozen=True)
-class RedisSettings:
-    url: str = "redis://127.0.0.1:6379/0"
+class RedisSettings(_Section):
+    url: Annotated[str, AfterValidator(_redis_url)] = "redis://127.0.0.1:6379/0"
     username: str = ""
-    password: str = field(default="", repr=False)  # environment only; never logged
-    connect_timeout_s: float = 5.0
+    password: str = ""              # environment only; never logged
+    connect_timeout_s: Annotated[float, Positive] = 5.0
 
     def redacted_url(self) -> str:
         """The URL with any password in it replaced by '***'."""
         return _redact_url(self.url)
 
-    def __repr__(self) -> str:
-        return (f"RedisSettings(url={self.redacted_url()!r}, username={self.username!r}, "
-                f"password={'***' if self.password else ''!r}, "
-                f"connect_timeout_s={self.connect_timeout_s!r})")
+    def __repr_args__(self):
+        yield "url", self.redacted_url()
+        yield "username", self.username
+        yield "password", "***" if self.password else ""
+        yield "connect_timeout_s", self.connect_timeout_s
 
 
-@dataclass(frozen=True)
-class StageSettings:
+class StageSettings(_Section):
     """One Ray Serve deployment. Replicas autoscale between min and max."""
 
-    min_replicas: int = 1
-    max_replicas: int = 1
-    target_ongoing_requests: float = 2.0  # autoscaling target per replica
-    num_cpus: float = 0.25                # Ray CPU share; the defaults fit five stages on 2 cores
-    num_gpus: float = 0.0                 # a share of one GPU (0.5 = two replicas per card)
-    max_batch_size: int = 8               # requests (jobs) merged into one forward
-    batch_wait_timeout_s: float = 0.01    # how long a partial batch waits for more requests
+    min_replicas: Annotated[int, NonNegative] = 1
+    max_replicas: Annotated[int, Positive] = 1
+    target_ongoing_requests: Annotated[float, Positive] = 2.0  # autoscaling target per replica
+    num_cpus: Annotated[float, NonNegative] = 0.25    # Ray CPU share; the defaults fit five stages on 2 cores
+    num_gpus: Annotated[float, NonNegative, GpuShare] = 0.0  # a share of one GPU (0.5 = two replicas per card)
+    max_batch_size: Annotated[int, Positive] = 8      # requests (jobs) merged into one forward
+    batch_wait_timeout_s: Annotated[float, NonNegative] = 0.01  # how long a partial batch waits for more requests
 
 
-@dataclass(frozen=True)
-class StagesSettings:
-    tokenizer: StageSettings = field(default_factory=StageSettings)
-    llm: StageSettings = field(default_factory=lambda: StageSettings(max_batch_size=16))
-    decoder: StageSettings = field(default_factory=StageSettings)
-    vocoder: StageSettings = field(default_factory=StageSettings)
-    orchestrator: StageSettings = field(default_factory=lambda: StageSettings(max_batch_size=1))
+# Stages whose defaults differ are their own types, so that a file or variable setting one key
+# of such a stage keeps the stage's other defaults.
+class LLMStageSettings(StageSettings):
+    max_batch_size: Annotated[int, Positive] = 16
 
 
-@dataclass(frozen=True)
-class LimitsSettings:
-    max_audio_seconds: float = 600.0      # longest user audio accepted per turn
-    max_text_chars: int = 4000            # longest typed turn / TTS text
-    max_sessions: int = 1000              # live sessions; more is RESOURCE_EXHAUSTED
-    session_ttl_s: int = 1800             # session (and its turn streams) expire after idle
-    max_message_bytes: int = 64 * 1024 * 1024  # gRPC send/receive cap
+class OrchestratorStageSettings(StageSettings):
+    max_batch_size: Annotated[int, Positive] = 1
+
+
+class StagesSettings(_Section):
+    tokenizer: StageSettings = StageSettings()
+    llm: LLMStageSettings = LLMStageSettings()
+    decoder: StageSettings = StageSettings()
+    vocoder: StageSettings = StageSettings()
+    orchestrator: OrchestratorStageSettings = OrchestratorStageSettings()
+
+
+class LimitsSettings(_Section):
+    max_audio_seconds: Annotated[float, Positive] = 600.0   # longest user audio accepted per turn
+    max_text_chars: Annotated[int, Positive] = 4000         # longest typed turn / TTS text
+    max_sessions: Annotated[int, Positive] = 1000           # live sessions; more is RESOURCE_EXHAUSTED
+    session_ttl_s: Annotated[int, Positive] = 1800          # session (and its turn streams) expire after idle
+    max_message_bytes: Annotated[int, Positive] = 64 * 1024 * 1024  # gRPC send/receive cap
     # per-turn caps on generation (LLM stage, gRPC and conversation paths alike); reaching one
     # ends the turn with reason "length". The KV budget per slot (llm.*) is a further bound.
-    max_new_tokens: int = 8192            # tokens generated per turn: text tokens + one audio pad per frame
-    max_audio_frames: int = 7500          # 12.5 Hz audio frames generated per turn (600 s)
+    max_new_tokens: Annotated[int, Positive] = 8192  # tokens generated per turn: text tokens + one audio pad per frame
+    max_audio_frames: Annotated[int, Positive] = 7500  # 12.5 Hz audio frames generated per turn (600 s)
 
 
-@dataclass(frozen=True)
-class LLMEngineSettings:
-    kv_budget_tokens: int = 65536         # KV-cache capacity shared by all slots, in tokens
-    max_slots: int = 16                   # sequences decoded together in one step
-    prefill_chunk_tokens: int = 512       # long prompts are prefilled in chunks of this size
+class LLMEngineSettings(_Section):
+    kv_budget_tokens: Annotated[int, Positive] = 65536    # KV-cache capacity shared by all slots, in tokens
+    max_slots: Annotated[int, Positive] = 16              # sequences decoded together in one step
+    prefill_chunk_tokens: Annotated[int, Positive] = 512  # long prompts are prefilled in chunks of this size
     # attention on CUDA: sdpa (fused kernels, faster) or math (the reference's numerics: fp32
     # scores; the only choice whose CUDA-graph replay equals eager execution bit for bit)
     attention: Literal["sdpa", "math"] = "sdpa"
 
 
-@dataclass(frozen=True)
-class DecoderSettings:
+class DecoderSettings(_Section):
     """Low-latency audio: the first segment is decoded in growing chunks (12.5 Hz frames)."""
 
-    first_chunk_frames: int = 4           # 320 ms of audio in the first chunk
-    chunk_growth: float = 2.0             # each next chunk is this many times longer
-    max_chunk_frames: int = 50            # ... up to this size
+    first_chunk_frames: Annotated[int, Positive] = 4      # 320 ms of audio in the first chunk
+    chunk_growth: Annotated[float, AtLeastOne] = 2.0     # each next chunk is this many times longer
+    max_chunk_frames: Annotated[int, Positive] = 50       # ... up to this size
 
 
-@dataclass(frozen=True)
-class BusSettings:
-    """Redis Streams bus (services/common/bus.py)."""
+class BusSettings(_Section):
+    """Redis Streams bus (services/common/bus.py, worker.py)."""
 
-    turn_stream_maxlen: int = 20000       # approximate cap on entries per turn stream
-    job_max_backlog: int = 10000          # submitting beyond this many waiting jobs fails
-    visibility_timeout_ms: int = 30000    # a job unacked this long is re-claimed by another replica
-    max_deliveries: int = 3               # then it goes to the dead-letter stream
-    block_ms: int = 1000                  # blocking read timeout (also the stop-check period)
-    reclaim_interval_ms: int = 5000       # how often a worker looks for stale jobs
+    turn_stream_maxlen: Annotated[int, Positive] = 20000     # approximate cap on entries per turn stream
+    job_max_backlog: Annotated[int, Positive] = 10000        # submitting beyond this many waiting jobs fails
+    visibility_timeout_ms: Annotated[int, Positive] = 30000  # a job unacked this long is re-claimed by another replica
+    max_deliveries: Annotated[int, Positive] = 3             # then it goes to the dead-letter stream
+    block_ms: Annotated[int, Positive] = 1000                # blocking read timeout (also the stop-check period)
+    reclaim_interval_ms: Annotated[int, Positive] = 5000     # how often a worker looks for stale jobs
 
 
-@dataclass(frozen=True)
-class TelemetrySettings:
+class TelemetrySettings(_Section):
     exporter: Literal["none", "console", "otlp"] = "none"
     otlp_endpoint: str = ""               # e.g. http://otel-collector:4317; "" = exporter default
     service_name: str = "baichuan-audio"
-    metrics_interval_s: float = 60.0
+    metrics_interval_s: Annotated[float, Positive] = 60.0
 
 
-@dataclass(frozen=True)
-class ServingSettings:
+class ServingSettings(_Section):
     host: str = "0.0.0.0"
-    grpc_port: int = 9000
+    grpc_port: Annotated[int, TcpPort] = 9000
     reflection: bool = True               # gRPC server reflection (grpcurl, grpc_cli)
 
 
-@dataclass(frozen=True)
-class Settings:
-    model: ModelSettings = field(default_factory=ModelSettings)
-    redis: RedisSettings = field(default_factory=RedisSettings)
-    stages: StagesSettings = field(default_factory=StagesSettings)
-    limits: LimitsSettings = field(default_factory=LimitsSettings)
-    llm: LLMEngineSettings = field(default_factory=LLMEngineSettings)
-    decoder: DecoderSettings = field(default_factory=DecoderSettings)
-    bus: BusSettings = field(default_factory=BusSettings)
-    telemetry: TelemetrySettings = field(default_factory=TelemetrySettings)
-    serving: ServingSettings = field(default_factory=ServingSettings)
+class _Inconsistent(ValueError):
+    """Two keys that do not fit together; `keypath` is the one the message is about."""
+
+    def __init__(self, keypath: tuple[str, ...], message: str):
+        super().__init__(message)
+        self.keypath = keypath
+
+
+class Settings(BaseSettings):
+    # strict here also makes the environment source convert its strings to each key's type
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_nested_delimiter="__", case_sensitive=False,
+                                      strict=True, frozen=True, extra="forbid")
+
+    model: ModelSettings = ModelSettings()
+    redis: RedisSettings = RedisSettings()
+    stages: StagesSettings = StagesSettings()
+    limits: LimitsSettings = LimitsSettings()
+    llm: LLMEngineSettings = LLMEngineSettings()
+    decoder: DecoderSettings = DecoderSettings()
+    bus: BusSettings = BusSettings()
+    telemetry: TelemetrySettings = TelemetrySettings()
+    serving: ServingSettings = ServingSettings()
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: Any,
+                                   **_: Any) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings,)  # Settings(): the defaults and keyword arguments only
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Settings":
+        for name, st in self.stages:
+            if st.min_replicas > st.max_replicas:
+                raise _Inconsistent(("stages", name, "min_replicas"), f"({st.min_replicas}) is larger than "
+                                    f"stages.{name}.max_replicas ({st.max_replicas})")
+        d = self.decoder
+        if d.first_chunk_frames > d.max_chunk_frames:
+            raise _Inconsistent(("decoder", "first_chunk_frames"), f"({d.first_chunk_frames}) is larger than "
+                                f"decoder.max_chunk_frames ({d.max_chunk_frames})")
+        b = self.bus
+        if b.block_ms >= b.visibility_timeout_ms:
+            raise _Inconsistent(("bus", "block_ms"), f"({b.block_ms}) must be shorter than "
+                                f"bus.visibility_timeout_ms ({b.visibility_timeout_ms})")
+        return self
 
     @classmethod
     def load(cls, path: str | os.PathLike | None = None,
@@ -181,39 +244,90 @@ class Settings:
         """Defaults, then the YAML file (`path`, else $BAICHUAN_AUDIO_CONFIG, else none), then
         the environment (`env`, default os.environ). Raises SettingsError naming the bad key."""
         env = os.environ if env is None else env
-        origins: dict[tuple[str, ...], str] = {}
-        data: dict[str, Any] = {}
         if path is None and env.get(CONFIG_ENV):
             path = env[CONFIG_ENV]
+        origins: dict[tuple[str, ...], str] = {}   # where each key's value came from, last wins
+        sources: list[PydanticBaseSettingsSource] = []
         if path is not None:
-            data = _read_yaml(Path(path))
-            _walk_yaml(cls, data, (), str(path), origins)
-        for name, keypath in PLAIN_ENV.items():
-            if name in env:
-                _set(data, keypath, _from_string(cls, keypath, env[name], f"environment variable {name}"))
-                origins[keypath] = f"environment variable {name}"
-        for name in sorted(env):  # sorted: the same error whatever the dict order
-            if not name.startswith(ENV_PREFIX):
-                continue
-            keypath = tuple(p.lower() for p in name[len(ENV_PREFIX):].split("__"))
-            src = f"environment variable {name}"
-            _lookup_type(cls, keypath, src)  # unknown key -> error
-            _set(data, keypath, _from_string(cls, keypath, env[name], src))
-            origins[keypath] = src
-        settings = _merge(cls(), data)
-        _validate(settings, origins)
-        return settings
+            if not Path(path).is_file():
+                raise SettingsError(f"config file {path} not found")
+            sources.append(_YamlFile(cls, Path(path)))
+            origins.update((k, str(path)) for k in _leaves(sources[-1].yaml_data))
+        sources.append(_PlainEnvironment(cls, env))
+        origins.update((PLAIN_ENV[n], f"environment variable {n}") for n in PLAIN_ENV if n in env)
+        sources.append(_PrefixedEnvironment(cls, env))
+        origins.update(_prefixed_keys(env))
+        try:
+            # _build_sources: pydantic-settings' argument for sources made per call (its CLI
+            # apps use it); settings_customise_sources could only make them per class
+            return cls(_build_sources=(tuple(reversed(sources)), {}))  # highest precedence first
+        except ValidationError as e:
+            raise SettingsError(_explain(e.errors()[0], origins)) from None
 
     def to_dict(self) -> dict[str, Any]:
         """Nested plain dict for logging: secrets removed, URL passwords redacted."""
-        d = dataclasses.asdict(self)
-        for keypath in SECRET:
-            _set(d, keypath, "***" if _get(d, keypath) else "")
-        d["redis"]["url"] = self.redis.redacted_url()
+        d = self.model_dump()
+        d["redis"].update(url=self.redis.redacted_url(), password="***" if self.redis.password else "")
         return d
 
 
-# --------------------------------------------------------------------------- loading
+# --------------------------------------------------------------------------- sources
+
+class _YamlFile(YamlConfigSettingsSource):
+    """The YAML file, with errors that name it. A section left empty (`serving:`) keeps its
+    defaults; a secret in the file is refused."""
+
+    def __init__(self, settings_cls: type[BaseSettings], path: Path):
+        super().__init__(settings_cls, yaml_file=path)
+
+    def _read_file(self, file_path: Path) -> dict[str, Any]:
+        try:
+            data = yaml.safe_load(file_path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as e:
+            raise SettingsError(f"{file_path}: not valid YAML: {e}") from None
+        if data is None:
+            return {}
+        if not isinstance(data, dict):
+            raise SettingsError(f"{file_path}: the top level must be a mapping of sections, got {type(data).__name__}")
+        for keypath in ENV_ONLY & set(_leaves(data)):
+            env_name = next(n for n, k in PLAIN_ENV.items() if k == keypath)
+            raise SettingsError(
+                f"{file_path}: {_dotted(keypath)} must not be in a file (it is a secret); set the "
+                f"environment variable {env_name} or {ENV_PREFIX}{'__'.join(keypath).upper()}")
+        return _without_empty_sections(data, Settings)
+
+
+class _PlainEnvironment(PydanticBaseSettingsSource):
+    """The plain variables of PLAIN_ENV (MODEL_PATH, REDIS_URL, ...)."""
+
+    def __init__(self, settings_cls: type[BaseSettings], env: Mapping[str, str]):
+        super().__init__(settings_cls)
+        self.env = env
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False  # unused: __call__ reads the variables itself
+
+    def __call__(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for name, (section, key) in PLAIN_ENV.items():
+            if name in self.env:
+                out.setdefault(section, {})[key] = self.env[name]
+        return out
+
+
+class _PrefixedEnvironment(EnvSettingsSource):
+    """BAICHUAN_AUDIO__SECTION__KEY variables from `env` instead of os.environ (tests pass
+    their own); strings are converted to the key's type before the strict validation."""
+
+    def __init__(self, settings_cls: type[BaseSettings], env: Mapping[str, str]):
+        self._env = env
+        super().__init__(settings_cls)
+
+    def _load_env_vars(self) -> Mapping[str, str | None]:
+        return parse_env_vars(self._env, self.case_sensitive, self.env_ignore_empty, self.env_parse_none_str)
+
+
+# --------------------------------------------------------------------------- errors
 
 def _redact_url(url: str) -> str:
     try:
@@ -229,193 +343,93 @@ def _redact_url(url: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise SettingsError(f"config file {path} not found")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        raise SettingsError(f"{path}: not valid YAML: {e}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise SettingsError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
-    return data
-
-
-@functools.cache
-def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
 def _dotted(keypath: tuple[str, ...]) -> str:
     return ".".join(keypath)
 
 
-def _lookup_type(cls: type, keypath: tuple[str, ...], source: str) -> Any:
-    """The declared type of `keypath` under `cls`; SettingsError naming `source` if unknown."""
-    t: Any = cls
-    for i, part in enumerate(keypath):
-        if not (dataclasses.is_dataclass(t) and part in _hints(t)):
-            where = _dotted(keypath[:i]) or "the top level"
-            known = ", ".join(_hints(t)) if dataclasses.is_dataclass(t) else "(none: it is a value)"
-            raise SettingsError(
-                f"{source}: unknown key {_dotted(keypath)!r} ({part!r} is not a key of {where}; "
-                f"known: {known})")
-        t = _hints(t)[part]
+def _is_section(t: Any) -> bool:
+    return isinstance(t, type) and issubclass(t, BaseModel)
+
+
+def _leaves(data: Mapping, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    out = []
+    for k, v in data.items():
+        keypath = prefix + (str(k),)
+        out += _leaves(v, keypath) if isinstance(v, Mapping) and v else [keypath]
+    return out
+
+
+def _without_empty_sections(data: dict, model: type[BaseModel]) -> dict:
+    out = {}
+    for k, v in data.items():
+        f = model.model_fields.get(k) if isinstance(k, str) else None
+        if f is not None and _is_section(f.annotation):
+            if v is None:
+                continue
+            if isinstance(v, dict):
+                v = _without_empty_sections(v, f.annotation)
+        out[k] = v
+    return out
+
+
+def _unknown(source: str, keypath: tuple[str, ...], depth: int) -> str:
+    """The message for `keypath`, whose part `depth` is not a key of what precedes it."""
+    t: Any = Settings
+    for part in keypath[:depth]:
+        t = t.model_fields[part].annotation
+    known = ", ".join(t.model_fields) if _is_section(t) else "none, it is a value"
+    return (f"{source}: unknown key {_dotted(keypath)!r} (known under "
+            f"{_dotted(keypath[:depth]) or 'the top level'}: {known})")
+
+
+def _declared(keypath: tuple[str, ...]) -> Any:
+    """The declared type of `keypath`, or None where the path leaves the sections."""
+    t: Any = Settings
+    for part in keypath:
+        if not (_is_section(t) and part in t.model_fields):
+            return None
+        t = t.model_fields[part].annotation
     return t
 
 
-def _walk_yaml(cls: type, data: dict, prefix: tuple[str, ...], source: str,
-               origins: dict[tuple[str, ...], str]) -> None:
-    """Check every YAML key exists and every leaf has the right type; record where it came from."""
-    hints = _hints(cls)
-    for key, value in data.items():
-        keypath = prefix + (str(key),)
-        if key not in hints:
-            known = ", ".join(hints)
-            raise SettingsError(f"{source}: unknown key {_dotted(keypath)!r} (known under "
-                                f"{_dotted(prefix) or 'the top level'}: {known})")
-        t = hints[key]
-        if keypath in ENV_ONLY:
-            env_name = next(n for n, k in PLAIN_ENV.items() if k == keypath)
-            raise SettingsError(
-                f"{source}: {_dotted(keypath)} must not be in a file (it is a secret); set the "
-                f"environment variable {env_name} or {ENV_PREFIX}{'__'.join(keypath).upper()}")
-        if dataclasses.is_dataclass(t):
-            if value is None:
-                data[key] = {}
-                continue
-            if not isinstance(value, dict):
-                raise SettingsError(f"{source}: {_dotted(keypath)} must be a mapping of keys, "
-                                    f"got {value!r}")
-            _walk_yaml(t, value, keypath, source, origins)
-        else:
-            data[key] = _check_value(t, value, keypath, source)
-            origins[keypath] = source
+def _prefixed_keys(env: Mapping[str, str]) -> dict[tuple[str, ...], str]:
+    """keypath -> 'environment variable NAME' for each BAICHUAN_AUDIO__ variable; each must name
+    one key (pydantic-settings would ignore an unknown section and nest a value below a value)."""
+    out = {}
+    for name in sorted(env):  # sorted: the same error whatever the order
+        if not name.upper().startswith(ENV_PREFIX):
+            continue
+        keypath = tuple(p.lower() for p in name[len(ENV_PREFIX):].split("__"))
+        source = f"environment variable {name}"
+        for depth in range(1, len(keypath) + 1):
+            if _declared(keypath[:depth]) is None:
+                raise SettingsError(_unknown(source, keypath, depth - 1))
+        t = _declared(keypath)
+        if _is_section(t):
+            raise SettingsError(f"{source}: {_dotted(keypath)} is a section, not a value; set one of its keys "
+                                f"({', '.join(t.model_fields)})")
+        out[keypath] = source
+    return out
 
 
-def _check_value(t: Any, value: Any, keypath: tuple[str, ...], source: str) -> Any:
-    """A YAML value of the declared type `t` (ints accepted for floats, nothing else coerced)."""
-    key = _dotted(keypath)
-    if typing.get_origin(t) is Literal:
-        choices = typing.get_args(t)
-        if value not in choices:
-            raise SettingsError(f"{source}: {key} must be one of {', '.join(map(str, choices))}; "
-                                f"got {value!r}")
-        return value
-    if t is bool:
-        if not isinstance(value, bool):
-            raise SettingsError(f"{source}: {key} must be true or false; got {value!r}")
-        return value
-    if t is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise SettingsError(f"{source}: {key} must be an integer; got {value!r}")
-        return value
-    if t is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise SettingsError(f"{source}: {key} must be a number; got {value!r}")
-        return float(value)
-    if t is str:
-        if not isinstance(value, str):
-            raise SettingsError(f"{source}: {key} must be a string (quote it in YAML); got {value!r}")
-        return value
-    raise SettingsError(f"{source}: {key} has an unsupported type {t!r}")  # a bug in this file
+_KINDS = {"int": "must be an integer", "float": "must be a number", "bool": "must be true or false",
+          "string": "must be a string (quote it in YAML)", "model": "must be a mapping of keys",
+          "dict": "must be a mapping of keys"}
 
 
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off"}
-
-
-def _from_string(cls: type, keypath: tuple[str, ...], raw: str, source: str) -> Any:
-    """An environment string converted to the declared type of `keypath`."""
-    t = _lookup_type(cls, keypath, source)
-    key = _dotted(keypath)
-    if dataclasses.is_dataclass(t):
-        raise SettingsError(f"{source}: {key} is a section, not a value; set one of its keys "
-                            f"({', '.join(_hints(t))})")
-    s = raw.strip()
-    try:
-        if t is bool:
-            if s.lower() in _TRUE:
-                return True
-            if s.lower() in _FALSE:
-                return False
-            raise ValueError
-        if t is int:
-            return int(s, 10)
-        if t is float:
-            return float(s)
-    except ValueError:
-        kind = {bool: "true or false", int: "an integer", float: "a number"}[t]
-        raise SettingsError(f"{source}: {key} must be {kind}; got {raw!r}") from None
-    return _check_value(t, raw, keypath, source)  # str and Literal: the raw string itself
-
-
-def _set(d: dict, keypath: tuple[str, ...], value: Any) -> None:
-    for part in keypath[:-1]:
-        d = d.setdefault(part, {})
-    d[keypath[-1]] = value
-
-
-def _get(d: dict, keypath: tuple[str, ...]) -> Any:
-    for part in keypath:
-        d = d[part]
-    return d
-
-
-def _merge(base: Any, data: dict) -> Any:
-    """`base` (a dataclass instance) with the values of the checked nested dict `data` replaced,
-    recursively; keys not given keep their defaults (including per-stage default factories)."""
-    changes = {}
-    for k, v in data.items():
-        cur = getattr(base, k)
-        changes[k] = _merge(cur, v or {}) if dataclasses.is_dataclass(cur) else v
-    return dataclasses.replace(base, **changes)
-
-
-# --------------------------------------------------------------------------- validation
-
-def _validate(s: Settings, origins: dict[tuple[str, ...], str]) -> None:
-    def fail(keypath: tuple[str, ...], msg: str) -> None:
-        src = origins.get(keypath, "default")
-        raise SettingsError(f"{src}: {_dotted(keypath)} {msg}")
-
-    def positive(section: str, obj: Any, *names: str, allow_zero: bool = False) -> None:
-        for n in names:
-            v = getattr(obj, n)
-            if v < 0 or (v == 0 and not allow_zero):
-                fail(tuple(section.split(".")) + (n,), f"must be {'>= 0' if allow_zero else '> 0'}; got {v!r}")
-
-    for name in _hints(StagesSettings):
-        st: StageSettings = getattr(s.stages, name)
-        sec = f"stages.{name}"
-        positive(sec, st, "min_replicas", "num_cpus", "num_gpus", "batch_wait_timeout_s", allow_zero=True)
-        positive(sec, st, "max_replicas", "max_batch_size", "target_ongoing_requests")
-        if st.min_replicas > st.max_replicas:
-            fail(("stages", name, "min_replicas"),
-                 f"({st.min_replicas}) is larger than stages.{name}.max_replicas ({st.max_replicas})")
-        if st.num_gpus > 1 and st.num_gpus != int(st.num_gpus):
-            fail(("stages", name, "num_gpus"), f"must be a share <= 1 or a whole number; got {st.num_gpus}")
-    positive("limits", s.limits, "max_audio_seconds", "max_text_chars", "max_sessions", "session_ttl_s",
-             "max_message_bytes", "max_new_tokens", "max_audio_frames")
-    positive("llm", s.llm, "kv_budget_tokens", "max_slots", "prefill_chunk_tokens")
-    positive("decoder", s.decoder, "first_chunk_frames", "max_chunk_frames")
-    if s.decoder.chunk_growth < 1:
-        fail(("decoder", "chunk_growth"), f"must be >= 1; got {s.decoder.chunk_growth}")
-    if s.decoder.first_chunk_frames > s.decoder.max_chunk_frames:
-        fail(("decoder", "first_chunk_frames"),
-             f"({s.decoder.first_chunk_frames}) is larger than decoder.max_chunk_frames "
-             f"({s.decoder.max_chunk_frames})")
-    positive("bus", s.bus, "turn_stream_maxlen", "job_max_backlog", "visibility_timeout_ms",
-             "max_deliveries", "block_ms", "reclaim_interval_ms")
-    if s.bus.block_ms >= s.bus.visibility_timeout_ms:
-        fail(("bus", "block_ms"), f"({s.bus.block_ms}) must be shorter than bus.visibility_timeout_ms "
-                                  f"({s.bus.visibility_timeout_ms})")
-    positive("telemetry", s.telemetry, "metrics_interval_s")
-    positive("redis", s.redis, "connect_timeout_s")
-    if not 1 <= s.serving.grpc_port <= 65535:
-        fail(("serving", "grpc_port"), f"must be a TCP port 1..65535; got {s.serving.grpc_port}")
-    scheme = urlsplit(s.redis.url).scheme
-    if scheme not in ("redis", "rediss", "unix"):
-        fail(("redis", "url"), f"must start with redis://, rediss:// or unix://; got {s.redis.redacted_url()!r}")
+def _explain(error: Mapping[str, Any], origins: Mapping[tuple[str, ...], str]) -> str:
+    """A pydantic validation error as '<source>: <key> <what is wrong>; got <value>'."""
+    keypath = tuple(str(p) for p in error["loc"])
+    cause = (error.get("ctx") or {}).get("error")
+    if isinstance(cause, _Inconsistent):
+        return f"{origins.get(cause.keypath, 'default')}: {_dotted(cause.keypath)} {cause}"
+    source = origins.get(keypath, "default")
+    if error["type"] == "extra_forbidden":
+        return _unknown(source, keypath, len(keypath) - 1)
+    if error["type"] == "value_error":  # a _rule: the message names the converted value
+        return f"{source}: {_dotted(keypath)} {cause}"
+    if error["type"] == "literal_error":
+        what = f"must be one of {', '.join(map(str, get_args(_declared(keypath))))}"
+    else:
+        what = _KINDS.get(error["type"].split("_")[0], error["msg"])
+    return f"{source}: {_dotted(keypath)} {what}; got {error['input']!r}"

@@ -1,11 +1,10 @@
-"""The work-stream side of a stage replica: a thread that serves `jobs:{stage}` (bus.run_worker).
+"""The work-stream side of a stage replica: a thread that serves `jobs:{stage}` (worker.run_worker).
 
 Used by the decoder and vocoder deployments: each replica is one consumer of the stage's
 consumer group, so replicas share the work, and a replica that dies leaves its jobs to be
 re-claimed by the others after the visibility timeout."""
 from __future__ import annotations
 
-import logging
 import os
 import socket
 import threading
@@ -13,11 +12,11 @@ import uuid
 from typing import Callable
 
 from services.common.autoscaling import BACKLOG_METRIC
-from services.common.bus import Bus, Job, TurnError, run_worker, worker_options
+from services.common.bus import Bus
+from services.common.entries import Job, TurnError
 from services.common.errors import Status
 from services.common.settings import Settings
-
-log = logging.getLogger(__name__)
+from services.common.worker import WorkerStats, start_worker, worker_options
 
 GROUP = "stage-workers"
 
@@ -39,7 +38,6 @@ class StageWorker:
                         on_dead_letter=self._dead_letter)
         self._handler = handler
         self._thread: threading.Thread | None = None
-        self.stats = None
 
     def _dead_letter(self, job: Job, reason: str) -> None:
         # the turn must hear that a piece of its audio is lost instead of waiting for it
@@ -48,19 +46,15 @@ class StageWorker:
             turn_id=e.turn_id, stage=self.stage, code=Status.INTERNAL, segment=e.segment, chunk=e.chunk,
             message=f"{self.stage} could not process segment {e.segment} chunk {e.chunk}: {reason}"))
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.stats = run_worker(self.bus, self.stream, GROUP, self.consumer, self._handler,
-                                        self._stop, **self._kw)
-            except Exception:  # noqa: BLE001 - a worker thread must not die silently
-                log.exception("%s worker crashed; restarting", self.stage)
-                self._stop.wait(1.0)
-
     def start(self) -> "StageWorker":
-        self._thread = threading.Thread(target=self._run, name=f"{self.stage}-worker", daemon=True)
-        self._thread.start()
+        # run_worker retries whatever fails around the handler, so the thread lives until stop()
+        self._thread = start_worker(self.bus, self.stream, GROUP, self.consumer, self._handler,
+                                    self._stop, **self._kw)
         return self
+
+    @property
+    def stats(self) -> WorkerStats | None:
+        return None if self._thread is None else self._thread.stats  # type: ignore[attr-defined]
 
     def stop(self, timeout: float = 5.0) -> None:
         self._stop.set()

@@ -86,7 +86,7 @@ def _sync(device: torch.device) -> None:
 
 
 def bench_decoder(config: ModelConfig, batch_sizes=(1, 16), frames: int = 50, device=None, dtype=None,
-                  repeats: int = 3, warmup: int = 1, batch_cfg: bool = False,
+                  repeats: int = 3, warmup: int = 1, batch_cfg: bool | None = None,
                   cuda_graphs: bool | None = None) -> list[dict]:
     """Time decode() of B random segments of `frames` code frames each, for each B; prints and
     returns one row per batch size: batch, frames, compute_s (mean of `repeats`), audio_s, rtf."""
@@ -98,7 +98,7 @@ def bench_decoder(config: ModelConfig, batch_sizes=(1, 16), frames: int = 50, de
     g = torch.Generator().manual_seed(0)
     rows = []
     print(f"decoder bench: {device} {run.dtype} d_model {config.audio.d_model}, {frames} code frames "
-          f"({mel_frames(frames, run.stride) * hop_s:.2f} s) per segment, batch_cfg={batch_cfg}, "
+          f"({mel_frames(frames, run.stride) * hop_s:.2f} s) per segment, batch_cfg={run.batch_cfg}, "
           f"cuda_graphs={run.graphs.enabled}")
     for B in batch_sizes:
         segs = [torch.stack([torch.randint(0, k, (frames,), generator=g) for k in config.audio.codebook_sizes], 1)
@@ -128,14 +128,16 @@ def main(argv=None) -> None:
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16])
     p.add_argument("--frames", type=int, default=50, help="code frames per segment (12.5 per second)")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--batch-cfg", action="store_true", help="cond + uncond CFG branches as one call")
+    p.add_argument("--batch-cfg", choices=["on", "off"], default=None,
+                   help="cond + uncond CFG branches as one call (default: on for CUDA, as served)")
     a = p.parse_args(argv)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, None: None}[a.dtype]
     cuda = (a.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
     rows = {}
     for graphs in ((True, False) if cuda else (False,)):   # on CUDA: the graphed solve and the eager one
         rows[graphs] = bench_decoder(decoder_config(a.size), a.batch_sizes, a.frames, a.device, dtype, a.repeats,
-                                     batch_cfg=a.batch_cfg, cuda_graphs=graphs)
+                                     batch_cfg=None if a.batch_cfg is None else a.batch_cfg == "on",
+                                     cuda_graphs=graphs)
     if cuda:
         for g, e in zip(rows[True], rows[False]):
             print(f"  batch {g['batch']:3d}: CUDA graphs {e['compute_s'] / g['compute_s']:.1f}x faster than eager")

@@ -6,19 +6,23 @@ whole segment, or a low-latency chunk with its prefix) is services/decoder/strea
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 from typing import Any
 
-import numpy as np
 import torch
 from ray import serve
 
 from baichuan_audio.v1 import stages_pb2
-from services.common.bus import DECODER_JOBS, VOCODER_JOBS, Bus, Job, PermanentError, VocodeJob
+from services.common.bus import Bus
+from services.common.entries import DECODER_JOBS, VOCODER_JOBS, Job, PermanentError, VocodeJob
 from services.common.grpc_status import grpc_errors
 from services.common.runtime import device_and_dtype, open_checkpoint, start_replica
 from services.common.stage_worker import WorkStreamReplica
 from services.decoder.streaming import check_piece, chunk_window, decode_pieces
-from services.decoder.runner import DecodeInputError, DecoderRunner
+from services.decoder.runner import WARM_UP_TOKENS, DecodeInputError, DecoderRunner
+
+log = logging.getLogger(__name__)
 
 
 @serve.deployment(name="Decoder")
@@ -28,6 +32,10 @@ class DecoderDeployment(WorkStreamReplica):
         device, dtype = device_and_dtype(self.settings)
         self.runner = DecoderRunner.from_checkpoint(open_checkpoint(self.settings), device=device, dtype=dtype,
                                                     max_batch=self.settings.stages.decoder.max_batch_size)
+        if device.type == "cuda":          # capture the low-latency windows' solves now, not on a user's turn
+            t0 = time.perf_counter()
+            n = self.runner.warm_up(WARM_UP_TOKENS)
+            log.info("decoder: %d CFM solve shapes captured as CUDA graphs in %.1f s", n, time.perf_counter() - t0)
         self.start_worker(self.settings, DECODER_JOBS, "decoder", self.handle_jobs,
                           self.settings.stages.decoder.max_batch_size)
 
@@ -37,7 +45,7 @@ class DecoderDeployment(WorkStreamReplica):
         good, pieces = [], []
         for i, job in enumerate(jobs):
             e = job.entry
-            codes = torch.from_numpy(np.array(e.codes_array(), dtype=np.int64))
+            codes = e.codes.tensor("int64")
             try:
                 pieces.append((check_piece(self.runner, i, codes, e.context_frames), e.context_frames, e.seed))
                 good.append(i)

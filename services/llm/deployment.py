@@ -20,7 +20,8 @@ import torch
 from ray import serve
 
 from baichuan_audio.v1 import conversation_pb2, stages_pb2
-from services.common.bus import DECODER_JOBS, Bus
+from services.common.bus import Bus
+from services.common.entries import DECODER_JOBS, TurnError
 from services.common.errors import Status
 from services.common.grpc_status import grpc_errors
 from services.common.runtime import device_and_dtype, open_checkpoint, start_replica
@@ -124,7 +125,6 @@ class LLMDeployment:
                     pub.feed(ev)
         except Exception as e:  # noqa: BLE001 - the turn must hear about it
             log.exception("turn %s: publishing failed", turn_id)
-            from services.common.bus import TurnError
             try:
                 self.bus.publish(turn_id, "llm", TurnError(turn_id=turn_id, stage="llm", code=Status.UNAVAILABLE,
                                                            message=f"publishing the reply failed: {e}"))

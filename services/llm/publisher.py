@@ -81,7 +81,7 @@ class TurnPublisher:
                 # it delivered (an interrupted turn's history keeps exactly those)
                 self.text.append(ev.text)
                 self.emit("llm", entries.TextDelta(turn_id=t, segment=ev.segment, text=ev.text,
-                                                   tokens=tuple(self._text_ids)))
+                                                   tokens=entries.Array.of(self._text_ids, entries.INT32)))
                 self._text_ids = []
         elif isinstance(ev, SegmentStart) and ev.kind == "audio":
             self._audio_segment = ev.segment

@@ -13,7 +13,8 @@ from ray import serve
 
 from baichuan_audio.v1 import stages_pb2
 from services.common.audio import to_pcm16
-from services.common.bus import VOCODER_JOBS, Bus, Job, PcmChunk, PermanentError
+from services.common.bus import Bus
+from services.common.entries import VOCODER_JOBS, Job, PcmChunk, PermanentError
 from services.common.grpc_status import grpc_errors
 from services.common.runtime import device_and_dtype, open_checkpoint, start_replica
 from services.common.stage_worker import WorkStreamReplica
@@ -37,7 +38,7 @@ class VocoderDeployment(WorkStreamReplica):
         mels: list[torch.Tensor] = []
         for i, job in enumerate(jobs):
             try:
-                mels.append(self.runner.check(i, torch.from_numpy(np.array(job.entry.mel_array()))))
+                mels.append(self.runner.check(i, job.entry.mel.tensor()))
                 good.append(i)
             except VocodeInputError as e:
                 outcomes[i] = PermanentError(str(e))
@@ -47,8 +48,8 @@ class VocoderDeployment(WorkStreamReplica):
         waves = self.runner.vocode(mels, seed=seeds, context_frames=contexts) if mels else []
         for i, wave in zip(good, waves):
             e = jobs[i].entry
-            chunk = PcmChunk(turn_id=e.turn_id, segment=e.segment, chunk=e.chunk, final=e.final,
-                             pcm16=to_pcm16(wave.numpy()), sample_rate=self.runner.config.sampling_rate)
+            chunk = PcmChunk.from_pcm16(e.turn_id, e.segment, e.chunk, to_pcm16(wave.numpy()),
+                                        self.runner.config.sampling_rate, final=e.final)
             outcomes[i] = [(Bus.turn_stream(e.turn_id, "audio"), chunk,
                             Bus.result_key("vocoder", e.turn_id, e.segment, e.chunk))]
         return outcomes

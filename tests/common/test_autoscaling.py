@@ -8,7 +8,8 @@ import pytest
 from ray.serve.config import AutoscalingConfig, AutoscalingContext
 
 from services.common.autoscaling import BACKLOG_METRIC, backlog_policy
-from services.common.bus import Bus, DecodeJob
+from services.common.bus import Bus
+from services.common.entries import DecodeJob
 from services.common.settings import Settings
 from services.common.stage_worker import WorkStreamReplica
 

@@ -1,11 +1,11 @@
 """Settings: defaults, YAML, environment overrides, and errors that name the key and source."""
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import pytest
 import yaml
+from pydantic import ValidationError
 
 from services.common.settings import Settings, SettingsError
 from tests.parity import missing
@@ -28,7 +28,7 @@ def test_defaults():
     assert s.telemetry.exporter == "none"
     assert s.stages.llm.max_batch_size == 16 and s.stages.decoder.max_batch_size == 8
     assert s.redis.url.startswith("redis://")
-    with pytest.raises(dataclasses.FrozenInstanceError):
+    with pytest.raises(ValidationError, match="frozen"):
         s.serving.grpc_port = 1  # type: ignore[misc]
 
 
@@ -93,6 +93,14 @@ def test_environment_overrides_file(tmp_path):
     assert s.telemetry.service_name == "svc"
 
 
+def test_environment_keeps_the_other_defaults_of_a_stage():
+    s = Settings.load(env={"BAICHUAN_AUDIO__STAGES__ORCHESTRATOR__MAX_REPLICAS": "2",
+                           "BAICHUAN_AUDIO__STAGES__LLM__NUM_GPUS": "1"})
+    assert s.stages.orchestrator.max_replicas == 2 and s.stages.orchestrator.max_batch_size == 1
+    assert s.stages.llm.num_gpus == 1.0 and s.stages.llm.max_batch_size == 16
+    assert s.stages.decoder == Settings().stages.decoder
+
+
 @pytest.mark.parametrize("raw,value", [("true", True), ("0", False), ("Yes", True), ("off", False)])
 def test_env_bool_conversion(raw, value):
     s = Settings.load(env={"BAICHUAN_AUDIO__SERVING__REFLECTION": raw})
@@ -139,6 +147,8 @@ def test_file_errors_name_the_key_and_file(tmp_path, text, message):
     ({"BAICHUAN_AUDIO__SERVING__GRPC_PORT": "nine"},
      r"environment variable BAICHUAN_AUDIO__SERVING__GRPC_PORT: serving.grpc_port must be an integer; got 'nine'"),
     ({"BAICHUAN_AUDIO__STAGES__LLM": "4"}, r"stages.llm is a section, not a value"),
+    ({"BAICHUAN_AUDIO__STAGES__LLM": "{not json"}, r"stages.llm is a section, not a value"),
+    ({"BAICHUAN_AUDIO__NOPE": "1"}, r"BAICHUAN_AUDIO__NOPE: unknown key 'nope' \(known under the top level: model,"),
     ({"BAICHUAN_AUDIO__SERVING__GRPC_PORT__X": "1"}, r"unknown key 'serving.grpc_port.x'"),
     ({"BAICHUAN_AUDIO__BUS__BLOCK_MS": "60000"},
      r"environment variable BAICHUAN_AUDIO__BUS__BLOCK_MS: bus.block_ms \(60000\) must be shorter"),
@@ -166,7 +176,7 @@ def test_shipped_config_files_load(rel):
     if rel == "config/example.yaml":  # documents every key, each with its default value
         assert s == Settings()
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
-        undocumented = _keys(dataclasses.asdict(Settings())) - _keys(data) - {"redis.password"}
+        undocumented = _keys(Settings().model_dump()) - _keys(data) - {"redis.password"}
         assert not undocumented, f"config/example.yaml does not document {sorted(undocumented)}"
 
 

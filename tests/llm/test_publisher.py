@@ -3,7 +3,6 @@ code entries, decode jobs with their own codes, and an end entry carrying the se
 history as the next turn extends it (protocol.Done.history / reply_codes)."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 from services.common import entries
@@ -43,10 +42,10 @@ def test_the_end_closes_the_final_audio_span_and_carries_the_reply_codes():
     assert d.history == d.final_sequence[:-1] + (AG_END,)
     assert d.reply_codes == (FRAME, F2, F3)        # generated frames only: no prompt row, no EOA row
     end = end_of(publish(s))
-    assert end.token_list() == list(d.history)
-    assert end.codes_array().tolist() == [list(FRAME), list(F2), list(F3)]
+    assert end.tokens.numpy().tolist() == list(d.history)
+    assert end.codes.numpy().tolist() == [list(FRAME), list(F2), list(F3)]
     # the session's invariant: one code row per audio pad (prompt's first, then the reply's)
-    assert pads(end.token_list()) == 1 + len(end.codes_array())
+    assert pads(end.tokens.numpy().tolist()) == 1 + len(end.codes.numpy())
 
 
 def test_a_capped_segment_loses_its_last_pad_and_its_row():
@@ -59,10 +58,10 @@ def test_a_capped_segment_loses_its_last_pad_and_its_row():
     frames(s, F3, EOA)
     out = publish(s)
     jobs = [e for t, e in out if t == entries.DECODER_JOBS]
-    assert [j.codes_array().tolist() for j in jobs] == [[list(FRAME), list(F2)], [list(F3)]]
+    assert [j.codes.numpy().tolist() for j in jobs] == [[list(FRAME), list(F2)], [list(F3)]]
     end = end_of(out)
-    assert end.codes_array().tolist() == [list(FRAME), list(F3)]
-    assert pads(end.token_list()) == len(end.codes_array())
+    assert end.codes.numpy().tolist() == [list(FRAME), list(F3)]
+    assert pads(end.tokens.numpy().tolist()) == len(end.codes.numpy())
 
 
 @pytest.mark.parametrize("case", ["text_only", "max_rounds_text", "eos_alone", "cancelled_mid_audio", "forced"])
@@ -105,12 +104,12 @@ def test_no_per_frame_entries_and_text_carries_its_token_ids():
     assert {t for t, _ in out} == {"llm", entries.DECODER_JOBS}
     assert not any(type(e).TYPE == "audio_frames" for _, e in out)
     texts = [entries.decode_entry(e.encode()) for t, e in out if isinstance(e, entries.TextDelta)]
-    assert [(d.text, d.tokens) for d in texts] == [("a", (A,)), (" b", (SP_B,)), ("x", (X,))]
+    assert [(d.text, d.tokens.numpy().tolist()) for d in texts] == [("a", [A]), (" b", [SP_B]), ("x", [X])]
     # the decoder still gets every frame: low-latency chunks of segment 0, then segment 1 whole
     jobs = [e for t, e in out if t == entries.DECODER_JOBS]
     seg0 = [j for j in jobs if j.segment == 0]
-    assert len(seg0) >= 2 and seg0[-1].codes_array().tolist() == [list(FRAME), list(F2), list(F3)]
-    assert [j.codes_array().tolist() for j in jobs if j.segment == 1] == [[list(FRAME)]]
+    assert len(seg0) >= 2 and seg0[-1].codes.numpy().tolist() == [list(FRAME), list(F2), list(F3)]
+    assert [j.codes.numpy().tolist() for j in jobs if j.segment == 1] == [[list(FRAME)]]
     bounds = [e for _, e in out if isinstance(e, entries.SegmentBoundary) and e.kind == "audio"]
     assert [(b.audio_frames, b.chunks) for b in bounds] == [(3, len(seg0)), (1, 1)]
 
@@ -119,8 +118,10 @@ def test_end_entry_codes_are_checked():
     end = entries.TurnEnd.with_tokens("t", "eos", [A, PAD], [FRAME])
     fields = end.encode()
     fields[b"codes_shape"] = b"2,3"
-    with pytest.raises(entries.BusError, match="end.codes"):
+    with pytest.raises(entries.BusError, match=r"end.codes: 12 bytes do not hold shape \(2, 3\)"):
         entries.decode_entry(fields)
-    empty = entries.decode_entry(entries.TurnEnd.with_tokens("t", "eos", [A]).encode())
-    assert empty.codes_array().shape == (0, 0)
-    assert np.asarray(empty.codes_array()).reshape(-1, 3).shape == (0, 3)
+    with pytest.raises(entries.BusError, match=r"end.codes must be \(frames, codebooks\)"):
+        entries.decode_entry({**fields, b"codes_shape": b"3"})
+    empty = entries.decode_entry(entries.TurnEnd.with_tokens("t", "eos", [A], ()).encode())
+    assert empty.codes.shape == (0, 0) and empty.codes == entries.TurnEnd("t", "eos").codes
+    assert empty.codes.numpy().reshape(-1, 3).shape == (0, 3)

@@ -241,8 +241,8 @@ def test_the_llm_stage_end_entry_is_the_next_prompt_prefix():
     for ev in s.events:
         pub.feed(ev)
     end = entries.decode_entry(next(e for e in out if isinstance(e, entries.TurnEnd)).encode())
-    delivered = [t for e in out if isinstance(e, entries.TextDelta) for t in e.tokens]
-    record(c, sess, turn, Reply(text="ax", history=end.token_list(), reply_codes=end.codes_array(),
+    delivered = [t for e in out if isinstance(e, entries.TextDelta) for t in e.tokens.numpy().tolist()]
+    record(c, sess, turn, Reply(text="ax", history=end.tokens.numpy().tolist(), reply_codes=end.codes.numpy(),
                                 text_tokens=delivered))
     assert sess.tokens == list(s.done.final_sequence[:-1]) + [AG_END]
     assert sess.codes.tolist() == [[9, 9, 9], list(FRAME), [6, 2, 3], [7, 3, 4]]

@@ -5,16 +5,16 @@ import numpy as np
 import pytest
 
 from orchestrator.merge import ReplyMerger
-from services.common import bus as B
+from services.common import entries as E
 from services.common.audio import from_pcm16, to_pcm16
 from services.common.crossfade import join_segments
 
 T = "turn-1"
 
 
-def chunk(seg: int, idx: int, samples: np.ndarray, final: bool = True) -> B.PcmChunk:
-    return B.PcmChunk(turn_id=T, segment=seg, chunk=idx, pcm16=to_pcm16(samples, limit=1.0),
-                      sample_rate=24000, final=final)
+def chunk(seg: int, idx: int, samples: np.ndarray, final: bool = True) -> E.PcmChunk:
+    return E.PcmChunk.from_pcm16(turn_id=T, segment=seg, chunk=idx, pcm16=to_pcm16(samples, limit=1.0),
+                                 sample_rate=24000, final=final)
 
 
 def audio_of(events) -> np.ndarray:
@@ -37,17 +37,17 @@ def test_segments_join_with_the_reference_inserted_crossfade_in_any_arrival_orde
     m = ReplyMerger(T)
     # audio arrives before its announcements and out of order across segments and chunks
     events = feed_all(m, [
-        B.TextDelta(turn_id=T, segment=0, text="Hi,"),
+        E.TextDelta(turn_id=T, segment=0, text="Hi,"),
         chunk(2, 0, c),
         chunk(1, 1, b2),
-        B.SegmentBoundary(turn_id=T, segment=0, kind="text"),
+        E.SegmentBoundary(turn_id=T, segment=0, kind="text"),
         chunk(0, 0, a),
-        B.SegmentBoundary(turn_id=T, segment=0, kind="audio", audio_frames=6, chunks=1),
+        E.SegmentBoundary(turn_id=T, segment=0, kind="audio", audio_frames=6, chunks=1),
         chunk(1, 0, b1, final=False),
-        B.SegmentBoundary(turn_id=T, segment=1, kind="audio", audio_frames=4, chunks=2),
-        B.SegmentBoundary(turn_id=T, segment=2, kind="audio", audio_frames=3, chunks=1),
-        B.TextDelta(turn_id=T, segment=1, text=" there"),
-        B.TurnEnd(turn_id=T, reason="eos"),
+        E.SegmentBoundary(turn_id=T, segment=1, kind="audio", audio_frames=4, chunks=2),
+        E.SegmentBoundary(turn_id=T, segment=2, kind="audio", audio_frames=3, chunks=1),
+        E.TextDelta(turn_id=T, segment=1, text=" there"),
+        E.TurnEnd(turn_id=T, reason="eos"),
     ])
     seqs = [e.audio.sequence for e in events if e.HasField("audio")]
     assert seqs == list(range(len(seqs)))
@@ -66,9 +66,9 @@ def test_segments_join_with_the_reference_inserted_crossfade_in_any_arrival_orde
 
 def test_end_waits_for_announced_audio_and_zero_frame_segments_emit_nothing():
     m = ReplyMerger(T)
-    assert feed_all(m, [B.SegmentBoundary(turn_id=T, segment=0, kind="audio", audio_frames=0, chunks=0),
-                        B.SegmentBoundary(turn_id=T, segment=1, kind="audio", audio_frames=2, chunks=1),
-                        B.TurnEnd(turn_id=T, reason="eos")]) == []        # segment 1's audio is due
+    assert feed_all(m, [E.SegmentBoundary(turn_id=T, segment=0, kind="audio", audio_frames=0, chunks=0),
+                        E.SegmentBoundary(turn_id=T, segment=1, kind="audio", audio_frames=2, chunks=1),
+                        E.TurnEnd(turn_id=T, reason="eos")]) == []        # segment 1's audio is due
     out = m.feed(chunk(1, 0, np.zeros(1440, np.float32)))
     assert out[-1].HasField("end") and m.finished
     assert m.feed(chunk(1, 0, np.zeros(1440, np.float32))) == []            # a late duplicate is ignored
@@ -76,8 +76,8 @@ def test_end_waits_for_announced_audio_and_zero_frame_segments_emit_nothing():
 
 def test_interrupt_ends_now_with_only_what_was_sent():
     m = ReplyMerger(T)
-    feed_all(m, [B.TextDelta(turn_id=T, segment=0, text="Hello"),
-                        B.SegmentBoundary(turn_id=T, segment=0, kind="audio", audio_frames=8, chunks=2),
+    feed_all(m, [E.TextDelta(turn_id=T, segment=0, text="Hello"),
+                        E.SegmentBoundary(turn_id=T, segment=0, kind="audio", audio_frames=8, chunks=2),
                         chunk(0, 0, np.zeros(1920, np.float32), final=False)])
     out = m.interrupt()
     assert out[-1].end.reason == "interrupted" and out[-1].end.text == "Hello"
@@ -86,19 +86,20 @@ def test_interrupt_ends_now_with_only_what_was_sent():
 
 
 def test_the_token_ids_of_the_text_sent_are_kept_for_the_history():
+    def delta(segment: int, text: str, *ids: int) -> E.TextDelta:
+        return E.TextDelta(turn_id=T, segment=segment, text=text, tokens=E.Array.of(ids, E.INT32))
+
     m = ReplyMerger(T)
-    feed_all(m, [B.TextDelta(turn_id=T, segment=0, text="Hel", tokens=(11, 12)),
-                 B.TextDelta(turn_id=T, segment=0, text="lo", tokens=(13,)),
-                 B.SegmentBoundary(turn_id=T, segment=0, kind="text"),
-                 B.TextDelta(turn_id=T, segment=1, text="!", tokens=(14,))])
+    feed_all(m, [delta(0, "Hel", 11, 12), delta(0, "lo", 13), E.SegmentBoundary(turn_id=T, segment=0, kind="text"),
+                 delta(1, "!", 14)])
     m.interrupt()
-    assert m.feed(B.TextDelta(turn_id=T, segment=1, text=" late", tokens=(15,))) == []
+    assert m.feed(delta(1, " late", 15)) == []
     assert "".join(m.text) == "Hello!" and m.text_tokens == [11, 12, 13, 14]
 
 
 def test_a_stage_error_ends_the_turn_with_it():
     m = ReplyMerger(T)
-    out = feed_all(m, [B.TurnError(turn_id=T, stage="decoder", code=13, message="lost segment 0 chunk 0")])
+    out = feed_all(m, [E.TurnError(turn_id=T, stage="decoder", code=13, message="lost segment 0 chunk 0")])
     assert out[-1].error.code == 13 and "decoder" in out[-1].error.message and m.finished
 
 
@@ -112,8 +113,8 @@ def test_the_inserted_block_is_the_reference_join_to_the_sample():
     a = np.concatenate([q(rng.uniform(-0.5, 0.5, 720).astype(np.float32)), tail])
     b = np.concatenate([head, q(rng.uniform(-0.5, 0.5, 720).astype(np.float32))])
     m = ReplyMerger(T)
-    events = feed_all(m, [chunk(0, 0, a), B.SegmentBoundary(turn_id=T, segment=0, kind="audio", audio_frames=2, chunks=1),
-                          chunk(1, 0, b), B.SegmentBoundary(turn_id=T, segment=1, kind="audio", audio_frames=2, chunks=1),
-                          B.TurnEnd(turn_id=T, reason="eos")])
+    events = feed_all(m, [chunk(0, 0, a), E.SegmentBoundary(turn_id=T, segment=0, kind="audio", audio_frames=2, chunks=1),
+                          chunk(1, 0, b), E.SegmentBoundary(turn_id=T, segment=1, kind="audio", audio_frames=2, chunks=1),
+                          E.TurnEnd(turn_id=T, reason="eos")])
     expected = join_segments([torch.from_numpy(a), torch.from_numpy(b)], 240).numpy()
     assert to_pcm16(audio_of(events), limit=1.0) == to_pcm16(expected, limit=1.0)

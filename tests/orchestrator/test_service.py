@@ -251,7 +251,7 @@ def test_sampling_overrides_within_limits(stub):
 def test_a_turn_abandoned_by_a_dead_replica_does_not_block_the_session(stub, serve_stack):
     import redis
 
-    from services.common import bus as B
+    from services.common.entries import ClientEvent
 
     sid = session(stub)
     r = redis.Redis.from_url(serve_stack.redis_url)
@@ -259,11 +259,11 @@ def test_a_turn_abandoned_by_a_dead_replica_does_not_block_the_session(stub, ser
     ghost = "ghost-turn"
     r.hset(f"session:{sid}", "active_turn", ghost)
     stale_ms = int(time.time() * 1000) - 3600 * 1000
-    r.xadd(f"turn:{ghost}:events", B.ClientEvent(turn_id=ghost, payload=b"").encode(), id=f"{stale_ms}-0")
+    r.xadd(f"turn:{ghost}:events", ClientEvent(turn_id=ghost, payload=b"").encode(), id=f"{stale_ms}-0")
     check_turn(converse(stub, sid, text="Hello"))
     # while a turn really runs, a second one is refused
     r.hset(f"session:{sid}", "active_turn", "live-turn")
-    r.xadd("turn:live-turn:events", B.ClientEvent(turn_id="live-turn", payload=b"").encode())
+    r.xadd("turn:live-turn:events", ClientEvent(turn_id="live-turn", payload=b"").encode())
     with pytest.raises(grpc.RpcError) as e:
         converse(stub, sid, text="Hello again")
     assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "running turn" in e.value.details()

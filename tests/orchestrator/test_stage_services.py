@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from baichuan_audio.v1 import stages_pb2, stages_pb2_grpc
-from services.common import bus as B
+from services.common import entries as E
+from services.common.bus import Bus
 from services.decoder.runner import MAX_FRAMES
 
 
@@ -121,18 +122,18 @@ def test_vocoder_bad_mel_is_invalid_argument(channel, hift):
 def test_a_job_delivered_twice_is_published_once(channel, cfg, hift, serve_stack):
     """The same decode job submitted twice (a re-delivery after a crash looks like this to the
     stages) reaches the turn's audio stream exactly once, through both stages."""
-    bus = B.Bus(serve_stack.redis_url)
+    bus = Bus(serve_stack.redis_url)
     turn = f"dup-{time.time_ns()}"
-    job = B.DecodeJob.from_codes(turn, 0, 0, random_codes(cfg, 5, seed=1).astype(np.int32), seed=11)
-    bus.submit(B.DECODER_JOBS, job)
-    bus.submit(B.DECODER_JOBS, job)
+    job = E.DecodeJob.from_codes(turn, 0, 0, random_codes(cfg, 5, seed=1).astype(np.int32), seed=11)
+    bus.submit(E.DECODER_JOBS, job)
+    bus.submit(E.DECODER_JOBS, job)
     stream = bus.turn_stream(turn, "audio")
     deadline = time.time() + 60
     got = []
     while time.time() < deadline and not got:
-        got = [m for m in bus.read({stream: "0"}, block_ms=500) if isinstance(m.entry, B.PcmChunk)]
+        got = [m for m in bus.read({stream: "0"}, block_ms=500) if isinstance(m.entry, E.PcmChunk)]
     time.sleep(2.0)  # give the duplicate every chance to arrive
-    got = [m for m in bus.read({stream: "0"}) if isinstance(m.entry, B.PcmChunk)]
+    got = [m for m in bus.read({stream: "0"}) if isinstance(m.entry, E.PcmChunk)]
     assert len(got) == 1
     from services.decoder.runner import mel_frames
     assert got[0].entry.samples == hift.hop_samples * mel_frames(5, cfg.audio.avg_pooler)
@@ -149,7 +150,7 @@ def test_one_trace_spans_the_stages(channel, serve_stack):
     req = pb.ConverseRequest(session_id=sid)
     req.audio.file = QUESTION.read_bytes()
     turn = [e for e in stub.Converse(req, metadata=META, timeout=180)][-1].turn_id
-    bus = B.Bus(serve_stack.redis_url)
+    bus = Bus(serve_stack.redis_url)
     ids = set()
     for kind in ("llm", "audio"):
         for m in bus.read({bus.turn_stream(turn, kind): "0"}, count=10000):
