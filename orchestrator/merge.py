@@ -1,8 +1,8 @@
 """Merge a turn's stage streams into the ordered event stream a caller receives.
 
 Inputs, as they arrive (from turn:{id}:llm and turn:{id}:audio, possibly interleaved in any
-order across the two streams): text deltas, segment boundaries, audio frames, PCM chunks
-(one per decoded piece, keyed by (segment, chunk)), the LLM's end, errors.
+order across the two streams): text deltas, segment boundaries, PCM chunks (one per decoded
+piece, keyed by (segment, chunk)), the LLM's end, errors.
 
 Output, in order: text deltas as they come; audio as gap-free numbered chunks in (segment,
 chunk) order, with the reference's 240-sample crossfade block inserted between consecutive
@@ -22,7 +22,7 @@ import torch
 from baichuan_audio.v1 import conversation_pb2 as pb
 from services.common.audio import from_pcm16, to_pcm16
 from services.common.crossfade import crossfade_block, crossfade_samples
-from services.common.entries import AudioFrames, Entry, PcmChunk, SegmentBoundary, TextDelta, TurnEnd, TurnError
+from services.common.entries import Entry, PcmChunk, SegmentBoundary, TextDelta, TurnEnd, TurnError
 
 
 @dataclass
@@ -35,9 +35,8 @@ class _Segment:
 
 class ReplyMerger:
     def __init__(self, turn_id: str, *, sample_rate: int = 24000, spoken: bool = True,
-                 started: float | None = None, num_codebooks: int = 8):
+                 started: float | None = None):
         self.turn_id = turn_id
-        self.num_codebooks = num_codebooks
         self.sample_rate = sample_rate
         self.overlap = crossfade_samples(sample_rate)    # 240 samples at 24 kHz (reference)
         self.spoken = spoken
@@ -49,12 +48,12 @@ class ReplyMerger:
         self.prev_len = 0                                 # samples of the previous audio segment
         self.cur_len = 0                                  # samples of the current one so far
         self.text: list[str] = []
+        self.text_tokens: list[int] = []                  # token ids of the text sent so far
         self.audio_samples = 0
         self.llm_done: TurnEnd | None = None
         self.error: TurnError | None = None
         self.finished = False
         self.marks: dict[str, float] = {}
-        self.codes: dict[int, list[np.ndarray]] = {}      # generated codes per segment (history)
         self.segment_text: dict[int, str] = {}            # reply text per text segment
         self.segment_audio: dict[int, list[np.ndarray]] = {}  # emitted samples per audio segment (no crossfade)
 
@@ -71,10 +70,6 @@ class ReplyMerger:
     def _seg(self, i: int) -> _Segment:
         return self.segments.setdefault(i, _Segment())
 
-    def generated_codes(self) -> np.ndarray:
-        rows = [c for i in sorted(self.codes) for c in self.codes[i]]
-        return np.concatenate(rows) if rows else np.zeros((0, self.num_codebooks), np.int32)
-
     # ------------------------------------------------------------------ feeding
     def feed(self, entry: Entry) -> list[pb.TurnEvent]:
         if self.finished:
@@ -86,6 +81,7 @@ class ReplyMerger:
                 if m:
                     out.append(m)
                 self.text.append(entry.text)
+                self.text_tokens.extend(entry.tokens.numpy().tolist())
                 self.segment_text[entry.segment] = self.segment_text.get(entry.segment, "") + entry.text
                 out.append(pb.TurnEvent(turn_id=self.turn_id, text=pb.TextDelta(text=entry.text, segment=entry.segment)))
         elif isinstance(entry, SegmentBoundary):
@@ -95,8 +91,6 @@ class ReplyMerger:
             else:
                 seg = self._seg(entry.segment)
                 seg.frames, seg.chunks = entry.audio_frames, entry.chunks
-        elif isinstance(entry, AudioFrames):
-            self.codes.setdefault(entry.segment, []).append(np.array(entry.codes.numpy()))
         elif isinstance(entry, PcmChunk):
             if entry.sample_rate != self.sample_rate:   # the vocoder's rate rules
                 self.sample_rate, self.overlap = entry.sample_rate, int(entry.sample_rate * 0.01)

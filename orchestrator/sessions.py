@@ -20,7 +20,6 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 import numpy as np
-import redis
 
 from services.common.errors import AlreadyExists, NotFound, ResourceExhausted
 
@@ -56,8 +55,8 @@ def _key(session_id: str) -> str:
 
 
 class SessionStore:
-    def __init__(self, client: redis.Redis, *, default_ttl_s: int, max_sessions: int, num_codebooks: int):
-        self.r = client
+    def __init__(self, client, *, default_ttl_s: int, max_sessions: int, num_codebooks: int):
+        self.r = client      # a redis.Redis (protocol 2), opened by the deployment: no Redis import here
         self.default_ttl_s = default_ttl_s
         self.max_sessions = max_sessions
         self.num_codebooks = num_codebooks

@@ -18,6 +18,7 @@ from services.common.bus import Bus
 from services.common.entries import ClientEvent, TurnEnd, decode_entry, id_ms
 from services.common.errors import Status
 from services.common.telemetry import get_metrics
+from orchestrator.conversation import Reply
 
 READ_BLOCK_MS = 200
 STALL_TIMEOUT_S = 120.0      # a turn whose stages wrote nothing for this long is abandoned
@@ -28,15 +29,10 @@ class TurnStalled(RuntimeError):
 
 
 @dataclass
-class TurnOutcome:
+class TurnOutcome(Reply):
+    """The turn's Reply (for the history; error: a pb.TurnError) and its caller-side end."""
+
     end: pb.EndOfTurn | None = None
-    error: pb.TurnError | None = None
-    tokens: list[int] | None = None          # the LLM's final sequence
-    generated_codes: object = None           # np.ndarray (frames, 8)
-    text: str = ""
-    audio_seconds: float = 0.0
-    interrupted: bool = False
-    segments: list[tuple[str, bytes]] = field(default_factory=list)   # (text, 24 kHz pcm16) per segment
     final: list[pb.TurnEvent] = field(default_factory=list)           # held back for `finish`
 
 
@@ -91,12 +87,12 @@ def produce(bus: Bus, merger, turn_id: str, *, interrupted: Callable[[], bool],
         for m in msgs:
             last[m.stream] = m.id
             if isinstance(m.entry, TurnEnd):
-                out.tokens = m.entry.tokens.numpy().tolist()
+                out.history, out.reply_codes = m.entry.tokens.numpy().tolist(), m.entry.codes.numpy()
             for ev in merger.feed(m.entry):
                 emit(ev)
     out.text = "".join(merger.text)
+    out.text_tokens = list(merger.text_tokens)
     out.audio_seconds = merger.audio_samples / merger.sample_rate
-    out.generated_codes = merger.generated_codes()
     for k in sorted(set(merger.segment_text) | set(merger.segment_audio)):
         pcm = to_pcm16(np.concatenate(merger.segment_audio[k]), limit=1.0) if k in merger.segment_audio else b""
         out.segments.append((merger.segment_text.get(k, ""), pcm))

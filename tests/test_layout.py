@@ -1,6 +1,9 @@
 """The import rules of the layout (README "Layout"): no stage imports another stage, shared code
 imports no stage, and a stage's model and runner code never imports Ray, Redis or gRPC (only
-its deployment.py does), so it runs on a bare GPU machine and in plain tests."""
+its deployment.py does), so it runs on a bare GPU machine and in plain tests. Shared logic
+in services/common (all but its serving adapters) imports none of them either, and the
+orchestrator's pure modules (what a turn means, merging, the session record) do not reach them,
+not even through the project modules they import."""
 from __future__ import annotations
 
 import ast
@@ -20,6 +23,7 @@ def imports(path: Path) -> set[str]:
             out |= {a.name for a in node.names}
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
             out.add(node.module)
+            out |= {f"{node.module}.{a.name}" for a in node.names}     # `from pkg import module`
     return out
 
 
@@ -61,3 +65,29 @@ def test_shared_logic_imports_no_serving_framework():
            for f in modules("common") if f.name not in SERVING_ADAPTERS}
     bad = {k: v for k, v in bad.items() if v}
     assert not bad, f"services/common logic imports a serving framework: {bad}"
+
+
+# orchestrator modules without I/O of their own, and what they may not reach: conversation.py and
+# sessions.py deal in plain types (the deployment converts protobuf); merge.py makes the caller's
+# protobuf events, but reads and writes nothing
+NO_IO = ("ray", "redis", "grpc", "grpc_health", "grpc_reflection")
+PURE_ORCHESTRATOR = {"conversation.py": SERVING, "sessions.py": SERVING, "merge.py": NO_IO}
+
+
+def reached(path: Path) -> set[str]:
+    """Every module `path` imports, directly or through the project's own modules."""
+    seen: set[str] = set()
+    todo = [path]
+    while todo:
+        for m in imports(todo.pop()) - seen:
+            seen.add(m)
+            f = ROOT / (m.replace(".", "/") + ".py")
+            if m.split(".")[0] in ("orchestrator", "services") and f.is_file():
+                todo.append(f)
+    return seen
+
+
+@pytest.mark.parametrize("name", sorted(PURE_ORCHESTRATOR))
+def test_pure_orchestrator_modules_reach_no_serving_framework(name):
+    bad = sorted(m for m in reached(ROOT / "orchestrator" / name) if m.split(".")[0] in PURE_ORCHESTRATOR[name])
+    assert not bad, f"orchestrator/{name} imports {bad} (directly or through project modules)"

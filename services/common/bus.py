@@ -2,7 +2,7 @@
 
 Two kinds of stream:
 
-    turn:{turn_id}:llm     text deltas, audio frames, segment boundaries, timing, end/error
+    turn:{turn_id}:llm     text deltas, segment boundaries, timing, end/error
     turn:{turn_id}:audio   PCM chunks keyed by (segment, chunk), boundaries, errors
     turn:{turn_id}:events  the merged reply as the caller receives it (ClientEvent), for resume
         Written by the stages, read in order by the orchestrator with XREAD. Capped with an

@@ -97,6 +97,10 @@ def array_field(dtype: str, *dims: str, **kw: Any) -> Any:
     return field(metadata={"array": (dtype, dims)}, **kw)
 
 
+NO_TOKENS = Array(INT32, (0,), b"")        # the empty defaults of token and code fields
+NO_CODES = Array(INT32, (0, 0), b"")
+
+
 # --------------------------------------------------------------------------- entries
 
 _CODECS: dict[Any, tuple[Callable[[Any], bytes], Callable[[bytes], Any]]] = {
@@ -289,26 +293,14 @@ class VocodeJob(Entry, type_name="vocode_job"):
 
 @dataclass(frozen=True)
 class TextDelta(Entry, type_name="text"):
-    """New reply text of text segment `segment` (0-based), in generation order."""
+    """New reply text of text segment `segment` (0-based), in generation order. tokens: the
+    ids of the generated tokens this text shows (the history of an interrupted turn keeps the
+    tokens of the text its caller got)."""
 
     turn_id: str
     segment: int
     text: str
-
-
-@dataclass(frozen=True)
-class AudioFrames(Entry, type_name="audio_frames"):
-    """Audio codes the LLM generated for segment `segment`: int32 (frames, codebooks).
-    `first_frame` is the index of the first of these frames within the segment."""
-
-    turn_id: str
-    segment: int
-    first_frame: int
-    codes: Array = array_field(INT32, "frames", "codebooks")
-
-    @classmethod
-    def from_codes(cls, turn_id: str, segment: int, first_frame: int, codes: Any, **kw: Any) -> "AudioFrames":
-        return cls(turn_id=turn_id, segment=segment, first_frame=first_frame, codes=Array.of(codes, INT32), **kw)
+    tokens: Array = array_field(INT32, "tokens", default=NO_TOKENS)
 
 
 @dataclass(frozen=True)
@@ -365,17 +357,23 @@ class Timing(Entry, type_name="timing"):
 @dataclass(frozen=True)
 class TurnEnd(Entry, type_name="end"):
     """The writer is done with this turn. reason: 'eos', 'length', 'cancelled' (LLM) or
-    'complete'. text: the full reply text. tokens: the final token sequence, int32 (the
-    session history), empty when not applicable."""
+    'complete'. text: the full reply text. tokens: the session's model history after the turn,
+    int32 (prompt and reply as the next turn extends them), empty when not applicable.
+    codes: int32 (frames, codebooks): one row per audio pad the reply added to `tokens` (the
+    prompt's own rows are the caller's); (0, 0) when there are none."""
 
     turn_id: str
     reason: str
     text: str = ""
-    tokens: Array = array_field(INT32, "tokens", default=Array(INT32, (0,), b""))
+    tokens: Array = array_field(INT32, "tokens", default=NO_TOKENS)
+    codes: Array = array_field(INT32, "frames", "codebooks", default=NO_CODES)
 
     @classmethod
-    def with_tokens(cls, turn_id: str, reason: str, tokens: Sequence[int], **kw: Any) -> "TurnEnd":
-        return cls(turn_id=turn_id, reason=reason, tokens=Array.of(list(tokens), INT32), **kw)
+    def with_tokens(cls, turn_id: str, reason: str, tokens: Sequence[int], codes: Any = None,
+                    **kw: Any) -> "TurnEnd":
+        """codes: (frames, codebooks) integers; None or no rows: none."""
+        rows = Array.of(codes, INT32) if codes is not None and len(codes) else NO_CODES
+        return cls(turn_id=turn_id, reason=reason, tokens=Array.of(list(tokens), INT32), codes=rows, **kw)
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ Also implements the `LLM.Generate` gRPC service (streamed events) for direct cal
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import threading
 import time
@@ -92,35 +93,32 @@ class LLMDeployment:
         # "loading" a session only pins it to this replica; the engine keeps its KV cache
         return session_id
 
+    # ---------------------------------------------------------------- both paths
+    def _submit(self, request: Request):
+        """The engine's handle of `request` under the operator's limits, its session opened here."""
+        if request.session_id:
+            self._open(request.session_id)
+        return self.engine.submit(dataclasses.replace(request, **self.limits))
+
     # ---------------------------------------------------------------- handle API
-    def _request(self, req: dict) -> Request:
-        codes = req.get("prompt_codes")
-        return Request(prompt_ids=list(req["prompt_ids"]), mode=req.get("mode", "spoken"),
-                       audio_codes=torch.as_tensor(np.asarray(codes, dtype=np.int64)) if codes is not None and len(codes) else None,
-                       tts_chunks=[list(c) for c in req.get("tts_chunks", ())],
-                       session_id=req.get("session_id") or None, greedy=bool(req.get("greedy")),
-                       seed=req.get("seed"), request_id=req["turn_id"],
-                       max_audio_frames=req.get("max_audio_frames"), sampling=req.get("sampling"), **self.limits)
-
-    async def generate(self, req: dict) -> dict:
-        """Start a turn; its events go to Redis. Returns when the engine accepted it.
-
-        req: turn_id, session_id, mode (spoken|text|asr|tts), prompt_ids, prompt_codes
-        (N x 8 for the prompt's audio pads), tts_chunks, greedy, seed, low_latency."""
+    async def generate(self, request: Request, low_latency: bool = False, trace: dict | None = None) -> str:
+        """Start a turn (request.request_id is its turn id); its events go to Redis (publisher.py),
+        low_latency: chunk the first audio segment's decode jobs; trace: the caller's trace
+        context. Returns the turn id once the engine accepted the request."""
         sid = serve.get_multiplexed_model_id()
         if sid:
             await self._session(sid)
-            self._open(sid)
-        request = self._request(req)
-        handle = self.engine.submit(request)
-        pub = TurnPublisher(req["turn_id"], req.get("session_id", ""), self._emit(req["turn_id"]),
-                            chunks=self.low_latency if req.get("low_latency") else ChunkPolicy(),
-                            seed=req.get("seed"))
+        turn_id = request.request_id
+        if not turn_id:
+            raise ValueError("the LLM request has no request_id: it is the turn id its stream entries carry")
+        handle = self._submit(request)
+        pub = TurnPublisher(turn_id, request.session_id or "", self._emit(turn_id),
+                            chunks=self.low_latency if low_latency else ChunkPolicy(), seed=request.seed)
         with self._lock:
-            self.turns[req["turn_id"]] = handle
-        threading.Thread(target=self._forward, args=(req["turn_id"], handle, pub, req.get("trace")), daemon=True,
-                         name=f"turn-{req['turn_id']}").start()
-        return {"turn_id": req["turn_id"]}
+            self.turns[turn_id] = handle
+        threading.Thread(target=self._forward, args=(turn_id, handle, pub, trace), daemon=True,
+                         name=f"turn-{turn_id}").start()
+        return turn_id
 
     def _emit(self, turn_id: str):
         def emit(target: str, entry) -> None:
@@ -176,15 +174,12 @@ class LLMDeployment:
         nb = self.engine.cfg.audio.num_codebooks
         codes = np.asarray(request.prompt_codes.values, dtype=np.int64).reshape(-1, request.prompt_codes.codebooks or nb)
         sampling = {f.name: v for f, v in request.sampling.ListFields()}
-        r = Request(prompt_ids=list(request.prompt_ids), mode=MODES.get(request.mode, "spoken"),
-                    audio_codes=torch.from_numpy(codes) if len(codes) else None,
-                    tts_chunks=[self.prompts.tts_chunk(c) for c in request.tts_chunks],
-                    greedy=bool(sampling.pop("greedy", False)), seed=sampling.pop("seed", None),
-                    sampling=sampling or None, request_id=request.turn_id or None, **self.limits)
-        if request.session_id:
-            self._open(request.session_id)
-        r.session_id = request.session_id or None
-        handle = self.engine.submit(r)
+        handle = self._submit(Request(
+            prompt_ids=list(request.prompt_ids), mode=MODES.get(request.mode, "spoken"),
+            audio_codes=torch.from_numpy(codes) if len(codes) else None,
+            tts_chunks=[self.prompts.tts_chunk(c) for c in request.tts_chunks], session_id=request.session_id or None,
+            greedy=bool(sampling.pop("greedy", False)), seed=sampling.pop("seed", None),
+            sampling=sampling or None, request_id=request.turn_id or None))
         loop = asyncio.get_running_loop()
         events = handle.events()
         while True:

@@ -162,6 +162,12 @@ class Done(Event):
     prefix_reused: int = 0     # prompt tokens taken from the session's cache
     host_writes: tuple[tuple[int, int, int], ...] = ()   # (position, old id, new id), no-ops included
     error: Optional[str] = None
+    # The session's model history after the request, for the next turn's prompt to extend:
+    # final_sequence with an unforwarded end-of-audio pad closed by <audiogen_end>, as the host
+    # closes every other audio span (§11.2 e), and the codes of the audio pads the reply added
+    # to it (the prompt's own are the request's audio_codes).
+    history: tuple[int, ...] = ()
+    reply_codes: tuple[tuple[int, ...], ...] = ()
 
 
 OVERRIDE_KEYS = ("temperature", "top_k", "top_p")
@@ -234,6 +240,7 @@ class Sequence:
         self.max_len = max_len                 # KV capacity of a slot
         self.tokens: list[int] = list(request.prompt_ids)
         self.pad_rows = pad_rows               # codes of every audio_pad in `tokens`, in order
+        self.prompt_pads = len(pad_rows)
         self.kv_len = 0                        # tokens[:kv_len] are in the KV cache
         self.pads_fwd = 0                      # audio_pads among tokens[:kv_len]
         self.prefix_reused = 0
@@ -356,9 +363,14 @@ class Sequence:
             self._end_text(reason)
         elif self.phase == Phase.AUDIO and reason in ("cancelled", "length", "error") and self.frames:
             self._end_audio(reason)
+        history, rows = list(self.tokens), self.pad_rows[self.prompt_pads:]
+        if (self.phase == Phase.AUDIO and self.forced is None and history[-1] == self.proto.audio_pad
+                and rows and rows[-1][0] == self.proto.eoa):
+            history[-1] = self.proto.audiogen_end          # the reply ended on its end-of-audio pad
+            rows = rows[:-1]
         self.phase = Phase.DONE
         self.done = Done(self.id, reason, tuple(self.tokens), self.kv_len, self.prefix_reused,
-                         tuple(self.host_writes), error)
+                         tuple(self.host_writes), error, tuple(history), tuple(rows))
         self.events.append(self.done)
 
     # ------------------------------------------------------------------ text decisions

@@ -1,9 +1,11 @@
 """Turn one engine request's events into the turn's stream entries and decode jobs.
 
-Engine events (services/llm/protocol.py) -> turn:{id}:llm (text deltas, audio frames, segment
-boundaries, end) and jobs:decoder (one job per audio segment in faithful mode; in low-latency
-mode the first audio segment is cut into growing chunks, each job carrying the segment's
-prefix so the decoder sees the whole history, see services/decoder/deployment.py).
+Engine events (services/llm/protocol.py) -> turn:{id}:llm (text deltas with their token ids,
+segment boundaries, the end with the session's history) and jobs:decoder (one job per audio
+segment in faithful mode; in low-latency mode the first audio segment is cut into growing
+chunks, each job carrying the segment's prefix so the decoder sees the whole history, see
+services/decoder/deployment.py). Audio codes travel only in the decode jobs and, for the
+history, once in the end entry: nobody else needs them frame by frame.
 
 Plain Python over an abstract `emit(stream_kind_or_jobs, entry)` sink, so it is tested without
 Redis; the deployment plugs the bus in."""
@@ -52,6 +54,7 @@ class TurnPublisher:
     chunks: ChunkPolicy = field(default_factory=ChunkPolicy)
     seed: int | None = None
     text: list[str] = field(default_factory=list)
+    _text_ids: list[int] = field(default_factory=list)   # tokens whose text is not sent yet
     _frames: list[tuple[int, ...]] = field(default_factory=list)
     _sent_chunks: int = 0          # decode jobs sent for the current audio segment
     _sent_tokens: int = 0          # frames of the current segment covered by those jobs
@@ -71,16 +74,20 @@ class TurnPublisher:
     def feed(self, ev: Event) -> None:
         t = self.turn_id
         if isinstance(ev, TextDelta):
+            if ev.token_id is not None:
+                self._text_ids.append(ev.token_id)
             if ev.text:
+                # the ids travel with the text they show, so a reader knows the tokens of the text
+                # it delivered (an interrupted turn's history keeps exactly those)
                 self.text.append(ev.text)
-                self.emit("llm", entries.TextDelta(turn_id=t, segment=ev.segment, text=ev.text))
+                self.emit("llm", entries.TextDelta(turn_id=t, segment=ev.segment, text=ev.text,
+                                                   tokens=entries.Array.of(self._text_ids, entries.INT32)))
+                self._text_ids = []
         elif isinstance(ev, SegmentStart) and ev.kind == "audio":
             self._audio_segment = ev.segment
             self._frames, self._sent_chunks, self._sent_tokens = [], 0, 0
         elif isinstance(ev, AudioFrame):
             self._frames.append(tuple(ev.codes))
-            self.emit("llm", entries.AudioFrames.from_codes(t, ev.segment, ev.index,
-                                                        np.asarray([ev.codes], dtype=np.int32)))
             if self._chunking():
                 plan = chunk_plan(len(self._frames), self.chunks.first, self.chunks.growth, self.chunks.max_chunk)
                 # a chunk is ready once the frames after its end exist (the plan of a longer
@@ -91,6 +98,7 @@ class TurnPublisher:
                     self._job(ev.segment, self._sent_chunks, s, e, final=False)
         elif isinstance(ev, SegmentEnd):
             if ev.kind == "text":
+                self._text_ids = []             # tokens that show nothing (EOS, stripped specials)
                 self.emit("llm", entries.SegmentBoundary(turn_id=t, segment=ev.segment, kind="text"))
             else:
                 if ev.segment != self._audio_segment:   # a 0-frame segment has no SegmentStart
@@ -106,4 +114,5 @@ class TurnPublisher:
                 self.emit("llm", entries.TurnError(turn_id=t, stage="llm", code=Status.INTERNAL,
                                                message=ev.error or "generation failed"))
             else:
-                self.emit("llm", entries.TurnEnd.with_tokens(t, ev.reason, ev.final_sequence, text="".join(self.text)))
+                self.emit("llm", entries.TurnEnd.with_tokens(t, ev.reason, ev.history, ev.reply_codes,
+                                                             text="".join(self.text)))

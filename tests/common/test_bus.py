@@ -10,7 +10,7 @@ import redis
 
 from services.common.bus import BacklogFull, Bus
 from services.common.entries import (
-    ENTRY_TYPES, AudioFrames, BusError, ClientEvent, DecodeJob, Entry, PcmChunk, SegmentBoundary, TextDelta,
+    ENTRY_TYPES, INT32, Array, BusError, ClientEvent, DecodeJob, Entry, PcmChunk, SegmentBoundary, TextDelta,
     Timing, TurnEnd, TurnError, VocodeJob,
 )
 
@@ -24,12 +24,11 @@ def every_entry(turn: str) -> list[Entry]:
         DecodeJob.from_codes(turn, 2, 1, codes, final=False, context_frames=1, seed=2**63 - 1,
                              session_id="s-1", traceparent=TRACEPARENT, tracestate="k=v"),
         VocodeJob.from_mel(turn, 2, 1, mel, final=True, context_frames=4, seed=7),
-        TextDelta(turn, 0, "你好, world\n"),
-        AudioFrames.from_codes(turn, 1, 12, codes),
+        TextDelta(turn, 0, "你好, world\n", tokens=Array.of([108386, 11, 1879, 198], INT32)),
         PcmChunk.from_pcm16(turn, 1, 3, np.array([0, -32768, 32767], "<i2").tobytes(), 24000, final=False),
         SegmentBoundary(turn, 1, "audio", audio_frames=13, chunks=3),
         Timing(turn, "first_audio", 1.7e12 + 0.125),
-        TurnEnd.with_tokens(turn, "eos", [151643, 0, 7], text="done"),
+        TurnEnd.with_tokens(turn, "eos", [151643, 0, 7], codes[:2], text="done"),
         TurnError(turn, "decoder", 13, "decoder replica crashed", segment=2, chunk=0),
         ClientEvent(turn, b"\x00\x01serialized-event\xff", last=True),
     ]
@@ -50,8 +49,10 @@ def test_every_entry_type_round_trips_through_redis(bus, uid):
     np.testing.assert_array_equal(dj.codes.numpy(), np.arange(24).reshape(3, 8) - 5)
     assert dj.codes.numpy().dtype == np.int32
     np.testing.assert_array_equal(vj.mel.numpy(), entries[1].mel.numpy())
-    assert got[7].entry.tokens.numpy().tolist() == [151643, 0, 7]
-    assert got[4].entry.samples == 3
+    assert got[2].entry.tokens.numpy().tolist() == [108386, 11, 1879, 198]
+    assert got[6].entry.tokens.numpy().tolist() == [151643, 0, 7]
+    np.testing.assert_array_equal(got[6].entry.codes.numpy(), np.arange(16).reshape(2, 8) - 5)
+    assert got[3].entry.samples == 3
 
 
 def test_bus_refuses_clients_it_cannot_read(redis_url):

@@ -5,7 +5,7 @@ import soundfile as sf
 
 from orchestrator.cli import main
 from services.common.checkpoint import Checkpoint
-from tests.orchestrator.test_conversation import QUESTION
+from tests.orchestrator.test_service import QUESTION
 
 
 def test_converse_transcribe_synthesize(serve_stack, tmp_path, capsys):

@@ -1,269 +1,251 @@
-"""The whole stack as users run it: real Ray Serve apps, real redis-server, real gRPC through
-Serve's proxy, the tiny checkpoint, the bundled spoken question."""
+"""What a turn means (orchestrator/conversation.py), without Ray, Redis or gRPC: input checks,
+sampling validation, prompts, the LLM request, and the history rules (normal, faithful,
+interrupted, failed), including the hand-over from the LLM stage's end-of-turn entry."""
 from __future__ import annotations
 
-import threading
-import time
-from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
+import asyncio
+import base64
 
-import grpc
+import numpy as np
 import pytest
+import torch
 
-from baichuan_audio.v1 import conversation_pb2 as pb
-from baichuan_audio.v1 import conversation_pb2_grpc as pb_grpc
-from tests.common.test_grpc_status import assert_clean
+from orchestrator.conversation import (SAMPLING_LIMITS, Conversation, Reply, UserTurn, codes_to_b64, llm_request,
+                                       sampling_overrides)
+from orchestrator.sessions import Session, SessionSettingsRecord
+from services.common import entries
+from services.common.model_config import AudioTokenIds
+from services.common.text_tokenizer import DEFAULT_SYSTEM_PROMPT
+from services.llm.prompts import Audio, GeneratedAudio, Message, Prompt, PromptBuilder, ProtocolTokens
+from services.llm.protocol import Sequence
+from services.llm.publisher import TurnPublisher
+from tests.llm.test_scheduler import A, AG_END, AG_START, EOA, EOS, FRAME, PAD, X, frames, proto, text
 
-QUESTION = Path(__file__).resolve().parents[2] / "orchestrator" / "samples" / "question.wav"
-META = (("application", "conversation"),)
-TIMEOUT = 180
-
-
-@pytest.fixture(scope="module")
-def stub(serve_stack):
-    for app in ("tokenizer", "llm", "decoder", "vocoder", "conversation"):
-        serve_stack.deploy(app)
-    channel = grpc.insecure_channel(serve_stack.address)
-    yield pb_grpc.ConversationServiceStub(channel)
-    channel.close()
-
-
-@pytest.fixture(scope="module")
-def rate(serve_stack) -> int:
-    """The reply's sample rate: the served checkpoint's vocoder rate."""
-    from services.common.checkpoint import Checkpoint
-    return Checkpoint(serve_stack.checkpoint).hift_config().sampling_rate
+# ids shared with the protocol tests' vocabulary (PAD, AG_START, AG_END), the rest above it
+AUDIO = AudioTokenIds(audio_start=20, audio_end=21, audio_pad=PAD, audio_delim=22, audiotext_start=23,
+                      audiotext_end=24, audiotext_pad=25, audiogen_start=AG_START, audiogen_end=AG_END)
+SYS, USR, ASST = 30, 31, 32
+NB = 3                                              # codebooks, as in the protocol tests
 
 
-def session(stub, **settings) -> str:
-    return stub.CreateSession(pb.CreateSessionRequest(settings=pb.SessionSettings(**settings)),
-                              metadata=META, timeout=30).session_id
+class CharTokenizer:
+    """One id per character: enough to tell prompts apart."""
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return [1000 + ord(c) for c in text]
 
 
-def converse(stub, sid: str, *, text: str | None = None, audio: bytes | None = None):
-    req = pb.ConverseRequest(session_id=sid)
-    if text is not None:
-        req.text = text
-    else:
-        req.audio.file = audio if audio is not None else QUESTION.read_bytes()
-    return list(stub.Converse(req, metadata=META, timeout=TIMEOUT))
+PROMPTS = PromptBuilder(CharTokenizer(), ProtocolTokens(AUDIO, EOS, SYS, USR, ASST, "<ag>", "<eos>"), NB)
 
 
-def check_turn(events: list[pb.TurnEvent], spoken: bool = True, rate: int | None = None) -> tuple[pb.EndOfTurn, bytes]:
-    """One well-formed turn. rate: the served vocoder's sample rate (default: whatever the
-    first audio chunk says; every chunk and the end's length must agree with it)."""
-    assert events, "no events"
-    turn_ids = {e.turn_id for e in events}
-    assert len(turn_ids) == 1 and "" not in turn_ids
-    ids = [e.event_id for e in events]
-    assert len(set(ids)) == len(ids) and all(ids)
-    assert events[-1].HasField("end"), events[-1]
-    end = events[-1].end
-    assert sum(e.HasField("end") for e in events) == 1
-    audio = [e.audio for e in events if e.HasField("audio")]
-    assert [a.sequence for a in audio] == list(range(len(audio)))   # gap-free, ordered
-    pcm = b"".join(a.pcm16 for a in audio)
-    rate = rate or (audio[0].sample_rate if audio else 1)
-    assert all(a.sample_rate == rate for a in audio)
-    assert end.audio_seconds == pytest.approx(len(pcm) / 2 / rate, abs=1e-6)
-    text = "".join(e.text.text for e in events if e.HasField("text"))
-    assert end.text == text
-    if spoken:
-        assert audio, "a spoken reply without audio"
-        assert any(e.HasField("timing") and e.timing.name == "first_audio" for e in events)
-    else:
-        assert not audio
-    return end, pcm
+def conv(max_text_chars: int = 100) -> Conversation:
+    return Conversation(PROMPTS, max_text_chars=max_text_chars)
 
 
-def test_two_turn_spoken_conversation(stub, tmp_path, rate):
-    sid = session(stub)
-    end1, pcm1 = check_turn(converse(stub, sid), rate=rate)
-    end2, pcm2 = check_turn(converse(stub, sid), rate=rate)
-    assert end1.reason == end2.reason == "complete"
-    # the reply written as a wav has the announced length
-    from services.common.audio import wav_bytes
-    import soundfile as sf
-    out = tmp_path / "reply.wav"
-    out.write_bytes(wav_bytes(pcm2, rate))
-    info = sf.info(str(out))
-    assert info.samplerate == rate and info.frames / rate == pytest.approx(end2.audio_seconds)
-    s = stub.GetSession(pb.GetSessionRequest(session_id=sid), metadata=META, timeout=30)
-    assert s.turns == 2
-    assert [h.role for h in s.history] == ["user", "assistant", "user", "assistant"]
-    assert s.history[3].text == end2.text
+def session(**settings) -> Session:
+    return Session("s1", SessionSettingsRecord(**settings), created_ms=0, expires_ms=0,
+                   codes=np.zeros((0, NB), np.int32))
 
 
-def test_text_turns_and_text_only_replies(stub):
-    sid = session(stub, reply_mode=pb.REPLY_MODE_TEXT)
-    end, _ = check_turn(converse(stub, sid, text="Hello, how are you?"), spoken=False)
-    assert end.reason == "complete"
+def codes(*rows) -> torch.Tensor:
+    return torch.tensor(rows, dtype=torch.int64)
 
 
-def test_asr_and_tts_round_trip(stub):
-    r = stub.Transcribe(pb.TranscribeRequest(audio=pb.AudioInput(file=QUESTION.read_bytes())),
-                        metadata=META, timeout=TIMEOUT)
-    import soundfile as sf
-    assert r.audio_seconds == pytest.approx(sf.info(str(QUESTION)).duration, abs=0.01)
-    assert isinstance(r.text, str)
-    events = list(stub.Synthesize(pb.SynthesizeRequest(text="你好，欢迎收听今天的节目。我们马上开始！"),
-                                  metadata=META, timeout=TIMEOUT))
-    end, pcm = check_turn(events)
-    assert len(pcm) > 0
+def record(c: Conversation, sess: Session, turn, reply) -> None:
+    """What SessionStore.end_turn does with a TurnRecord, in memory."""
+    rec = c.finish(turn, reply)
+    sess.history.extend(rec.entries)
+    if rec.tokens is not None:
+        sess.tokens, sess.codes = rec.tokens, rec.codes
 
 
-def test_bad_requests_get_precise_status(stub):
-    with pytest.raises(grpc.RpcError) as e:
-        converse(stub, "no-such-session", text="hi")
-    assert e.value.code() == grpc.StatusCode.NOT_FOUND
-    sid = session(stub)
-    with pytest.raises(grpc.RpcError) as e:
-        converse(stub, sid, audio=b"not audio at all")
-    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    # raised in the tokenizer replica: the caller reads the tokenizer's message, not Ray's traceback
-    assert "WAV or FLAC" in e.value.details()
-    assert_clean(e.value.details())
-    with pytest.raises(grpc.RpcError) as e:
-        stub.Synthesize(pb.SynthesizeRequest(text=""), metadata=META, timeout=30).next()
-    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    # the failed turn released the session: it still works
-    check_turn(converse(stub, sid, text="Hello"))
+def pads(ids) -> int:
+    return sum(1 for t in ids if t == PAD)
 
 
-def test_resume_after_a_dropped_client(stub):
-    sid = session(stub)
-    req = pb.ConverseRequest(session_id=sid)
-    req.audio.file = QUESTION.read_bytes()
-    call = stub.Converse(req, metadata=META, timeout=TIMEOUT)
-    first = [next(call), next(call)]
-    call.cancel()                                   # the client goes away mid-turn
-    rest = list(stub.Converse(pb.ConverseRequest(session_id=sid, resume_turn_id=first[-1].turn_id,
-                                                 after_event_id=first[-1].event_id),
-                              metadata=META, timeout=TIMEOUT))
-    check_turn(first + rest)                        # no loss, no duplicates, gap-free audio
+# ---------------------------------------------------------------- input and sampling
+
+def test_turn_input_checks():
+    c = conv(max_text_chars=5)
+    with pytest.raises(ValueError, match="no input: set audio .* or text"):
+        c.check_input(None)
+    with pytest.raises(ValueError, match="text of 6 characters is over the limit of 5"):
+        c.check_input("text", "x" * 6)
+    c.check_input("text", "hello")
+    c.check_input("audio")
+    with pytest.raises(ValueError, match="text is empty"):
+        c.synthesize_request("t", "  ", {})
+    with pytest.raises(ValueError, match="over the limit of 5"):
+        c.synthesize_request("t", "x" * 6, {})
 
 
-def test_interrupt_stops_the_turn(stub):
-    sid = session(stub)
-    req = pb.ConverseRequest(session_id=sid)
-    req.audio.file = QUESTION.read_bytes()
-    events: list[pb.TurnEvent] = []
-    started = threading.Event()
-
-    def run():
-        for ev in stub.Converse(req, metadata=META, timeout=TIMEOUT):
-            events.append(ev)
-            started.set()
-
-    t = threading.Thread(target=run)
-    t.start()
-    assert started.wait(TIMEOUT)
-    r = stub.Interrupt(pb.InterruptRequest(session_id=sid), metadata=META, timeout=30)
-    t.join(TIMEOUT)
-    end = events[-1].end
-    if r.interrupted:
-        assert end.reason == "interrupted"
-        s = stub.GetSession(pb.GetSessionRequest(session_id=sid), metadata=META, timeout=30)
-        assert s.history[-1].interrupted
-        delivered = "".join(e.text.text for e in events if e.HasField("text"))
-        assert s.history[-1].text == delivered
-    else:                                           # the tiny model's reply had already ended
-        assert end.reason == "complete"
-    # the session takes the next turn
-    check_turn(converse(stub, sid, text="Hello"))
+@pytest.mark.parametrize("name,value", [("text_temperature", 5.0), ("audio_temperature", 0.01), ("text_top_k", 0),
+                                        ("audio_top_k", 1001), ("text_top_p", 1.5), ("audio_top_p", 0.0)])
+def test_sampling_out_of_range_names_the_field_and_its_range(name, value):
+    lo, hi = SAMPLING_LIMITS[name.split("_", 1)[1]]
+    with pytest.raises(ValueError) as e:
+        sampling_overrides({name: value})
+    assert str(e.value) == f"sampling.{name}={value:g} is out of range [{lo:g}, {hi:g}]"
 
 
-def test_parallel_sessions_never_see_each_others_events(stub):
-    sids = [session(stub) for _ in range(2)]
-    with ThreadPoolExecutor(2) as pool:
-        results = list(pool.map(lambda s: converse(stub, s), sids))
-    turn_ids = [{e.turn_id for e in evs} for evs in results]
-    assert all(len(t) == 1 for t in turn_ids) and turn_ids[0] != turn_ids[1]
-    for evs in results:
-        check_turn(evs)
+def test_sampling_within_limits_is_kept_as_set():
+    s = {"text_temperature": 0.05, "audio_top_k": 1000, "text_top_p": 1.0, "seed": 7, "greedy": True}
+    assert sampling_overrides(s) == s
 
 
-def test_reflection_client_lists_and_calls_the_service(serve_stack, stub):
-    from google.protobuf import descriptor_pool, message_factory
-    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+# ---------------------------------------------------------------- the LLM request
 
-    channel = grpc.insecure_channel(serve_stack.address)
-    db = ProtoReflectionDescriptorDatabase(channel)
-    services = db.get_services()
-    assert "baichuan_audio.v1.ConversationService" in services
-    pool = descriptor_pool.DescriptorPool(db)
-    svc = pool.FindServiceByName("baichuan_audio.v1.ConversationService")
-    method = svc.methods_by_name["CreateSession"]
-    req_cls = message_factory.GetMessageClass(method.input_type)
-    resp_cls = message_factory.GetMessageClass(method.output_type)
-    call = channel.unary_unary(f"/{svc.full_name}/{method.name}", request_serializer=req_cls.SerializeToString,
-                               response_deserializer=resp_cls.FromString)
-    resp = call(req_cls(), metadata=META, timeout=30)
-    assert len(resp.session_id) == 32
-    channel.close()
-
-
-def test_faithful_history_re_encodes_the_assistant_audio(stub, serve_stack):
-    import json
-
-    import redis
-
-    sid = session(stub, faithful_history=True)
-    end1, pcm1 = check_turn(converse(stub, sid))
-    end2, _ = check_turn(converse(stub, sid))
-    assert end1.reason == end2.reason == "complete"
-    turns = json.loads(redis.Redis.from_url(serve_stack.redis_url).get(f"session:{sid}:faithful"))
-    assert len(turns) == 2 and "codes" in turns[0]["user"]
-    first = turns[0]["assistant"]
-    # every segment of turn 1 that had audio was re-encoded from its waveform for turn 2
-    with_audio = [s for s in first if s["pcm16"]]
-    assert with_audio and all("codes" in s for s in with_audio)
-    assert "".join(s["text"] for s in first) == end1.text
+def test_one_request_type_for_turns_and_one_shots():
+    p = Prompt([1, PAD, 2], codes((5, 1, 2)))
+    r = llm_request("t1", "spoken", p, session_id="s1",
+                    sampling={"seed": 7, "greedy": False, "text_temperature": 0.5})
+    assert (r.request_id, r.session_id, r.mode, r.prompt_ids) == ("t1", "s1", "spoken", [1, PAD, 2])
+    assert (r.greedy, r.seed, r.sampling) == (False, 7, {"text_temperature": 0.5})
+    assert r.audio_codes.dtype == np.int64 and r.audio_codes.tolist() == [[5, 1, 2]]
+    r = llm_request("t2", "text", Prompt([1], codes().reshape(0, NB)))
+    assert r.audio_codes is None and r.sampling is None and r.seed is None and not r.greedy
+    c = conv()
+    asr = c.transcribe_request("t3", codes((5, 1, 2), (6, 2, 3)))
+    assert asr.mode == "asr" and asr.greedy and pads(asr.prompt_ids) == 2 and asr.session_id is None
+    tts = c.synthesize_request("t4", "你好，欢迎收听今天的节目。我们马上开始！", {})
+    assert tts.mode == "tts" and tts.greedy and tts.prompt_ids[-1] == AG_START and len(tts.tts_chunks) == 1
+    assert not c.synthesize_request("t5", "hello", {"greedy": False, "audio_top_k": 3}).greedy
+    turn = c.turn("t6", session(spoken=False, sampling={"greedy": True}), UserTurn(text="hi"), p)
+    assert turn.request.mode == "text" and turn.request.greedy and turn.request.session_id == "s1"
 
 
-def test_low_latency_audio_streams_chunks_in_order(stub):
-    sid = session(stub, low_latency_audio=True)
-    events = converse(stub, sid)
-    end, pcm = check_turn(events)
-    assert end.reason == "complete"
-    # the first audio segment came as several chunks (4-frame first chunk of a 5-frame segment)
-    first_seg = [e.audio for e in events if e.HasField("audio") and e.audio.segment == 0]
-    assert len(first_seg) >= 2
+# ---------------------------------------------------------------- history rules
+
+def test_first_turn_starts_with_the_system_prompt():
+    c = conv()
+    p = c.history_prompt(session(), UserTurn(codes=codes((5, 1, 2))))
+    assert p.ids == PROMPTS.chat([Message("system", DEFAULT_SYSTEM_PROMPT), Message("user", [Audio(codes((5, 1, 2)))])]).ids
+    p = c.history_prompt(session(system_prompt="Be brief.", spoken=False), UserTurn(text="hi"))
+    assert p.ids == PROMPTS.chat([Message("system", "Be brief."), Message("user", "hi")], spoken=False).ids
+    assert p.audio_codes is None
 
 
-def test_oversized_message_is_resource_exhausted(stub):
-    # the test stack caps messages at 8 MiB (limits.max_message_bytes)
-    sid = session(stub)
-    with pytest.raises(grpc.RpcError) as e:
-        converse(stub, sid, audio=b"\0" * (9 * 1024 * 1024))
-    assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    check_turn(converse(stub, sid, text="Hello"))   # the service and the session are fine
+def test_normal_turn_keeps_what_the_llm_says_and_the_next_prompt_extends_it():
+    c = conv()
+    sess = session()
+    user = UserTurn(codes=codes((9, 9, 9)), audio_seconds=0.08)
+    p = c.history_prompt(sess, user)
+    turn = c.turn("t1", sess, user, p)
+    history = p.ids + [A, AG_START, PAD, PAD, AG_END]     # closed by the LLM stage, not here
+    record(c, sess, turn, Reply(text="a", audio_seconds=0.16, history=history,
+                                reply_codes=np.array([(5, 1, 2), (6, 2, 3)], np.int32)))
+    assert sess.tokens == history and sess.codes.tolist() == [[9, 9, 9], [5, 1, 2], [6, 2, 3]]
+    assert sess.codes.dtype == np.int32
+    assert sess.history == [{"role": "user", "text": "", "audio_seconds": 0.08},
+                            {"role": "assistant", "text": "a", "audio_seconds": 0.16, "interrupted": False}]
+    nxt = c.history_prompt(sess, UserTurn(text="more"))
+    assert nxt.ids == history + PROMPTS.chat([Message("user", "more")]).ids
+    assert nxt.audio_codes.tolist() == sess.codes.tolist()
 
 
-def test_sampling_overrides_within_limits(stub):
-    sid = session(stub, sampling=pb.SamplingOverrides(text_temperature=0.5, audio_top_k=3, seed=7))
-    check_turn(converse(stub, sid))
-    with pytest.raises(grpc.RpcError) as e:
-        session(stub, sampling=pb.SamplingOverrides(text_temperature=5.0))
-    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "text_temperature" in e.value.details()
+def test_a_history_whose_pads_and_rows_disagree_is_refused_not_patched():
+    c = conv()
+    sess = session()
+    sess.tokens = [1, AG_START, PAD, PAD]                 # an unclosed end-of-audio pad
+    sess.codes = np.array([(5, 1, 2)], np.int32)
+    with pytest.raises(RuntimeError, match="session s1: history has 2 audio pads but 1 code rows"):
+        c.history_prompt(sess, UserTurn(text="hi"))
 
 
-def test_a_turn_abandoned_by_a_dead_replica_does_not_block_the_session(stub, serve_stack):
-    import redis
+def test_interrupted_turn_keeps_the_prompt_and_the_tokens_of_the_text_sent():
+    c = conv()
+    sess = session()
+    user = UserTurn(text="hi")
+    p = c.history_prompt(sess, user)
+    # the model's own ids, which need not be what re-tokenizing the text would give
+    reply = Reply(text="Hey", interrupted=True, text_tokens=[A, X], history=p.ids + [A, X, AG_START, PAD],
+                  reply_codes=np.array([(5, 1, 2)], np.int32))
+    record(c, sess, c.turn("t1", sess, user, p), reply)
+    assert sess.tokens == p.ids + [A, X] and sess.codes.shape == (0, NB)
+    assert sess.history[-1] == {"role": "assistant", "text": "Hey", "audio_seconds": 0.0, "interrupted": True}
+    spoken = UserTurn(codes=codes((9, 9, 9)))
+    p2 = c.history_prompt(sess, spoken)
+    record(c, sess, c.turn("t2", sess, spoken, p2), Reply(interrupted=True, text_tokens=[X], error="lost"))
+    assert sess.tokens == p2.ids + [X] and sess.codes.tolist() == [[9, 9, 9]]
 
-    from services.common.entries import ClientEvent
 
-    sid = session(stub)
-    r = redis.Redis.from_url(serve_stack.redis_url)
-    # a turn whose orchestrator replica died: marked running, its caller stream silent for long
-    ghost = "ghost-turn"
-    r.hset(f"session:{sid}", "active_turn", ghost)
-    stale_ms = int(time.time() * 1000) - 3600 * 1000
-    r.xadd(f"turn:{ghost}:events", ClientEvent(turn_id=ghost, payload=b"").encode(), id=f"{stale_ms}-0")
-    check_turn(converse(stub, sid, text="Hello"))
-    # while a turn really runs, a second one is refused
-    r.hset(f"session:{sid}", "active_turn", "live-turn")
-    r.xadd("turn:live-turn:events", ClientEvent(turn_id="live-turn", payload=b"").encode())
-    with pytest.raises(grpc.RpcError) as e:
-        converse(stub, sid, text="Hello again")
-    assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "running turn" in e.value.details()
+@pytest.mark.parametrize("reply", [
+    # the LLM finished, a later stage failed: the caller did not get that reply
+    Reply(text="x", error="decoder: lost segment 0", history=[1, 2, 7], reply_codes=np.zeros((0, NB), np.int32)),
+    Reply(text="x"),                                  # no end entry from the LLM
+    None,                                             # the orchestrator failed
+])
+def test_failed_turn_keeps_the_model_history_before_it(reply):
+    c = conv()
+    sess = session()
+    sess.tokens, sess.codes = [1, 2], np.zeros((0, NB), np.int32)
+    user = UserTurn(text="hi")
+    rec = c.finish(c.turn("t1", sess, user, c.history_prompt(sess, user)), reply)
+    assert rec.tokens is None and rec.codes is None and rec.faithful is None
+    assert [e["role"] for e in rec.entries] == (["user"] if reply is None else ["user", "assistant"])
+
+
+def test_faithful_turn_is_recorded_and_the_next_prompt_rebuilt_from_re_encoded_audio():
+    c = conv()
+    sess = session(faithful_history=True)
+    user = UserTurn(codes=codes((9, 9, 9)))
+    turn = c.turn("t1", sess, user, c.history_prompt(sess, user))
+    pcm = np.arange(480, dtype="<i2").tobytes()
+    reply = Reply(text="Hi there", segments=[("Hi", pcm), (" there", b"")], history=[1], reply_codes=None)
+    rec = c.finish(turn, reply)
+    assert rec.faithful == {"user": {"codes": codes_to_b64(codes((9, 9, 9)))},
+                            "assistant": [{"text": "Hi", "pcm16": base64.b64encode(pcm).decode()},
+                                          {"text": " there", "pcm16": ""}]}
+    assert c.finish(turn, Reply(error="x", segments=[("Hi", pcm)])).faithful is None
+    assert c.finish(c.turn("t", session(), user, turn.prompt), reply).faithful is None
+
+    heard: list[bytes] = []
+
+    async def reencode(data: bytes) -> torch.Tensor:
+        heard.append(data)
+        return codes((4, 4, 4), (3, 3, 3))
+
+    past = [rec.faithful]
+    p, changed = asyncio.run(c.faithful_prompt(sess, past, UserTurn(text="next"), reencode))
+    assert changed and heard == [pcm] and "codes" in past[0]["assistant"][0] and "codes" not in past[0]["assistant"][1]
+    expected = PROMPTS.chat([Message("system", DEFAULT_SYSTEM_PROMPT), Message("user", [Audio(codes((9, 9, 9)))]),
+                             Message("assistant", ["Hi", GeneratedAudio(codes((4, 4, 4), (3, 3, 3))), " there"]),
+                             Message("user", "next")])
+    assert p.ids == expected.ids and torch.equal(p.audio_codes, expected.audio_codes)
+    # re-encoding is deterministic: the kept codes serve the following turns
+    p2, changed = asyncio.run(c.faithful_prompt(sess, past, UserTurn(text="next"), reencode))
+    assert not changed and heard == [pcm] and p2.ids == p.ids
+    text_turn = c.faithful_record(UserTurn(text="typed"), Reply())
+    assert text_turn == {"user": {"text": "typed"}, "assistant": []}
+
+
+# ---------------------------------------------------------------- from the LLM stage to the next prompt
+
+def test_the_llm_stage_end_entry_is_the_next_prompt_prefix():
+    """Turn 1 through the protocol and the publisher as the LLM stage runs it; the next prompt
+    extends the model's own sequence, its final end-of-audio pad closed, with one code row
+    per pad, so the engine takes it and can reuse the KV cache of turn 1."""
+    c = conv()
+    sess = session()
+    user = UserTurn(codes=codes((9, 9, 9)))
+    p = c.history_prompt(sess, user)
+    turn = c.turn("t1", sess, user, p)
+    s = Sequence(turn.request, proto(), "t1", 0, 10_000, [tuple(r) for r in turn.request.audio_codes.tolist()])
+    assert s.advance(s.pending)
+    text(s, A, AG_START)
+    frames(s, FRAME, (6, 2, 3), EOA)
+    text(s, X, EOS)
+    frames(s, (7, 3, 4), EOA)
+    out = []
+    pub = TurnPublisher("t1", "s1", lambda target, e: out.append(e))
+    for ev in s.events:
+        pub.feed(ev)
+    end = entries.decode_entry(next(e for e in out if isinstance(e, entries.TurnEnd)).encode())
+    delivered = [t for e in out if isinstance(e, entries.TextDelta) for t in e.tokens.numpy().tolist()]
+    record(c, sess, turn, Reply(text="ax", history=end.tokens.numpy().tolist(), reply_codes=end.codes.numpy(),
+                                text_tokens=delivered))
+    assert sess.tokens == list(s.done.final_sequence[:-1]) + [AG_END]
+    assert sess.codes.tolist() == [[9, 9, 9], list(FRAME), [6, 2, 3], [7, 3, 4]]
+    nxt = c.history_prompt(sess, UserTurn(text="more"))
+    assert pads(nxt.ids) == len(nxt.audio_codes)
+    assert nxt.ids[:len(s.tokens) - 1] == s.tokens[:s.kv_len]            # everything turn 1 cached

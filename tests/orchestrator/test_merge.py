@@ -85,6 +85,18 @@ def test_interrupt_ends_now_with_only_what_was_sent():
     assert m.feed(chunk(0, 1, np.zeros(1920, np.float32))) == []
 
 
+def test_the_token_ids_of_the_text_sent_are_kept_for_the_history():
+    def delta(segment: int, text: str, *ids: int) -> E.TextDelta:
+        return E.TextDelta(turn_id=T, segment=segment, text=text, tokens=E.Array.of(ids, E.INT32))
+
+    m = ReplyMerger(T)
+    feed_all(m, [delta(0, "Hel", 11, 12), delta(0, "lo", 13), E.SegmentBoundary(turn_id=T, segment=0, kind="text"),
+                 delta(1, "!", 14)])
+    m.interrupt()
+    assert m.feed(delta(1, " late", 15)) == []
+    assert "".join(m.text) == "Hello!" and m.text_tokens == [11, 12, 13, 14]
+
+
 def test_a_stage_error_ends_the_turn_with_it():
     m = ReplyMerger(T)
     out = feed_all(m, [E.TurnError(turn_id=T, stage="decoder", code=13, message="lost segment 0 chunk 0")])

@@ -143,7 +143,7 @@ def test_one_trace_spans_the_stages(channel, serve_stack):
     """Every stream entry of a turn carries the W3C context of the turn's trace."""
     from baichuan_audio.v1 import conversation_pb2 as pb
     from baichuan_audio.v1 import conversation_pb2_grpc as pb_grpc
-    from tests.orchestrator.test_conversation import META, QUESTION
+    from tests.orchestrator.test_service import META, QUESTION
 
     stub = pb_grpc.ConversationServiceStub(channel)
     sid = stub.CreateSession(pb.CreateSessionRequest(), metadata=META, timeout=30).session_id
