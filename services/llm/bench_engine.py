@@ -98,7 +98,7 @@ def decisions(events: list) -> list[tuple]:
 def new_engine(model, tokenizer, B: int, context: int, steps: int, graphs: bool) -> Engine:
     budget = max(512, min(B * context, 8192))
     cfg = EngineConfig(num_slots=B, max_len=context + steps + -(-B * context // budget) + 64, prefill_budget=budget,
-                       max_batch=B, cuda_graphs=graphs)
+                       max_batch=B, cuda_graphs=graphs, paged=True)      # paged KV, as the LLM deployment runs it
     return Engine(model, tokenizer, config=cfg)
 
 
