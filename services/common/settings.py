@@ -143,6 +143,11 @@ class StagesSettings(_Section):
 
 class LimitsSettings(_Section):
     max_audio_seconds: Annotated[float, Positive] = 600.0   # longest user audio accepted per turn
+    # checked from a file's header before decoding: decoded samples (frames x channels; 4 bytes
+    # each as float32; default 600 s of 48 kHz mono = 115 MB) and the sample-rate range
+    max_audio_samples: Annotated[int, Positive] = 28_800_000
+    min_audio_sample_rate: Annotated[int, Positive] = 4_000
+    max_audio_sample_rate: Annotated[int, Positive] = 192_000
     max_text_chars: Annotated[int, Positive] = 4000         # longest typed turn / TTS text
     max_sessions: Annotated[int, Positive] = 1000           # live sessions; more is RESOURCE_EXHAUSTED
     session_ttl_s: Annotated[int, Positive] = 1800          # session (and its turn streams) expire after idle
@@ -228,6 +233,10 @@ class Settings(BaseSettings):
             if st.min_replicas > st.max_replicas:
                 raise _Inconsistent(("stages", name, "min_replicas"), f"({st.min_replicas}) is larger than "
                                     f"stages.{name}.max_replicas ({st.max_replicas})")
+        lim = self.limits
+        if lim.min_audio_sample_rate > lim.max_audio_sample_rate:
+            raise _Inconsistent(("limits", "min_audio_sample_rate"), f"({lim.min_audio_sample_rate}) is larger than "
+                                f"limits.max_audio_sample_rate ({lim.max_audio_sample_rate})")
         d = self.decoder
         if d.first_chunk_frames > d.max_chunk_frames:
             raise _Inconsistent(("decoder", "first_chunk_frames"), f"({d.first_chunk_frames}) is larger than "

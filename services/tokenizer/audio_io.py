@@ -5,28 +5,47 @@ divided by its full scale (int16 / 32768, int32 / 2^31). soundfile is imported i
 functions, so model code and benchmarks import this module on machines without it.
 
 Every rejection is an `AudioInputError` whose `reason` is one of REASONS, so a service can map
-it to a status code without parsing the message.
+it to a status code without parsing the message. What is accepted (`AudioLimits`: duration,
+decoded size, sample-rate range) is the operator's `limits.*`, and a file's header is checked
+against it before any sample is decoded: a few hundred KB of FLAC silence can declare 600 s at
+384 kHz stereo, gigabytes once decoded.
 """
 from __future__ import annotations
 
 import io
+from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
 import torch
 
 from services.common.model_config import AudioConfig
+from services.common.settings import LimitsSettings
 from services.tokenizer.log_mel import chunk_lengths, resampled_length
 
-REASONS = ("empty", "corrupt", "too_short", "non_finite", "channels", "too_long", "sample_rate")
+REASONS = ("empty", "corrupt", "too_short", "non_finite", "channels", "too_long", "too_large", "sample_rate")
 
 # The front end downmixes at most stereo (the reference asserts <= 2 channels).
 MAX_CHANNELS = 2
-# Sample rates outside this range are not audio a caller meant to send (8 kHz telephony up to
-# 384 kHz studio rates, with margin); resampling from them would be meaningless or huge.
-MIN_SAMPLE_RATE = 4_000
-MAX_SAMPLE_RATE = 384_000
-DEFAULT_MAX_SECONDS = 600.0
+
+
+@dataclass(frozen=True)
+class AudioLimits:
+    """What one request's audio may be (the operator's limits.*, see services/common/settings.py)."""
+
+    max_seconds: float
+    max_samples: int            # decoded samples, frames x channels (float32: 4 bytes each)
+    min_sample_rate: int
+    max_sample_rate: int
+
+    @classmethod
+    def from_settings(cls, limits: LimitsSettings) -> "AudioLimits":
+        return cls(limits.max_audio_seconds, limits.max_audio_samples,
+                   limits.min_audio_sample_rate, limits.max_audio_sample_rate)
+
+
+DEFAULT_LIMITS = AudioLimits.from_settings(LimitsSettings())
+DEFAULT_MAX_SECONDS = DEFAULT_LIMITS.max_seconds
 
 
 class AudioInputError(ValueError):
@@ -43,11 +62,13 @@ class AudioInputError(ValueError):
         return (type(self), (self.reason, str(self)))
 
 
-def _check_sample_rate(sample_rate) -> int:
+def _check_sample_rate(sample_rate, limits: AudioLimits) -> int:
+    lo, hi = limits.min_sample_rate, limits.max_sample_rate
     if isinstance(sample_rate, bool) or not isinstance(sample_rate, (int, np.integer)) \
-            or not MIN_SAMPLE_RATE <= sample_rate <= MAX_SAMPLE_RATE:
-        raise AudioInputError("sample_rate", f"sample rate {sample_rate!r} Hz is not supported; "
-                              f"send an integer rate from {MIN_SAMPLE_RATE} to {MAX_SAMPLE_RATE} Hz")
+            or not lo <= sample_rate <= hi:
+        raise AudioInputError("sample_rate", f"sample rate {sample_rate!r} Hz is not supported; send an "
+                              f"integer rate from {lo} to {hi} Hz (limits.min_audio_sample_rate, "
+                              "limits.max_audio_sample_rate)")
     return int(sample_rate)
 
 
@@ -57,12 +78,18 @@ def _check_channels(channels: int) -> None:
                               f"(at most {MAX_CHANNELS} channels)")
 
 
-def _check_duration(frames: int, sample_rate: int, max_seconds: float) -> None:
+def _check_size(frames: int, channels: int, sample_rate: int, limits: AudioLimits) -> None:
+    """Duration and decoded size of `frames` x `channels` samples (from a header: before decoding)."""
     if frames == 0:
         raise AudioInputError("empty", "audio contains no samples")
-    if frames > max_seconds * sample_rate:
+    if frames > limits.max_seconds * sample_rate:
         raise AudioInputError("too_long", f"audio lasts {frames / sample_rate:.1f} s; the limit is "
-                              f"{max_seconds:g} s (longer audio must be split by the caller)")
+                              f"{limits.max_seconds:g} s (longer audio must be split by the caller)")
+    if frames * channels > limits.max_samples:
+        raise AudioInputError("too_large", f"audio decodes to {frames * channels:,} samples ({frames / sample_rate:.1f} s "
+                              f"at {sample_rate} Hz, {channels} channel{'s' if channels > 1 else ''}); the limit is "
+                              f"{limits.max_samples:,} samples (limits.max_audio_samples): send mono audio, a lower "
+                              "sample rate or a shorter clip")
 
 
 @lru_cache(maxsize=64)
@@ -86,16 +113,16 @@ def min_samples(sample_rate: int, audio: AudioConfig) -> int:
 
 
 def check_waveform(waveform: torch.Tensor, sample_rate: int, audio: AudioConfig | None = None,
-                   max_seconds: float = DEFAULT_MAX_SECONDS) -> None:
+                   limits: AudioLimits = DEFAULT_LIMITS) -> None:
     """Validate a decoded (C, N) float waveform; raises AudioInputError.
 
     With `audio` given, audio too short for one token (about 60 ms) is rejected too."""
-    sample_rate = _check_sample_rate(sample_rate)
+    sample_rate = _check_sample_rate(sample_rate, limits)
     if not isinstance(waveform, torch.Tensor) or waveform.dim() != 2 or not waveform.is_floating_point():
         desc = tuple(waveform.shape) if isinstance(waveform, torch.Tensor) else type(waveform).__name__
         raise AudioInputError("corrupt", f"waveform must be a float tensor (channels, samples), got {desc}")
     _check_channels(waveform.shape[0])
-    _check_duration(waveform.shape[1], sample_rate, max_seconds)
+    _check_size(waveform.shape[1], waveform.shape[0], sample_rate, limits)
     if not bool(torch.isfinite(waveform).all()):
         raise AudioInputError("non_finite", "audio contains NaN or infinite samples")
     n = min_samples(sample_rate, audio) if audio is not None else 0
@@ -124,8 +151,11 @@ def _check_wav_complete(data: bytes) -> None:
 
 
 def read_audio(data: bytes, audio: AudioConfig | None = None,
-               max_seconds: float = DEFAULT_MAX_SECONDS) -> tuple[torch.Tensor, int]:
-    """Decode WAV/FLAC (or anything libsndfile reads) -> (waveform (C, N) float32, sample_rate)."""
+               limits: AudioLimits = DEFAULT_LIMITS) -> tuple[torch.Tensor, int]:
+    """Decode WAV/FLAC (or anything libsndfile reads) -> (waveform (C, N) float32, sample_rate).
+
+    The header's rate, channels and length are checked against `limits` before decoding, and
+    no more frames than it declares are read."""
     import soundfile as sf
 
     if not data:
@@ -134,12 +164,13 @@ def read_audio(data: bytes, audio: AudioConfig | None = None,
     try:
         with sf.SoundFile(io.BytesIO(bytes(data))) as f:
             sample_rate, channels, frames, subtype = f.samplerate, f.channels, f.frames, f.subtype
-            _check_sample_rate(sample_rate)
+            _check_sample_rate(sample_rate, limits)
             _check_channels(channels)
-            _check_duration(frames, sample_rate, max_seconds)     # before decoding a huge file
+            _check_size(frames, channels, sample_rate, limits)     # before decoding a huge file
             # int PCM read as integers and scaled here: exact int/full-scale like torchaudio
             if subtype == "PCM_16":
-                x = f.read(dtype="int16", always_2d=True).astype(np.float32) / 32768.0
+                x = f.read(dtype="int16", always_2d=True).astype(np.float32)
+                x /= 32768.0                                       # in place: one float copy
             elif subtype in ("PCM_24", "PCM_32"):
                 x = f.read(dtype="int32", always_2d=True).astype(np.float64) / 2147483648.0
             else:
@@ -153,14 +184,14 @@ def read_audio(data: bytes, audio: AudioConfig | None = None,
     if x.shape[0] == 0:
         raise AudioInputError("empty", "audio contains no samples (the header is complete, the data is not)")
     waveform = torch.from_numpy(np.ascontiguousarray(x.T, dtype=np.float32))  # (C, N)
-    check_waveform(waveform, sample_rate, audio, max_seconds)
+    check_waveform(waveform, sample_rate, audio, limits)
     return waveform, sample_rate
 
 
 def pcm16_to_waveform(data: bytes, sample_rate: int, channels: int = 1, audio: AudioConfig | None = None,
-                      max_seconds: float = DEFAULT_MAX_SECONDS) -> torch.Tensor:
+                      limits: AudioLimits = DEFAULT_LIMITS) -> torch.Tensor:
     """Raw little-endian int16 PCM, channels interleaved -> (C, N) float32 = int16 / 32768."""
-    sample_rate = _check_sample_rate(sample_rate)
+    sample_rate = _check_sample_rate(sample_rate, limits)
     if not data:
         raise AudioInputError("empty", "audio is empty (0 bytes)")
     _check_channels(channels)
@@ -168,7 +199,9 @@ def pcm16_to_waveform(data: bytes, sample_rate: int, channels: int = 1, audio: A
     if len(data) % frame_bytes:
         raise AudioInputError("corrupt", f"PCM-16 data of {len(data)} bytes is not a whole number of "
                               f"{channels}-channel frames ({frame_bytes} bytes each)")
+    _check_size(len(data) // frame_bytes, channels, sample_rate, limits)
     x = np.frombuffer(bytes(data), dtype="<i2").reshape(-1, channels)
-    waveform = torch.from_numpy(x.T.astype(np.float32) / 32768.0)            # (C, N)
-    check_waveform(waveform, sample_rate, audio, max_seconds)
+    waveform = torch.from_numpy(x.T.astype(np.float32))                      # (C, N)
+    waveform /= 32768.0
+    check_waveform(waveform, sample_rate, audio, limits)
     return waveform

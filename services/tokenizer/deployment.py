@@ -13,7 +13,7 @@ from ray import serve
 from baichuan_audio.v1 import stages_pb2
 from services.common.grpc_status import grpc_errors
 from services.common.runtime import device_and_dtype, open_checkpoint, start_replica
-from services.tokenizer.audio_io import AudioInputError, pcm16_to_waveform, read_audio
+from services.tokenizer.audio_io import AudioInputError, AudioLimits, pcm16_to_waveform, read_audio
 from services.tokenizer.runner import TokenizerRunner
 
 
@@ -29,7 +29,7 @@ class TokenizerDeployment:
         device, dtype = device_and_dtype(self.settings)
         self.runner = TokenizerRunner.from_checkpoint(
             open_checkpoint(self.settings), device=device, dtype=dtype,
-            max_seconds=self.settings.limits.max_audio_seconds)
+            limits=AudioLimits.from_settings(self.settings.limits))
         stage = self.settings.stages.tokenizer
         self._batch.set_max_batch_size(stage.max_batch_size)
         self._batch.set_batch_wait_timeout_s(stage.batch_wait_timeout_s)
@@ -37,12 +37,12 @@ class TokenizerDeployment:
     def decode_audio(self, audio) -> tuple[torch.Tensor, int]:
         """An AudioInput message -> (waveform, rate); AudioInputError for anything unusable."""
         kind = audio.WhichOneof("source") if audio is not None else None
-        limit = self.settings.limits.max_audio_seconds
+        limits = self.runner.limits
         if kind == "file":
-            return read_audio(audio.file, self.runner.audio, limit)
+            return read_audio(audio.file, self.runner.audio, limits)
         if kind == "pcm16":
             p = audio.pcm16
-            return pcm16_to_waveform(p.data, p.sample_rate, p.channels or 1, self.runner.audio, limit), p.sample_rate
+            return pcm16_to_waveform(p.data, p.sample_rate, p.channels or 1, self.runner.audio, limits), p.sample_rate
         raise AudioInputError("empty", "no audio in the request: set audio.file (WAV/FLAC bytes) or audio.pcm16")
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)

@@ -17,7 +17,7 @@ import torch
 from services.common.checkpoint import PREFIX, Checkpoint, load_state
 from services.common.dtypes import default_dtype
 from services.common.model_config import ModelConfig
-from services.tokenizer.audio_io import DEFAULT_MAX_SECONDS, AudioInputError, check_waveform, read_audio
+from services.tokenizer.audio_io import DEFAULT_LIMITS, AudioInputError, AudioLimits, check_waveform, read_audio
 from services.tokenizer.encoder import AudioEncoder, sinusoid_dtype
 from services.tokenizer.log_mel import LogMel, encoder_length, plan_chunks, resampled_length, to_mono_16k
 from services.tokenizer.rvq import VQBridge
@@ -35,13 +35,13 @@ def default_device_dtype(device=None, dtype=None) -> tuple[torch.device, torch.d
 class TokenizerRunner:
     def __init__(self, config: ModelConfig, tensors: dict[str, torch.Tensor] | None, *,
                  device=None, dtype=None, source: str = "tensors",
-                 max_seconds: float = DEFAULT_MAX_SECONDS):
+                 limits: AudioLimits = DEFAULT_LIMITS):
         """tensors: full-key state dict holding the encoder and bridge prefixes; None keeps the
         random init (benchmarks). Modules are built and loaded in fp32, then cast, so stored
         fp32 buffers are rounded to the run dtype as the reference's bf16 load does."""
         self.config = config
         self.audio = config.audio
-        self.max_seconds = max_seconds
+        self.limits = limits
         self.device, self.dtype = default_device_dtype(device, dtype)
         encoder = AudioEncoder(self.audio, table_dtype=sinusoid_dtype(config.raw.get("torch_dtype")))
         bridge = VQBridge(self.audio)
@@ -64,7 +64,7 @@ class TokenizerRunner:
 
     def tokenize_bytes(self, items: Iterable[bytes], **kw) -> list[torch.Tensor]:
         """Encoded WAV/FLAC files -> codes per file (see tokenize)."""
-        decoded = [read_audio(b, self.audio, self.max_seconds) for b in items]
+        decoded = [read_audio(b, self.audio, self.limits) for b in items]
         return self.tokenize(decoded, **kw)
 
     @torch.inference_mode()
@@ -82,7 +82,7 @@ class TokenizerRunner:
             if isinstance(wave, torch.Tensor) and wave.dim() == 1:
                 wave = wave[None]
             try:
-                check_waveform(wave, sr, a, self.max_seconds)
+                check_waveform(wave, sr, a, self.limits)
             except AudioInputError as e:
                 raise AudioInputError(e.reason, f"request {i}: {e}") from None
             mono = to_mono_16k(wave.to(self.device), sr, a)                  # (N16,)

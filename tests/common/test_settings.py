@@ -133,6 +133,8 @@ def test_secrets_never_appear_in_repr_or_dict():
     ("stages:\n  llm:\n    min_replicas: 3\n    max_replicas: 2\n",
      r"config.yaml: stages.llm.min_replicas \(3\) is larger than stages.llm.max_replicas \(2\)"),
     ("serving:\n  grpc_port: 70000\n", r"config.yaml: serving.grpc_port must be a TCP port"),
+    ("limits:\n  min_audio_sample_rate: 200000\n",
+     r"config.yaml: limits.min_audio_sample_rate \(200000\) is larger than limits.max_audio_sample_rate \(192000\)"),
     ("limits:\n  session_ttl_s: 0\n", r"config.yaml: limits.session_ttl_s must be > 0; got 0"),
     ("stages:\n  vocoder:\n    num_gpus: -1\n", r"stages.vocoder.num_gpus must be >= 0; got -1.0"),
 ])

@@ -1,16 +1,19 @@
 """audio_io: decoding (WAV/FLAC, int/float, mono/stereo) and every rejection reason."""
 from __future__ import annotations
 
+import dataclasses
 import io
+import tracemalloc
 
 import numpy as np
 import pytest
 import soundfile as sf
 import torch
 
-from services.tokenizer.audio_io import (DEFAULT_MAX_SECONDS, REASONS, AudioInputError, check_waveform,
-                                         min_samples, pcm16_to_waveform, read_audio)
+from services.tokenizer.audio_io import (DEFAULT_LIMITS, DEFAULT_MAX_SECONDS, REASONS, AudioInputError,
+                                         check_waveform, min_samples, pcm16_to_waveform, read_audio)
 from services.tokenizer.log_mel import to_mono_16k
+from tests.tokenizer.flac import silent_flac
 
 
 RATE = 16000   # a valid file sample rate for the decoding and rejection tests (no model involved)
@@ -125,9 +128,68 @@ def test_too_long():
     assert DEFAULT_MAX_SECONDS == 600                               # the documented default
     x = np.zeros(int(4000 * (DEFAULT_MAX_SECONDS + 1)), np.int16)  # one second over, at 4 kHz
     assert reason_of(read_audio, encode(x, 4000)) == "too_long"
-    assert reason_of(read_audio, encode(np.zeros(RATE * 3 // 2, np.int16), RATE), max_seconds=1.0) == "too_long"
-    assert reason_of(check_waveform, torch.zeros(1, RATE + 1), RATE, max_seconds=1.0) == "too_long"
-    read_audio(encode(np.zeros(RATE, np.int16), RATE), max_seconds=1.0)     # exactly 1 s is fine
+    one_second = dataclasses.replace(DEFAULT_LIMITS, max_seconds=1.0)
+    assert reason_of(read_audio, encode(np.zeros(RATE * 3 // 2, np.int16), RATE), limits=one_second) == "too_long"
+    assert reason_of(check_waveform, torch.zeros(1, RATE + 1), RATE, limits=one_second) == "too_long"
+    read_audio(encode(np.zeros(RATE, np.int16), RATE), limits=one_second)     # exactly 1 s is fine
+
+
+def test_sample_rate_range_is_the_configured_one():
+    limits = dataclasses.replace(DEFAULT_LIMITS, min_sample_rate=8000, max_sample_rate=48000)
+    x = np.zeros(RATE, np.int16)
+    read_audio(encode(x, 8000), limits=limits)
+    read_audio(encode(x, 48000), limits=limits)
+    with pytest.raises(AudioInputError, match="from 8000 to 48000 Hz.*limits.max_audio_sample_rate") as e:
+        read_audio(encode(x, 48001), limits=limits)
+    assert e.value.reason == "sample_rate"
+    assert reason_of(read_audio, encode(x, 7999), limits=limits) == "sample_rate"
+    assert reason_of(pcm16_to_waveform, b"\x00" * 100, 96000, limits=limits) == "sample_rate"
+
+
+def decode_peak_bytes(data: bytes) -> tuple[str, int]:
+    """(rejection reason or "", peak bytes Python and numpy allocated) of read_audio(data)."""
+    tracemalloc.start()
+    try:
+        read_audio(data)
+        reason = ""
+    except AudioInputError as e:
+        reason = e.reason
+        assert "limits." in str(e), f"the message must name the limit: {e}"
+    finally:
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    return reason, peak
+
+
+def test_decoded_size_is_bounded_from_the_header():
+    """A few hundred KB of FLAC silence that declares 600 s at 384 kHz stereo (460 million
+    samples, 1.8 GB as float32) or at 96 kHz stereo (115 million, within the 600 s limit) is
+    refused from its header, before a sample is decoded."""
+    huge = silent_flac(600, 384_000, 2)
+    assert len(huge) < 1_000_000
+    info = sf.info(io.BytesIO(huge))
+    assert (info.frames, info.samplerate, info.channels) == (230_400_000, 384_000, 2)
+    reason, peak = decode_peak_bytes(huge)
+    assert reason == "sample_rate" and peak < 20e6, (reason, peak)
+
+    within_rate = silent_flac(600, 96_000, 2)
+    assert sf.info(io.BytesIO(within_rate)).frames * 2 > DEFAULT_LIMITS.max_samples
+    reason, peak = decode_peak_bytes(within_rate)
+    assert reason == "too_large" and peak < 20e6, (reason, peak)
+    # the same kind of file within the cap decodes
+    ok = silent_flac(10, 48_000, 2)
+    wave, sr = read_audio(ok)
+    assert sr == 48_000 and wave.shape == (2, 10 * 48_000 // 4096 * 4096) and not wave.any()
+
+
+def test_decoded_size_limit_is_exact():
+    limits = dataclasses.replace(DEFAULT_LIMITS, max_samples=2 * RATE)
+    stereo = encode(np.zeros((RATE, 2), np.int16), RATE)
+    assert read_audio(stereo, limits=limits)[0].shape == (2, RATE)           # exactly at the cap
+    with pytest.raises(AudioInputError, match=r"32,002 samples .*limit is 32,000 samples \(limits.max_audio_samples\)"):
+        read_audio(encode(np.zeros((RATE + 1, 2), np.int16), RATE), limits=limits)
+    assert reason_of(pcm16_to_waveform, b"\x00" * 4 * (RATE + 1), RATE, channels=2, limits=limits) == "too_large"
+    assert reason_of(check_waveform, torch.zeros(2, RATE + 1), RATE, limits=limits) == "too_large"
 
 
 def test_too_short_is_one_token(fixtures, audio):

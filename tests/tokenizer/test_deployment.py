@@ -121,6 +121,21 @@ def test_too_long_audio_is_invalid_argument(stub, serve_stack):
     assert f"{DEFAULT_MAX_SECONDS:g}" in e.value.details()
 
 
+def test_decoded_size_is_checked_before_decoding(stub):
+    """FLAC silence of under 1 MB that declares 600 s at 96 kHz stereo (115 million samples):
+    refused with the limit's name, and the replica serves the next caller."""
+    from tests.tokenizer.flac import silent_flac
+
+    with pytest.raises(grpc.RpcError) as e:
+        tokenize(stub, silent_flac(600, 96_000, 2))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "limit is 28,800,000 samples (limits.max_audio_samples)" in e.value.details()
+    with pytest.raises(grpc.RpcError) as e:
+        tokenize(stub, silent_flac(600, 384_000, 2))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "limits.max_audio_sample_rate" in e.value.details()
+    assert tokenize(stub, wav_bytes(0.5)).codes.frames > 0
+
+
 def test_raw_pcm16_input(stub, audio):
     sr = audio.sampling_rate
     pcm = (0.3 * np.sin(np.arange(sr) / sr * 2 * math.pi * 220) * 32767).astype("<i2").tobytes()   # 1 s
