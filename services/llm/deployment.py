@@ -13,6 +13,7 @@ import dataclasses
 import logging
 import threading
 import time
+from collections import OrderedDict
 from typing import Any
 
 import numpy as np
@@ -46,6 +47,7 @@ MODES = {stages_pb2.GENERATE_MODE_UNSPECIFIED: "spoken", stages_pb2.GENERATE_MOD
 # Slots beyond the running ones let idle sessions keep their KV (while blocks allow), so a
 # conversation's next turn prefills only what it adds.
 KEPT_SESSIONS_PER_SLOT = 4
+ENDED_KEPT = 1024        # recently ended requests whose end reason `request_status` reports
 
 
 @serve.deployment(name="LLM")
@@ -57,9 +59,12 @@ class LLMDeployment:
         model = AudioLLM.from_checkpoint(ckpt, dtype=dtype, device=device,
                                          attn_impl=self.settings.llm.attention if device.type == "cuda" else "math")
         s = self.settings.llm
+        self.ended: OrderedDict[str, str] = OrderedDict()   # request id -> Done reason, newest last
+        self._lock = threading.Lock()
         # Paged KV: the budget is shared by running sequences and idle sessions' cached turns,
         # block by block; one sequence may use up to the model's context (or the whole budget).
         self.engine = Engine(model, load_text_tokenizer(ckpt.path), generation_config=ckpt.generation_config(),
+                             on_event=self._on_engine_event,
                              config=EngineConfig(num_slots=KEPT_SESSIONS_PER_SLOT * s.max_slots,
                                                  max_len=min(s.kv_budget_tokens, model.cfg.llm.max_position_embeddings),
                                                  paged=True,
@@ -80,7 +85,6 @@ class LLMDeployment:
         d = self.settings.decoder
         self.low_latency = ChunkPolicy(d.first_chunk_frames, d.chunk_growth, d.max_chunk_frames)
         self.turns: dict[str, Any] = {}           # turn_id -> engine Handle
-        self._lock = threading.Lock()
 
     def __del__(self):
         engine = getattr(self, "engine", None)
@@ -136,6 +140,7 @@ class LLMDeployment:
                     pub.feed(ev)
         except Exception as e:  # noqa: BLE001 - the turn must hear about it
             log.exception("turn %s: publishing failed", turn_id)
+            self._cancel(handle)    # nobody can hear the rest: free the sequence's slot and KV now
             try:
                 self.bus.publish(turn_id, "llm", TurnError(turn_id=turn_id, stage="llm", code=Status.UNAVAILABLE,
                                                            message=f"publishing the reply failed: {e}"))
@@ -144,6 +149,22 @@ class LLMDeployment:
         finally:
             with self._lock:
                 self.turns.pop(turn_id, None)
+
+    def _on_engine_event(self, ev) -> None:
+        """Every engine event (engine thread): remember how each request ended, whoever listened."""
+        if isinstance(ev, Done):
+            with self._lock:
+                self.ended[ev.request_id] = ev.reason
+                while len(self.ended) > ENDED_KEPT:
+                    self.ended.popitem(last=False)
+
+    async def request_status(self, request_id: str) -> str:
+        """"running" while the engine holds the request, then its Done reason ("eos", "length",
+        "cancelled", ...) for the last ENDED_KEPT requests; "unknown" otherwise (operators, tests)."""
+        if request_id in self.engine.handles:
+            return "running"
+        with self._lock:
+            return self.ended.get(request_id, "unknown")
 
     def _open(self, sid: str) -> None:
         try:
@@ -170,7 +191,9 @@ class LLMDeployment:
     # ---------------------------------------------------------------- gRPC
     @grpc_errors
     async def Generate(self, request, grpc_context=None):
-        """Direct streaming generation (no Redis): events as they come."""
+        """Direct streaming generation (no Redis): events as they come. A caller that goes away
+        (disconnect, cancel, deadline) ends the request within one engine step: Serve cancels
+        this generator and the engine request is cancelled with it."""
         nb = self.engine.cfg.audio.num_codebooks
         codes = np.asarray(request.prompt_codes.values, dtype=np.int64).reshape(-1, request.prompt_codes.codebooks or nb)
         sampling = {f.name: v for f, v in request.sampling.ListFields()}
@@ -180,6 +203,22 @@ class LLMDeployment:
             tts_chunks=[self.prompts.tts_chunk(c) for c in request.tts_chunks], session_id=request.session_id or None,
             greedy=bool(sampling.pop("greedy", False)), seed=sampling.pop("seed", None),
             sampling=sampling or None, request_id=request.turn_id or None))
+        try:
+            async for ev in self._generate_events(handle):
+                yield ev
+        finally:
+            if handle.done is None:     # the caller left (or the stream broke) before the end
+                log.info("LLM.Generate %s: the caller left; cancelling the request", handle.request_id)
+                self._cancel(handle)
+
+    @staticmethod
+    def _cancel(handle) -> None:
+        try:
+            handle.cancel()
+        except EngineError:     # it ended meanwhile
+            pass
+
+    async def _generate_events(self, handle):
         loop = asyncio.get_running_loop()
         events = handle.events()
         while True:

@@ -81,6 +81,39 @@ def test_llm_generate_streams_a_tts_reply(channel, cfg, serve_stack):
         at = i + len(ids)
 
 
+def llm_status(request_id: str) -> str:
+    """The LLM replica's view of a request: "running", its Done reason, or "unknown"."""
+    from ray import serve
+    return serve.get_app_handle("llm").request_status.remote(request_id).result(timeout_s=30)
+
+
+def test_llm_generate_is_cancelled_when_the_caller_leaves(channel, cfg, serve_stack):
+    """A direct LLM.Generate whose caller cancels mid-stream ends in the engine within a moment
+    (Done reason "cancelled"), instead of running to its length limit holding a KV slot."""
+    from services.common.checkpoint import Checkpoint
+    from services.common.text_tokenizer import load_text_tokenizer
+    from services.llm.prompts import PromptBuilder, ProtocolTokens
+
+    ckpt = Checkpoint(serve_stack.checkpoint)
+    tok = load_text_tokenizer(ckpt.path)
+    builder = PromptBuilder(tok, ProtocolTokens.from_tokenizer(tok, cfg, ckpt.generation_config()),
+                            cfg.audio.num_codebooks)
+    # 300 TTS chunks, each spoken until its end of audio: minutes of generation on the tiny model
+    texts = [f"这是第{i}句话，我们继续说下去。" for i in range(300)]
+    turn = f"gen-cancel-{time.time_ns()}"
+    call = stages_pb2_grpc.LLMStub(channel).Generate(stages_pb2.GenerateRequest(
+        mode=stages_pb2.GENERATE_MODE_TTS, turn_id=turn, prompt_ids=builder.tts_chunk(texts[0]),
+        tts_chunks=texts[1:]), metadata=(("application", "llm"),), timeout=120)
+    got = [next(call) for _ in range(5)]
+    assert all(not e.HasField("done") for e in got)
+    assert llm_status(turn) == "running"
+    call.cancel()                                   # the caller goes away
+    deadline = time.monotonic() + 5
+    while (status := llm_status(turn)) == "running" and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert status == "cancelled", f"the engine request is {status!r} after its caller left"
+
+
 def test_decode_and_vocode_directly(channel, cfg, hift):
     from services.decoder.runner import mel_frames
 
