@@ -27,7 +27,7 @@ from services.common.telemetry import inject_context, start_span
 from services.common.text_tokenizer import DEFAULT_SYSTEM_PROMPT, load_text_tokenizer
 from services.llm.prompts import PromptBuilder, ProtocolTokens
 from orchestrator import turns
-from orchestrator.conversation import Conversation, Turn, UserTurn, sampling_overrides
+from orchestrator.conversation import Conversation, HistoryLimits, Turn, UserTurn, sampling_overrides
 from orchestrator.merge import ReplyMerger
 from orchestrator.sessions import SessionSettingsRecord, SessionStore
 
@@ -54,8 +54,10 @@ class ConversationDeployment:
         text_tokenizer = load_text_tokenizer(ckpt.path)
         cfg = ckpt.config
         tokens = ProtocolTokens.from_tokenizer(text_tokenizer, cfg, ckpt.generation_config())
+        context = self.settings.llm.context_tokens(cfg.llm.max_position_embeddings)
         self.conversation = Conversation(PromptBuilder(text_tokenizer, tokens, cfg.audio.num_codebooks),
-                                         max_text_chars=self.settings.limits.max_text_chars)
+                                         max_text_chars=self.settings.limits.max_text_chars,
+                                         history=HistoryLimits.from_settings(self.settings.limits, context))
         self.bus = Bus.from_settings(self.settings)
         r = self.settings.redis
         client = redis.Redis.from_url(r.url, protocol=2, username=r.username or None, password=r.password or None,
@@ -86,7 +88,9 @@ class ConversationDeployment:
 
     @grpc_errors
     async def CreateSession(self, request, grpc_context=None):
-        sess = self.sessions.create(_settings_record(request.settings), request.session_id)
+        settings = _settings_record(request.settings)
+        self.conversation.check_settings(settings)
+        sess = self.sessions.create(settings, request.session_id)
         return self._session_proto(sess)
 
     @grpc_errors
@@ -134,7 +138,8 @@ class ConversationDeployment:
         if rec.faithful is not None:
             past = self.sessions.faithful_turns(turn.session.session_id)
             self.sessions.save_faithful_turns(turn.session, past + [rec.faithful])
-        self.sessions.end_turn(turn.session, entries=rec.entries, tokens=rec.tokens, codes=rec.codes)
+        self.sessions.end_turn(turn.session, entries=rec.entries, tokens=rec.tokens, codes=rec.codes,
+                               turn_starts=rec.turn_starts, keep_entries=rec.keep_entries)
 
     def _start_producer(self, turn_id: str, merger: ReplyMerger, on_done) -> None:
         flag = self.interrupts.setdefault(turn_id, threading.Event())

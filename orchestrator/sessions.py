@@ -8,7 +8,8 @@ History is kept twice, for two readers:
   - `tokens` / `codes`: the model's view: the whole token sequence so far (int32) and one
     8-code row per `audio_pad` in it (int32, row-major). A new turn's prompt extends it, so
     the LLM replica that still holds the session's KV cache prefills only the new tokens, and
-    any other replica can rebuild the cache from it after a failure.
+    any other replica can rebuild the cache from it after a failure. `turn_starts` (int32):
+    where each turn starts in it, so the oldest turns can be dropped (conversation.py).
 """
 from __future__ import annotations
 
@@ -48,6 +49,7 @@ class Session:
     tokens: list[int] = field(default_factory=list)
     codes: np.ndarray = field(default_factory=lambda: np.zeros((0, 8), np.int32))
     active_turn: str = ""
+    turn_starts: list[int] = field(default_factory=list)
 
 
 def _key(session_id: str) -> str:
@@ -137,14 +139,18 @@ class SessionStore:
         return sess
 
     def end_turn(self, sess: Session, *, entries: list[dict[str, Any]], tokens: list[int] | None,
-                 codes: np.ndarray | None) -> None:
-        """Append the turn to the history; None tokens keep the previous model history
-        (a turn that failed before the LLM produced a sequence)."""
+                 codes: np.ndarray | None, turn_starts: list[int] | None = None, keep_entries: int = 0) -> None:
+        """Append the turn to the history (keeping its last `keep_entries` entries, 0: all);
+        None tokens keep the previous model history (a turn that failed before the LLM produced
+        a sequence)."""
         sess.history.extend(entries)
+        if keep_entries:
+            del sess.history[:-keep_entries]
         sess.turns += 1
         if tokens is not None:
             sess.tokens = list(tokens)
             sess.codes = codes if codes is not None else sess.codes
+            sess.turn_starts = list(turn_starts or [])
         sess.active_turn = ""
         if self.r.exists(_key(sess.session_id)):  # deleted meanwhile: do not resurrect it
             self.r.hset(_key(sess.session_id), mapping=self._encode(sess))
@@ -162,6 +168,7 @@ class SessionStore:
             "tokens": np.asarray(s.tokens, dtype="<i4").tobytes(),
             "codes": codes.tobytes(),
             "active_turn": s.active_turn,
+            "turn_starts": np.asarray(s.turn_starts, dtype="<i4").tobytes(),
         }
 
     def _decode(self, sid: str, raw: dict[bytes, bytes]) -> Session:
@@ -175,4 +182,5 @@ class SessionStore:
             tokens=np.frombuffer(raw.get(b"tokens", b""), dtype="<i4").tolist(),
             codes=codes.copy(),
             active_turn=raw.get(b"active_turn", b"").decode(),
+            turn_starts=np.frombuffer(raw.get(b"turn_starts", b""), dtype="<i4").tolist(),
         )

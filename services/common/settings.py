@@ -149,6 +149,13 @@ class LimitsSettings(_Section):
     min_audio_sample_rate: Annotated[int, Positive] = 4_000
     max_audio_sample_rate: Annotated[int, Positive] = 192_000
     max_text_chars: Annotated[int, Positive] = 4000         # longest typed turn / TTS text
+    max_system_prompt_chars: Annotated[int, Positive] = 2000  # longest session system prompt
+    # what a session's history keeps (orchestrator/conversation.py, "History limits"): its last
+    # turns, their audio, and room in the model's context; older turns are dropped
+    max_history_turns: Annotated[int, Positive] = 50         # turns kept (each turn's prompt: at most this - 1 earlier ones)
+    max_history_audio_seconds: Annotated[float, Positive] = 1200.0  # audio (user + assistant) a faithful history keeps
+    reply_reserve_tokens: Annotated[int, Positive] = 1024    # context left free for the reply
+    context_trim_to: Annotated[float, Positive, _rule(lambda v: v <= 1, "must be <= 1")] = 0.5  # share of the context kept once full
     max_sessions: Annotated[int, Positive] = 1000           # live sessions; more is RESOURCE_EXHAUSTED
     session_ttl_s: Annotated[int, Positive] = 1800          # session (and its turn streams) expire after idle
     max_message_bytes: Annotated[int, Positive] = 64 * 1024 * 1024  # gRPC send/receive cap
@@ -165,6 +172,10 @@ class LLMEngineSettings(_Section):
     # attention on CUDA: sdpa (fused kernels, faster) or math (the reference's numerics: fp32
     # scores; the only choice whose CUDA-graph replay equals eager execution bit for bit)
     attention: Literal["sdpa", "math"] = "sdpa"
+
+    def context_tokens(self, max_position_embeddings: int) -> int:
+        """The longest sequence (prompt + reply) a replica takes: the model's positions or the KV budget."""
+        return min(self.kv_budget_tokens, max_position_embeddings)
 
 
 class DecoderSettings(_Section):
@@ -237,6 +248,9 @@ class Settings(BaseSettings):
         if lim.min_audio_sample_rate > lim.max_audio_sample_rate:
             raise _Inconsistent(("limits", "min_audio_sample_rate"), f"({lim.min_audio_sample_rate}) is larger than "
                                 f"limits.max_audio_sample_rate ({lim.max_audio_sample_rate})")
+        if lim.reply_reserve_tokens >= self.llm.kv_budget_tokens:
+            raise _Inconsistent(("limits", "reply_reserve_tokens"), f"({lim.reply_reserve_tokens}) leaves no room for a "
+                                f"prompt in llm.kv_budget_tokens ({self.llm.kv_budget_tokens})")
         d = self.decoder
         if d.first_chunk_frames > d.max_chunk_frames:
             raise _Inconsistent(("decoder", "first_chunk_frames"), f"({d.first_chunk_frames}) is larger than "

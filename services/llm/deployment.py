@@ -66,7 +66,7 @@ class LLMDeployment:
         self.engine = Engine(model, load_text_tokenizer(ckpt.path), generation_config=ckpt.generation_config(),
                              on_event=self._on_engine_event,
                              config=EngineConfig(num_slots=KEPT_SESSIONS_PER_SLOT * s.max_slots,
-                                                 max_len=min(s.kv_budget_tokens, model.cfg.llm.max_position_embeddings),
+                                                 max_len=s.context_tokens(model.cfg.llm.max_position_embeddings),
                                                  paged=True,
                                                  kv_budget_bytes=s.kv_budget_tokens * KVCache.block_bytes(model.cfg, 1, dtype),
                                                  prefill_budget=s.prefill_chunk_tokens,

@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from orchestrator.conversation import (SAMPLING_LIMITS, Conversation, Reply, UserTurn, codes_to_b64, llm_request,
-                                       sampling_overrides)
+from orchestrator.conversation import (SAMPLING_LIMITS, Conversation, HistoryLimits, Reply, UserTurn, codes_to_b64,
+                                       llm_request, sampling_overrides)
 from orchestrator.sessions import Session, SessionSettingsRecord
 from services.common import entries
 from services.common.model_config import AudioTokenIds
+from services.common.settings import LimitsSettings
 from services.common.text_tokenizer import DEFAULT_SYSTEM_PROMPT
 from services.llm.prompts import Audio, GeneratedAudio, Message, Prompt, PromptBuilder, ProtocolTokens
 from services.llm.protocol import Sequence
@@ -38,8 +39,10 @@ class CharTokenizer:
 PROMPTS = PromptBuilder(CharTokenizer(), ProtocolTokens(AUDIO, EOS, SYS, USR, ASST, "<ag>", "<eos>"), NB)
 
 
-def conv(max_text_chars: int = 100) -> Conversation:
-    return Conversation(PROMPTS, max_text_chars=max_text_chars)
+def conv(max_text_chars: int = 100, context_tokens: int = 100_000, **limits) -> Conversation:
+    """limits: LimitsSettings keys (max_history_turns, reply_reserve_tokens, ...)."""
+    history = HistoryLimits.from_settings(LimitsSettings(**limits), context_tokens)
+    return Conversation(PROMPTS, max_text_chars=max_text_chars, history=history)
 
 
 def session(**settings) -> Session:
@@ -55,8 +58,9 @@ def record(c: Conversation, sess: Session, turn, reply) -> None:
     """What SessionStore.end_turn does with a TurnRecord, in memory."""
     rec = c.finish(turn, reply)
     sess.history.extend(rec.entries)
+    del sess.history[:-rec.keep_entries]
     if rec.tokens is not None:
-        sess.tokens, sess.codes = rec.tokens, rec.codes
+        sess.tokens, sess.codes, sess.turn_starts = rec.tokens, rec.codes, list(rec.turn_starts or [])
 
 
 def pads(ids) -> int:
@@ -193,7 +197,7 @@ def test_faithful_turn_is_recorded_and_the_next_prompt_rebuilt_from_re_encoded_a
     pcm = np.arange(480, dtype="<i2").tobytes()
     reply = Reply(text="Hi there", segments=[("Hi", pcm), (" there", b"")], history=[1], reply_codes=None)
     rec = c.finish(turn, reply)
-    assert rec.faithful == {"user": {"codes": codes_to_b64(codes((9, 9, 9)))},
+    assert rec.faithful == {"user": {"codes": codes_to_b64(codes((9, 9, 9)))}, "audio_seconds": 0.0,
                             "assistant": [{"text": "Hi", "pcm16": base64.b64encode(pcm).decode()},
                                           {"text": " there", "pcm16": ""}]}
     assert c.finish(turn, Reply(error="x", segments=[("Hi", pcm)])).faithful is None
@@ -208,6 +212,7 @@ def test_faithful_turn_is_recorded_and_the_next_prompt_rebuilt_from_re_encoded_a
     past = [rec.faithful]
     p, changed = asyncio.run(c.faithful_prompt(sess, past, UserTurn(text="next"), reencode))
     assert changed and heard == [pcm] and "codes" in past[0]["assistant"][0] and "codes" not in past[0]["assistant"][1]
+    assert "pcm16" not in past[0]["assistant"][0]          # re-encoded: its waveform is not kept
     expected = PROMPTS.chat([Message("system", DEFAULT_SYSTEM_PROMPT), Message("user", [Audio(codes((9, 9, 9)))]),
                              Message("assistant", ["Hi", GeneratedAudio(codes((4, 4, 4), (3, 3, 3))), " there"]),
                              Message("user", "next")])
@@ -216,7 +221,7 @@ def test_faithful_turn_is_recorded_and_the_next_prompt_rebuilt_from_re_encoded_a
     p2, changed = asyncio.run(c.faithful_prompt(sess, past, UserTurn(text="next"), reencode))
     assert not changed and heard == [pcm] and p2.ids == p.ids
     text_turn = c.faithful_record(UserTurn(text="typed"), Reply())
-    assert text_turn == {"user": {"text": "typed"}, "assistant": []}
+    assert text_turn == {"user": {"text": "typed"}, "audio_seconds": 0.0, "assistant": []}
 
 
 # ---------------------------------------------------------------- from the LLM stage to the next prompt

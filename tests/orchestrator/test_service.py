@@ -209,15 +209,19 @@ def test_faithful_history_re_encodes_the_assistant_audio(stub, serve_stack):
     import redis
 
     sid = session(stub, faithful_history=True)
-    end1, pcm1 = check_turn(converse(stub, sid))
+    events1 = converse(stub, sid)
+    end1, pcm1 = check_turn(events1)
     end2, _ = check_turn(converse(stub, sid))
     assert end1.reason == end2.reason == "complete"
     turns = json.loads(redis.Redis.from_url(serve_stack.redis_url).get(f"session:{sid}:faithful"))
     assert len(turns) == 2 and "codes" in turns[0]["user"]
     first = turns[0]["assistant"]
-    # every segment of turn 1 that had audio was re-encoded from its waveform for turn 2
-    with_audio = [s for s in first if s["pcm16"]]
-    assert with_audio and all("codes" in s for s in with_audio)
+    # every segment of turn 1 that had audio was re-encoded from its waveform for turn 2, and
+    # only its codes are kept; turn 2's waveform waits for the next turn
+    spoken = sorted({e.audio.segment for e in events1 if e.HasField("audio")})
+    assert spoken and [k for k, s in enumerate(first) if "codes" in s] == spoken
+    assert not any(s.get("pcm16") for s in first)
+    assert any(s.get("pcm16") for s in turns[1]["assistant"])
     assert "".join(s["text"] for s in first) == end1.text
 
 
