@@ -149,18 +149,10 @@ class ConversationDeployment:
             return flag.is_set() or turns.interrupt_requested(self.bus, turn_id)
 
         def run():
-            outcome = None
             try:
-                outcome = turns.produce(self.bus, merger, turn_id, interrupted=interrupted)
-                on_done(outcome)            # the history first, then the caller hears the end
-            except Exception:  # noqa: BLE001
-                log.exception("turn %s failed", turn_id)
-                if outcome is None:
-                    on_done(None)
-                outcome = None
+                turns.run(self.bus, merger, turn_id, interrupted=interrupted, record=on_done)
             finally:
                 self.interrupts.pop(turn_id, None)
-                turns.finish(self.bus, turn_id, outcome)
 
         task = loop.run_in_executor(None, run)
         self.producers.add(task)

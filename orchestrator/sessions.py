@@ -1,7 +1,8 @@
 """Sessions in Redis: settings, history, the token/code history, ownership of the running turn.
 
 One hash per session, `session:{id}`, expiring `ttl` seconds after the last activity, and a
-sorted set `sessions` (id -> expiry) to count live sessions against `max_sessions`.
+sorted set `sessions` (id -> expiry) to count live sessions against `max_sessions`; the set
+itself expires once the longest-lived session could have (every key here has a TTL).
 
 History is kept twice, for two readers:
   - `history`: what a person sees (role, text, audio seconds, interrupted), JSON;
@@ -64,7 +65,11 @@ class SessionStore:
         self.num_codebooks = num_codebooks
 
     def _ttl(self, s: SessionSettingsRecord) -> int:
-        return min(s.ttl_seconds, self.default_ttl_s * 24) if s.ttl_seconds else self.default_ttl_s
+        return min(s.ttl_seconds, self._max_ttl()) if s.ttl_seconds else self.default_ttl_s
+
+    def _max_ttl(self) -> int:
+        """The longest a session may live idle (a caller's ttl_seconds is capped to it)."""
+        return self.default_ttl_s * 24
 
     def create(self, settings: SessionSettingsRecord, session_id: str = "") -> Session:
         if session_id and not ID_RE.match(session_id):
@@ -86,6 +91,7 @@ class SessionStore:
         pipe.hset(_key(sid), mapping=fields)
         pipe.expire(_key(sid), ttl)
         pipe.zadd(LIVE_SET, {sid: now + ttl * 1000})
+        pipe.expire(LIVE_SET, self._max_ttl())
         pipe.execute()
         return sess
 
@@ -121,6 +127,7 @@ class SessionStore:
         pipe.expire(_key(sess.session_id) + ":faithful", ttl)
         pipe.hset(_key(sess.session_id), "expires_ms", str(sess.expires_ms))
         pipe.zadd(LIVE_SET, {sess.session_id: sess.expires_ms})
+        pipe.expire(LIVE_SET, self._max_ttl())
         pipe.execute()
 
     def begin_turn(self, session_id: str, turn_id: str,

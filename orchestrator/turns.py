@@ -3,9 +3,17 @@
 The producer reads the turn's stage streams (turn:{id}:llm, turn:{id}:audio), merges them
 (merge.py) and appends every client event to turn:{id}:events, whose entry ids are the
 events' ids. A caller streams from that stream, and one that reconnects resumes after the
-last id it got. The producer runs on its own, so a dropped caller loses nothing."""
+last id it got. The producer runs on its own, so a dropped caller loses nothing; when the turn
+has ended its stage streams are deleted and its events kept `bus.finished_turn_ttl_s` for a
+resume (Bus.end_turn).
+
+Redis at its memory limit refuses writes: the producer and every reader notice it (a write
+fails, or `Bus.check_writable` when idle) and end with RESOURCE_EXHAUSTED instead of waiting
+for events nobody can write; the producer keeps trying to send the turn's end for
+REFUSED_RETRY_S, so the session takes its next turn as soon as Redis takes writes again."""
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
@@ -14,14 +22,18 @@ import numpy as np
 
 from baichuan_audio.v1 import conversation_pb2 as pb
 from services.common.audio import to_pcm16
-from services.common.bus import Bus
+from services.common.bus import Bus, RedisFull
 from services.common.entries import ClientEvent, TurnEnd, decode_entry, id_ms
 from services.common.errors import Status
 from services.common.telemetry import get_metrics
 from orchestrator.conversation import Reply
 
+log = logging.getLogger(__name__)
+
 READ_BLOCK_MS = 200
 STALL_TIMEOUT_S = 120.0      # a turn whose stages wrote nothing for this long is abandoned
+PROBE_IDLE_S = 1.0           # a reader or producer waiting this long checks that Redis takes writes
+REFUSED_RETRY_S = 120.0      # how long the end of a turn refused by a full Redis is retried
 
 
 class TurnStalled(RuntimeError):
@@ -36,9 +48,10 @@ class TurnOutcome(Reply):
     final: list[pb.TurnEvent] = field(default_factory=list)           # held back for `finish`
 
 
-def send(bus: Bus, turn_id: str, ev: pb.TurnEvent, final: bool = False) -> None:
+def send(bus: Bus, turn_id: str, ev: pb.TurnEvent, final: bool = False, retry_full_s: float = 0.0) -> None:
     """Append one caller event to turn:{id}:events (its entry id becomes the event id)."""
-    bus.publish(turn_id, "events", ClientEvent(turn_id=turn_id, payload=ev.SerializeToString(), last=final))
+    bus.publish(turn_id, "events", ClientEvent(turn_id=turn_id, payload=ev.SerializeToString(), last=final),
+                retry_full_s=retry_full_s)
 
 
 def produce(bus: Bus, merger, turn_id: str, *, interrupted: Callable[[], bool],
@@ -50,7 +63,7 @@ def produce(bus: Bus, merger, turn_id: str, *, interrupted: Callable[[], bool],
     next turn as soon as it sees the end always finds this one in the history."""
     last = {bus.turn_stream(turn_id, "llm"): "0", bus.turn_stream(turn_id, "audio"): "0"}
     out = TurnOutcome()
-    progress = time.monotonic()
+    progress = probed = time.monotonic()
     metrics = get_metrics()
 
     def emit(ev: pb.TurnEvent) -> None:
@@ -80,7 +93,10 @@ def produce(bus: Bus, merger, turn_id: str, *, interrupted: Callable[[], bool],
         now = time.monotonic()
         if msgs:
             progress = now
-        elif now - progress > stall_timeout_s:
+        elif now - max(progress, probed) > PROBE_IDLE_S:     # the stages may be unable to write
+            bus.check_writable()
+            probed = now
+        if not msgs and now - progress > stall_timeout_s:
             emit(pb.TurnEvent(turn_id=turn_id, error=pb.TurnError(
                 code=Status.UNAVAILABLE, message=f"no stage produced anything for {stall_timeout_s:.0f} s; the turn was abandoned")))
             return out
@@ -99,14 +115,46 @@ def produce(bus: Bus, merger, turn_id: str, *, interrupted: Callable[[], bool],
     return out
 
 
-def finish(bus: Bus, turn_id: str, outcome: "TurnOutcome | None") -> None:
-    """Send the held-back final events (the last one closes the caller's stream)."""
+def finish(bus: Bus, turn_id: str, outcome: "TurnOutcome | None", retry_s: float = 0.0) -> None:
+    """Send the held-back final events (the last one closes the caller's stream), retrying
+    those Redis refuses (full) for up to `retry_s`."""
     final = outcome.final if outcome is not None else []
     if not final:
         final = [pb.TurnEvent(turn_id=turn_id, error=pb.TurnError(
             code=Status.INTERNAL, message="the turn failed in the orchestrator; see its logs"))]
+    deadline = time.monotonic() + retry_s
     for i, ev in enumerate(final):
-        send(bus, turn_id, ev, final=i == len(final) - 1)
+        send(bus, turn_id, ev, final=i == len(final) - 1, retry_full_s=max(0.0, deadline - time.monotonic()))
+
+
+def run(bus: Bus, merger, turn_id: str, *, interrupted: Callable[[], bool],
+        record: Callable[["TurnOutcome | None"], None]) -> "TurnOutcome | None":
+    """The producer of one turn: produce, `record(outcome)` (the history, before the caller
+    hears the end), send the end, free the turn's stage streams. outcome None: the
+    orchestrator failed. A full Redis ends the turn with RESOURCE_EXHAUSTED."""
+    outcome = None
+    try:
+        outcome = produce(bus, merger, turn_id, interrupted=interrupted)
+    except RedisFull as e:
+        log.warning("turn %s: %s", turn_id, e)
+        outcome = TurnOutcome(error=pb.TurnError(code=Status.RESOURCE_EXHAUSTED, message=str(e)))
+        outcome.final = [pb.TurnEvent(turn_id=turn_id, error=outcome.error)]
+    except Exception:  # noqa: BLE001 - the caller hears an INTERNAL error with the trace in the log
+        log.exception("turn %s failed", turn_id)
+    try:
+        record(outcome)
+    except Exception:  # noqa: BLE001 - e.g. Redis full: the turn still ends for the caller
+        log.exception("turn %s: recording it in the session failed", turn_id)
+    try:
+        finish(bus, turn_id, outcome, retry_s=REFUSED_RETRY_S)
+    except RedisFull:
+        log.error("turn %s: Redis refused its end for %.0f s; the session's next turn waits for "
+                  "the stall timeout", turn_id, REFUSED_RETRY_S)
+    try:
+        bus.end_turn(turn_id)
+    except Exception:  # noqa: BLE001 - Redis unreachable: the streams expire with their TTL
+        log.warning("turn %s: could not free its streams now; they expire", turn_id)
+    return outcome
 
 
 def interrupt_key(turn_id: str) -> str:
@@ -134,11 +182,18 @@ def is_over(bus: Bus, turn_id: str, stall_timeout_s: float) -> bool:
 
 
 def events(bus: Bus, turn_id: str, after: str = "0", *, wait_s: float = 600.0) -> Iterator[tuple[str, pb.TurnEvent]]:
-    """(event id, event) of turn:{id}:events after `after`, until the turn's last event."""
+    """(event id, event) of turn:{id}:events after `after`, until the turn's last event.
+    RedisFull when nothing comes and Redis refuses writes (nobody can write the rest)."""
     stream = bus.turn_stream(turn_id, "events")
     deadline = time.monotonic() + wait_s
+    idle_since = time.monotonic()
     while time.monotonic() < deadline:
         msgs = bus.read({stream: after}, block_ms=READ_BLOCK_MS)
+        if msgs:
+            idle_since = time.monotonic()
+        elif time.monotonic() - idle_since > PROBE_IDLE_S:
+            bus.check_writable()
+            idle_since = time.monotonic()
         for m in msgs:
             after = m.id
             ev = pb.TurnEvent.FromString(m.entry.payload)

@@ -8,6 +8,8 @@ Two kinds of stream:
         Written by the stages, read in order by the orchestrator with XREAD. Capped with an
         approximate MAXLEN and expiring with the session (the expiry is refreshed on every
         write). A reader resumes after the last entry id it saw without loss or duplication.
+        When a turn ends, its stage streams are deleted and its events kept for resume for
+        `finished_turn_ttl_s` (`end_turn`).
 
     jobs:decoder, jobs:vocoder
         Work queues read through one consumer group per stream. A replica claims a job
@@ -25,21 +27,49 @@ the span that wrote it; `Bus.add` fills it from the current span when the entry 
 
 Consumer-group names and ids are plain strings. Redis Cluster is not supported: a result key
 and its target stream are written by one script and must live on one server.
+
+Every key written here has a TTL except the fixed-name work streams, which are bounded in length
+instead (the backlog check, MAXLEN on the dead-letter streams). A Redis at its memory limit
+(maxmemory with noeviction) refuses writes: every write here then raises `RedisFull`, a
+ResourceExhausted, and `check_writable` finds out without writing anything.
 """
 from __future__ import annotations
 
 import logging
+import time
+from contextlib import contextmanager
 from typing import Any, Callable, Iterable, Mapping
 
 import redis
 
 from services.common.entries import TURN_KINDS, BusError, Entry, Job, Message, decode_entry
+from services.common.errors import ResourceExhausted
 from services.common.telemetry import Metrics
 
 log = logging.getLogger(__name__)
 
+# A key never created: `SET ... XX` on it changes nothing, but Redis refuses it (as every write)
+# while it is at its memory limit, which is what `check_writable` asks.
+WRITE_PROBE_KEY = "bus:write-probe"
+FULL_RETRY_INTERVAL_S = 0.5       # how often a write refused by a full Redis is tried again
+
+
 class BacklogFull(BusError):
     """A work stream already holds `job_max_backlog` jobs: the stage cannot keep up."""
+
+
+class RedisFull(ResourceExhausted):
+    """Redis refused a write: it is at its memory limit (maxmemory, policy noeviction)."""
+
+
+@contextmanager
+def _writing():
+    try:
+        yield
+    except redis.exceptions.OutOfMemoryError:
+        raise RedisFull("Redis is at its memory limit (maxmemory) and refuses writes; retry later "
+                        "(operators: raise maxmemory or lower limits.session_ttl_s, see README "
+                        '"Redis memory")') from None
 
 
 def _s(x: bytes | str) -> str:
@@ -105,6 +135,7 @@ class Bus:
         redis_or_url: "str | redis.Redis",
         *,
         turn_ttl_s: int = 1800,
+        finished_turn_ttl_s: int = 600,
         turn_maxlen: int = 20000,
         job_max_backlog: int = 10000,
         max_deliveries: int = 3,
@@ -133,6 +164,7 @@ class Bus:
             socket_timeout_s = kw.get("socket_timeout") or 5.0  # redis-py's default
         self.max_block_ms = int(socket_timeout_s * 1000) - 500
         self.turn_ttl_s = int(turn_ttl_s)
+        self.finished_turn_ttl_s = int(finished_turn_ttl_s)
         self.turn_maxlen = int(turn_maxlen)
         self.job_max_backlog = int(job_max_backlog)
         self.max_deliveries = int(max_deliveries)
@@ -146,7 +178,7 @@ class Bus:
         r, b = settings.redis, settings.bus
         return cls(r.url, username=r.username, password=r.password,
                    connect_timeout_s=r.connect_timeout_s, turn_ttl_s=settings.limits.session_ttl_s,
-                   turn_maxlen=b.turn_stream_maxlen, job_max_backlog=b.job_max_backlog,
+                   finished_turn_ttl_s=b.finished_turn_ttl_s, turn_maxlen=b.turn_stream_maxlen, job_max_backlog=b.job_max_backlog,
                    max_deliveries=b.max_deliveries, **kw)
 
     def _check_block(self, block_ms: int | None) -> None:
@@ -191,21 +223,32 @@ class Bus:
         maxlen = default_maxlen if maxlen is None else maxlen
         ttl_s = default_ttl if ttl_s is None else ttl_s
         fields = entry.with_trace().encode()
-        if not ttl_s:
-            return _s(self.redis.xadd(stream, fields, maxlen=maxlen or None, approximate=True))
-        pipe = self.redis.pipeline(transaction=True)  # the entry never exists without an expiry
-        pipe.xadd(stream, fields, maxlen=maxlen or None, approximate=True)
-        pipe.expire(stream, ttl_s)
-        return _s(pipe.execute()[0])
+        with _writing():
+            if not ttl_s:
+                return _s(self.redis.xadd(stream, fields, maxlen=maxlen or None, approximate=True))
+            pipe = self.redis.pipeline(transaction=True)  # the entry never exists without an expiry
+            pipe.xadd(stream, fields, maxlen=maxlen or None, approximate=True)
+            pipe.expire(stream, ttl_s)
+            return _s(pipe.execute()[0])
 
-    def publish(self, turn_id: str, kind: str, entry: Entry) -> str:
-        """Add `entry` to the turn stream `turn:{turn_id}:{kind}` (capped, expiry refreshed)."""
-        return self.add(self.turn_stream(turn_id, kind), entry)
+    def publish(self, turn_id: str, kind: str, entry: Entry, retry_full_s: float = 0.0) -> str:
+        """Add `entry` to the turn stream `turn:{turn_id}:{kind}` (capped, expiry refreshed).
+        retry_full_s: while Redis is full, try again for this long (a turn's end or error,
+        which its reader must get once Redis takes writes again) before raising RedisFull."""
+        deadline = time.monotonic() + retry_full_s
+        while True:
+            try:
+                return self.add(self.turn_stream(turn_id, kind), entry)
+            except RedisFull:
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(FULL_RETRY_INTERVAL_S)
 
     def submit(self, stream: str, job: Entry) -> str:
         """Add a job to a work stream; BacklogFull if it already holds `job_max_backlog` jobs."""
         try:
-            return _s(self._submit(keys=[stream], args=[self.job_max_backlog, *_flat(job.with_trace().encode())]))
+            with _writing():
+                return _s(self._submit(keys=[stream], args=[self.job_max_backlog, *_flat(job.with_trace().encode())]))
         except redis.ResponseError as e:
             if str(e).startswith("BACKLOG"):
                 raise BacklogFull(f"{stream} already holds {self.job_max_backlog} jobs "
@@ -223,9 +266,15 @@ class Bus:
         stream_ttl = default_ttl if ttl_s is None else (ttl_s if default_ttl else 0)
         maxlen = default_maxlen if maxlen is None else maxlen
         fields = _flat(entry.with_trace().encode())
-        published, entry_id = self._put_once(keys=[result_key, stream],
-                                             args=[key_ttl, stream_ttl, maxlen, *fields])
+        with _writing():
+            published, entry_id = self._put_once(keys=[result_key, stream],
+                                                 args=[key_ttl, stream_ttl, maxlen, *fields])
         return bool(published), _s(entry_id)
+
+    def check_writable(self) -> None:
+        """RedisFull if Redis refuses writes now (at its memory limit); writes nothing."""
+        with _writing():
+            self.redis.set(WRITE_PROBE_KEY, b"", xx=True)
 
     def refresh_turn(self, turn_id: str, ttl_s: int | None = None) -> None:
         """Push back the expiry of both turn streams (a reader still attached)."""
@@ -236,6 +285,15 @@ class Bus:
 
     def delete_turn(self, turn_id: str) -> None:
         self.redis.delete(*(self.turn_stream(turn_id, k) for k in TURN_KINDS))
+
+    def end_turn(self, turn_id: str) -> None:
+        """A turn has ended: its stage streams go (only the turn's producer reads them) and its
+        caller events stay `finished_turn_ttl_s` for a resume. Neither command needs memory,
+        so this works while Redis is full."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.delete(self.turn_stream(turn_id, "llm"), self.turn_stream(turn_id, "audio"))
+        pipe.expire(self.turn_stream(turn_id, "events"), self.finished_turn_ttl_s)
+        pipe.execute()
 
     # ---- reading in order
 

@@ -51,9 +51,17 @@ _RAY_STATUS = {
 }
 
 
+def _redis_full(exc: BaseException) -> bool:
+    """redis-py's OutOfMemoryError (a write refused at maxmemory), by name: no Redis import here."""
+    return type(exc).__name__ == "OutOfMemoryError" and type(exc).__module__.split(".")[0] == "redis"
+
+
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """The gRPC status for an exception, and the message a person can act on (never a traceback)."""
     exc = unwrap(exc)
+    if _redis_full(exc):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, ("Redis is at its memory limit (maxmemory) and refuses writes; "
+                                                    "retry later")
     if _from_ray(exc):
         for cls in type(exc).__mro__:
             if cls.__name__ in _RAY_STATUS:

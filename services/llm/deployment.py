@@ -21,7 +21,7 @@ import torch
 from ray import serve
 
 from baichuan_audio.v1 import conversation_pb2, stages_pb2
-from services.common.bus import Bus
+from services.common.bus import Bus, RedisFull
 from services.common.entries import DECODER_JOBS, TurnError
 from services.common.errors import Status
 from services.common.grpc_status import grpc_errors
@@ -48,6 +48,7 @@ MODES = {stages_pb2.GENERATE_MODE_UNSPECIFIED: "spoken", stages_pb2.GENERATE_MOD
 # conversation's next turn prefills only what it adds.
 KEPT_SESSIONS_PER_SLOT = 4
 ENDED_KEPT = 1024        # recently ended requests whose end reason `request_status` reports
+TURN_ERROR_RETRY_S = 120.0  # how long a turn's error refused by a full Redis is retried
 
 
 @serve.deployment(name="LLM")
@@ -141,9 +142,11 @@ class LLMDeployment:
         except Exception as e:  # noqa: BLE001 - the turn must hear about it
             log.exception("turn %s: publishing failed", turn_id)
             self._cancel(handle)    # nobody can hear the rest: free the sequence's slot and KV now
-            try:
-                self.bus.publish(turn_id, "llm", TurnError(turn_id=turn_id, stage="llm", code=Status.UNAVAILABLE,
-                                                           message=f"publishing the reply failed: {e}"))
+            code = Status.RESOURCE_EXHAUSTED if isinstance(e, RedisFull) else Status.UNAVAILABLE
+            try:                    # a full Redis may take writes again soon: the turn's reader waits
+                self.bus.publish(turn_id, "llm", TurnError(turn_id=turn_id, stage="llm", code=code,
+                                                           message=f"publishing the reply failed: {e}"),
+                                 retry_full_s=TURN_ERROR_RETRY_S)
             except Exception:  # noqa: BLE001 - Redis is down; the orchestrator times out
                 pass
         finally:

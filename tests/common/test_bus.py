@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import redis
 
-from services.common.bus import BacklogFull, Bus
+from services.common.bus import WRITE_PROBE_KEY, BacklogFull, Bus, RedisFull
 from services.common.entries import (
     ENTRY_TYPES, INT32, Array, BusError, ClientEvent, DecodeJob, Entry, PcmChunk, SegmentBoundary, TextDelta,
     Timing, TurnEnd, TurnError, VocodeJob,
@@ -85,6 +85,54 @@ def test_turn_streams_are_capped_and_expire(bus, uid):
     assert 0 < bus.redis.ttl(f"test:{uid}") <= 30
     bus.delete_turn(uid)
     assert not bus.redis.exists(stream)
+
+
+def test_an_ended_turn_keeps_its_events_for_resume_and_drops_its_stage_streams(redis_url, uid):
+    bus = Bus(redis_url, turn_ttl_s=600, finished_turn_ttl_s=30)
+    for kind in ("llm", "audio", "events"):
+        bus.publish(uid, kind, TextDelta(uid, 0, kind))
+    assert bus.redis.ttl(bus.turn_stream(uid, "events")) > 30
+    bus.end_turn(uid)
+    assert not bus.redis.exists(bus.turn_stream(uid, "llm"), bus.turn_stream(uid, "audio"))
+    assert 0 < bus.redis.ttl(bus.turn_stream(uid, "events")) <= 30
+    assert bus.read({bus.turn_stream(uid, "events"): "0"})[0].entry.text == "events"
+    bus.redis.close()
+
+
+def test_a_full_redis_refuses_every_write_as_redis_full(bus, uid):
+    """maxmemory reached (policy noeviction): each kind of write raises RedisFull, a
+    ResourceExhausted naming the limit; the probe says so without writing; a turn's end is
+    retried until Redis takes writes again; freeing a turn needs no memory."""
+    from services.common.errors import ResourceExhausted
+
+    r = bus.redis
+    bus.publish(uid, "events", TextDelta(uid, 0, "before"))
+    saved = r.config_get("maxmemory")["maxmemory"]
+    r.config_set("maxmemory", 1)
+    try:
+        writes = [lambda: bus.publish(uid, "llm", TextDelta(uid, 0, "x")),
+                  lambda: bus.add(f"test:{uid}", TextDelta(uid, 0, "x"), maxlen=10),
+                  lambda: bus.submit(f"jobs:{uid}", DecodeJob.from_codes(uid, 0, 0, np.zeros((1, 8), np.int32))),
+                  lambda: bus.put_result_once(f"result:x:{uid}:0:0", bus.turn_stream(uid, "audio"), TextDelta(uid, 0, "x")),
+                  bus.check_writable]
+        for write in writes:
+            with pytest.raises(RedisFull, match=r"memory limit \(maxmemory\)"):
+                write()
+        assert issubclass(RedisFull, ResourceExhausted)
+        t0 = time.monotonic()
+        with pytest.raises(RedisFull):
+            bus.publish(uid, "events", TextDelta(uid, 0, "end"), retry_full_s=0.6)
+        assert 0.5 < time.monotonic() - t0 < 5
+        threading.Timer(0.7, lambda: Bus(bus.redis).redis.config_set("maxmemory", saved)).start()
+        bus.publish(uid, "events", TextDelta(uid, 0, "end"), retry_full_s=10)      # lands once Redis takes it
+        assert time.monotonic() - t0 > 1.0
+        r.config_set("maxmemory", 1)
+        bus.end_turn(uid)
+    finally:
+        r.config_set("maxmemory", saved)
+    assert [m.entry.text for m in bus.read({bus.turn_stream(uid, "events"): "0"})] == ["before", "end"]
+    assert not r.exists(WRITE_PROBE_KEY)
+    bus.check_writable()
 
 
 def test_reader_resumes_from_last_id_without_loss_or_duplication(bus, redis_url, uid):

@@ -9,7 +9,8 @@ import grpc
 import pytest
 
 from baichuan_audio.v1 import conversation_pb2 as pb
-from tests.orchestrator.test_service import META, TIMEOUT, check_turn, converse, session, stub  # noqa: F401
+from tests.orchestrator.redis_monitor import Monitor
+from tests.orchestrator.test_service import QUESTION, META, TIMEOUT, check_turn, converse, session, stub  # noqa: F401
 
 WORDS = ("hello", "world", "session", "turn", "again", "long", "story", "about", "the", "model")
 
@@ -55,3 +56,137 @@ def test_system_prompt_over_the_limit_is_invalid_argument(stub, settings):
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "limits.max_system_prompt_chars" in e.value.details()
     check_turn(converse(stub, session(stub, system_prompt="s" * n), text="Hello"))
+
+
+# ---------------------------------------------------------------- what Redis holds
+
+def wait_for(check, timeout_s: float = 60.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_a_caller_that_leaves_mid_turn_can_resume_the_finished_turn_then_it_is_freed(stub, serve_stack, settings):
+    """The turn runs on into its events stream without its caller; once it has ended, the
+    caller resumes it within bus.finished_turn_ttl_s, and everything else of it is gone: the
+    stage streams deleted, the LLM request ended on its own, every key left expiring."""
+    import redis
+
+    from tests.orchestrator.test_stage_services import llm_status
+
+    r = redis.Redis.from_url(serve_stack.redis_url)
+    sid = session(stub)
+    req = pb.ConverseRequest(session_id=sid)
+    req.audio.file = QUESTION.read_bytes()
+    call = stub.Converse(req, metadata=META, timeout=TIMEOUT)
+    first = [next(call), next(call)]
+    call.cancel()
+    turn = first[-1].turn_id
+    wait_for(lambda: stub.GetSession(pb.GetSessionRequest(session_id=sid), metadata=META, timeout=30).turns == 1,
+             what="the turn to be recorded without its caller")
+    rest = list(stub.Converse(pb.ConverseRequest(session_id=sid, resume_turn_id=turn,
+                                                 after_event_id=first[-1].event_id), metadata=META, timeout=TIMEOUT))
+    end, _ = check_turn(first + rest)
+    assert end.reason == "complete"
+    assert llm_status(turn) == "eos"
+    assert not r.exists(f"turn:{turn}:llm", f"turn:{turn}:audio")
+    assert 0 < r.ttl(f"turn:{turn}:events") <= settings.bus.finished_turn_ttl_s
+    left = [k for k in r.scan_iter(f"*{turn}*")]
+    assert left and all(0 < r.ttl(k) <= settings.limits.session_ttl_s for k in left), \
+        {k: r.ttl(k) for k in left}
+
+
+# keys the stack writes that are not per session or turn: bounded in length, not in time
+FIXED_KEYS = {"jobs:decoder", "jobs:vocoder"}
+WRITES = {"set", "hset", "hsetnx", "xadd", "zadd", "sadd", "lpush", "rpush", "incr", "incrby", "setex",
+          "hincrby", "append", "xgroup", "expire", "pexpire", "del", "xack", "xdel", "xtrim", "persist"}
+
+
+def test_every_key_a_turn_writes_expires_and_every_stream_is_capped(stub, serve_stack, settings):
+    """MONITOR over a session's creation and a whole spoken turn in low-latency mode: every XADD
+    carries a MAXLEN (the work streams are capped by the backlog check instead), and every key
+    written still there afterwards has a TTL, except the fixed-name work streams."""
+    import redis
+
+    r = redis.Redis.from_url(serve_stack.redis_url)
+    mon = Monitor(serve_stack.redis_url)
+    try:
+        sid = session(stub, low_latency_audio=True)
+        events = converse(stub, sid)
+        check_turn(events)
+        time.sleep(1.0)                                # late writes of the stages, if any
+    finally:
+        commands = mon.close()
+    writes = [c for c in commands if c[0] in WRITES and len(c) > 1]
+    written = {c[1] for c in writes if c[0] not in ("del", "expire", "pexpire", "persist")}
+    turn = events[-1].turn_id
+    assert {f"session:{sid}", f"turn:{turn}:events", f"turn:{turn}:llm", f"turn:{turn}:audio"} <= written
+    assert any(k.startswith(f"result:decoder:{turn}:") for k in written)
+    for c in writes:
+        if c[0] == "xadd" and c[1] not in FIXED_KEYS:
+            assert "MAXLEN" in (a.upper() for a in c), f"uncapped stream write: {' '.join(c[:6])}"
+    no_ttl = {k: r.type(k).decode() for k in written if r.exists(k) and r.ttl(k) < 0}
+    assert set(no_ttl) <= FIXED_KEYS, f"keys written during a turn without a TTL: {no_ttl}"
+    assert all(r.type(k) == b"stream" for k in no_ttl)
+
+
+class RedisFullWhile:
+    """redis-server at its memory limit (maxmemory 1 byte, policy noeviction: every write is
+    refused) until closed; the original limit is restored even if the test fails."""
+
+    def __init__(self, url: str):
+        import redis
+
+        self.r = redis.Redis.from_url(url)
+        self.saved = self.r.config_get("maxmemory")["maxmemory"]
+        assert self.r.config_get("maxmemory-policy")["maxmemory-policy"] == "noeviction"
+
+    def __enter__(self):
+        self.r.config_set("maxmemory", 1)
+        return self
+
+    def __exit__(self, *exc):
+        self.r.config_set("maxmemory", self.saved)
+
+
+def test_a_full_redis_is_resource_exhausted_not_a_stuck_turn(stub, serve_stack):
+    """Redis at maxmemory refuses writes: new sessions and turns get RESOURCE_EXHAUSTED at once;
+    a turn that is running when Redis fills up ends for its caller within seconds with
+    RESOURCE_EXHAUSTED instead of waiting for events nobody can write; once Redis takes writes
+    again, the same session takes its next turn."""
+    sid = session(stub)
+    with RedisFullWhile(serve_stack.redis_url):
+        for call in (lambda: session(stub), lambda: converse(stub, sid, text="Hello")):
+            t0 = time.monotonic()
+            with pytest.raises(grpc.RpcError) as e:
+                call()
+            assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "memory limit" in e.value.details()
+            assert time.monotonic() - t0 < 10
+    check_turn(converse(stub, sid, text="Hello"))
+
+    req = pb.ConverseRequest(session_id=sid)
+    req.audio.file = QUESTION.read_bytes()
+    call = stub.Converse(req, metadata=META, timeout=TIMEOUT)
+    got = [next(call)]
+    with RedisFullWhile(serve_stack.redis_url):
+        t0 = time.monotonic()
+        with pytest.raises(grpc.RpcError) as e:
+            got += list(call)
+        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, (e.value.code(), got[-1])
+        assert "memory limit" in e.value.details() and time.monotonic() - t0 < 15
+    # the turn's end reaches its stream once Redis takes writes: the session is not blocked
+    wait_for(lambda: _turn_ended(serve_stack.redis_url, got[0].turn_id), 30, "the refused turn's end")
+    check_turn(converse(stub, sid, text="Hello"))
+
+
+def _turn_ended(url: str, turn_id: str) -> bool:
+    import redis
+
+    from services.common.bus import Bus
+    from orchestrator import turns
+
+    return turns.is_over(Bus(redis.Redis.from_url(url, protocol=2)), turn_id, turns.STALL_TIMEOUT_S)

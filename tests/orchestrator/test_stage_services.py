@@ -173,22 +173,29 @@ def test_a_job_delivered_twice_is_published_once(channel, cfg, hift, serve_stack
 
 
 def test_one_trace_spans_the_stages(channel, serve_stack):
-    """Every stream entry of a turn carries the W3C context of the turn's trace."""
+    """Every stream entry of a turn carries the W3C context of the turn's trace (seen as the
+    stages write them: the turn's stage streams are deleted when it ends)."""
     from baichuan_audio.v1 import conversation_pb2 as pb
     from baichuan_audio.v1 import conversation_pb2_grpc as pb_grpc
+    from tests.orchestrator.redis_monitor import Monitor
     from tests.orchestrator.test_service import META, QUESTION
 
     stub = pb_grpc.ConversationServiceStub(channel)
     sid = stub.CreateSession(pb.CreateSessionRequest(), metadata=META, timeout=30).session_id
     req = pb.ConverseRequest(session_id=sid)
     req.audio.file = QUESTION.read_bytes()
-    turn = [e for e in stub.Converse(req, metadata=META, timeout=180)][-1].turn_id
-    bus = Bus(serve_stack.redis_url)
+    mon = Monitor(serve_stack.redis_url)
+    try:
+        turn = [e for e in stub.Converse(req, metadata=META, timeout=180)][-1].turn_id
+    finally:
+        mon.close()
     ids = set()
     for kind in ("llm", "audio"):
-        for m in bus.read({bus.turn_stream(turn, kind): "0"}, count=10000):
-            tp = m.entry.traceparent
-            assert tp, f"{kind} entry {type(m.entry).__name__} without trace context"
+        adds = [c for c in mon.writes_to(f"turn:{turn}:{kind}") if c[0] == "xadd"]
+        assert adds, f"no {kind} entries seen"
+        for c in adds:
+            tp = c[c.index("traceparent") + 1] if "traceparent" in c else ""
+            assert tp, f"{kind} entry {c[c.index('type') + 1]} without trace context"
             ids.add(tp.split("-")[1])
     assert len(ids) == 1
 
