@@ -23,19 +23,19 @@ def grpc_options(settings: Settings, port: int | None = None):
                        enable_reflection=settings.serving.reflection)
 
 
-def start_stack(settings_path: str | None, *, address: str | None = None, grpc_port: int | None = None,
+def start_serve(settings_path: str | None, *, address: str | None = None, grpc_port: int | None = None,
                 http_port: int = 8000, env: dict[str, str] | None = None, num_cpus: int | None = None,
-                log=print) -> int:
-    """Start (or join) Ray, start Serve with its gRPC proxy and deploy every application.
+                **ray_init: object) -> tuple[int, dict[str, str | None]]:
+    """Start (or join) Ray and start Serve with its gRPC proxy as the settings say, without
+    deploying anything. Returns the gRPC port and the app builders' args.
 
-    Returns the gRPC port. Replicas read the settings file named by BAICHUAN_AUDIO_CONFIG and
-    the environment given here (REDIS_URL, MODEL_PATH, ...)."""
+    Replicas read the settings file named by BAICHUAN_AUDIO_CONFIG and the environment given
+    here (REDIS_URL, MODEL_PATH, ...); the proxy's message cap comes from
+    limits.max_message_bytes. ray_init: further ray.init options for a local cluster."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import ray
     from ray import serve
-
-    from orchestrator.app import APP_NAMES, BUILDERS
 
     settings = Settings.load(settings_path)  # fail early, naming the bad key
     env = dict(env or {})
@@ -49,9 +49,23 @@ def start_stack(settings_path: str | None, *, address: str | None = None, grpc_p
     if address:
         ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=False)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env={"env_vars": env}, log_to_driver=False)
+        ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env={"env_vars": env}, log_to_driver=False,
+                 **ray_init)
     serve.start(grpc_options=grpc_options(settings, port), http_options={"host": settings.serving.host, "port": http_port})
-    args = {"config": env.get(CONFIG_ENV)}
+    return port, {"config": env.get(CONFIG_ENV)}
+
+
+def start_stack(settings_path: str | None, *, address: str | None = None, grpc_port: int | None = None,
+                http_port: int = 8000, env: dict[str, str] | None = None, num_cpus: int | None = None,
+                log=print) -> int:
+    """Start (or join) Ray, start Serve with its gRPC proxy and deploy every application.
+    Returns the gRPC port."""
+    from ray import serve
+
+    from orchestrator.app import APP_NAMES, BUILDERS
+
+    port, args = start_serve(settings_path, address=address, grpc_port=grpc_port, http_port=http_port,
+                             env=env, num_cpus=num_cpus)
     for name in APP_NAMES:  # the conversation app last: it looks up the others' handles
         log(f"  starting {name} ...")
         serve.run(BUILDERS[name](args), name=name, route_prefix=f"/{name}")

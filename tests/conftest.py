@@ -61,6 +61,8 @@ stages:
   orchestrator: {num_cpus: 0.1}
 limits:
   max_message_bytes: 8388608
+serving:
+  host: 127.0.0.1
 bus:
   visibility_timeout_ms: 3000
   reclaim_interval_ms: 500
@@ -80,26 +82,21 @@ def serve_stack(tmp_path_factory, redis_url, tiny_checkpoint):
     from ray import serve
 
     from orchestrator.app import BUILDERS
-    from orchestrator.serve import grpc_options
+    from orchestrator.serve import start_serve
     from services.common.redis_server import free_port
-    from services.common.settings import Settings
 
     cfg = tmp_path_factory.mktemp("settings") / "settings.yaml"
     cfg.write_text(TEST_SETTINGS)
+    # what `baichuan-audio serve` does, from the settings file (the gRPC message cap too)
     env = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "MODEL_PATH": str(tiny_checkpoint),
-           "REDIS_URL": redis_url, "BAICHUAN_AUDIO_CONFIG": str(cfg),
-           "RAY_SERVE_GRPC_MAX_MESSAGE_SIZE": str(8 * 1024 * 1024)}
-    os.environ.update(env)
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 1024 * 1024,
-             runtime_env={"env_vars": env}, log_to_driver=False)
-    port = free_port()
-    serve.start(grpc_options=grpc_options(Settings.load(str(cfg)), port),
-                http_options={"host": "127.0.0.1", "port": free_port()})
+           "REDIS_URL": redis_url}
+    port, args = start_serve(str(cfg), grpc_port=free_port(), http_port=free_port(), env=env, num_cpus=2,
+                             object_store_memory=200 * 1024 * 1024)
     deployed: set[str] = set()
 
     def deploy(name: str) -> None:
         if name not in deployed:
-            serve.run(BUILDERS[name]({"config": str(cfg)}), name=name, route_prefix=f"/{name}")
+            serve.run(BUILDERS[name](args), name=name, route_prefix=f"/{name}")
             deployed.add(name)
 
     yield types.SimpleNamespace(address=f"127.0.0.1:{port}", deploy=deploy, settings_path=cfg,

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import base64
 
+from orchestrator.serve import MESSAGE_SIZE_ENV
+
 from tests.k8s.manifests import (
     APPS, CONFIG_PATH, Doc, deployment_options, find, load_settings, ray_groups, replica_bounds, serve_config,
     settings_text, the_rayservice,
@@ -60,6 +62,9 @@ def test_ray_pod_environment_reaches_settings(docs, tmp_path):
         assert {"REDIS_URL", "REDIS_PASSWORD"} <= set(from_secret), f"{where}: Redis must come from a Secret"
         s = S.Settings.load(None, env={**env, S.CONFIG_ENV: str(tmp_path / "config.yaml")})
         assert s.redis.url == env["REDIS_URL"] and s.redis.password == env["REDIS_PASSWORD"]
+        # Serve's gRPC proxy takes its message cap from the environment, as `serve` sets it
+        assert env.get(MESSAGE_SIZE_ENV) == str(s.limits.max_message_bytes), \
+            f"{where}: {MESSAGE_SIZE_ENV} must be limits.max_message_bytes ({s.limits.max_message_bytes})"
         mounts = [m["mountPath"].rstrip("/") + "/" for m in c.get("volumeMounts", [])]
         assert s.model.path and any(s.model.path.startswith(m) for m in mounts), \
             f"{where}: model path {s.model.path!r} is under no volume mount ({mounts})"

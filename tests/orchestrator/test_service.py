@@ -9,6 +9,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+import torch
 
 from baichuan_audio.v1 import conversation_pb2 as pb
 from baichuan_audio.v1 import conversation_pb2_grpc as pb_grpc
@@ -100,12 +101,52 @@ def test_text_turns_and_text_only_replies(stub):
     assert end.reason == "complete"
 
 
-def test_asr_and_tts_round_trip(stub):
+@pytest.fixture(scope="module")
+def direct(serve_stack):
+    """The served checkpoint's tokenizer runner, engine and prompt builder in this process: what
+    the stack must reproduce, computed without it."""
+    import types
+
+    from services.common.checkpoint import Checkpoint
+    from services.common.text_tokenizer import load_text_tokenizer
+    from services.llm.engine import Engine, EngineConfig
+    from services.llm.model import AudioLLM
+    from services.llm.prompts import PromptBuilder, ProtocolTokens
+    from services.tokenizer.runner import TokenizerRunner
+
+    ckpt = Checkpoint(serve_stack.checkpoint)
+    cfg, tok = ckpt.config, load_text_tokenizer(ckpt.path)
+    engine = Engine(AudioLLM.from_checkpoint(ckpt, dtype=torch.float32, device=torch.device("cpu")), tok,
+                    generation_config=ckpt.generation_config(),
+                    config=EngineConfig(num_slots=2, max_len=cfg.llm.max_position_embeddings))
+    prompts = PromptBuilder(tok, ProtocolTokens.from_tokenizer(tok, cfg, ckpt.generation_config()),
+                            cfg.audio.num_codebooks)
+    return types.SimpleNamespace(tokenizer=TokenizerRunner.from_checkpoint(ckpt, device="cpu"), engine=engine,
+                                 prompts=prompts, cfg=cfg, hift=ckpt.hift_config())
+
+
+def run_direct(engine, request) -> list:
+    """The engine's events for one request, stepped here."""
+    h = engine.submit(request)
+    engine.run_until_idle()
+    return h.drain()
+
+
+def test_asr_and_tts_round_trip(stub, direct):
+    from services.llm.protocol import Request, TextDelta
+    from services.tokenizer.audio_io import read_audio
+
     r = stub.Transcribe(pb.TranscribeRequest(audio=pb.AudioInput(file=QUESTION.read_bytes())),
                         metadata=META, timeout=TIMEOUT)
     import soundfile as sf
     assert r.audio_seconds == pytest.approx(sf.info(str(QUESTION)).duration, abs=0.01)
-    assert isinstance(r.text, str)
+    # the text is what the tiny model says for the sample, greedy, computed here without the stack
+    (codes,) = direct.tokenizer.tokenize([read_audio(QUESTION.read_bytes())])
+    prompt = direct.prompts.asr(codes)
+    events = run_direct(direct.engine, Request(prompt_ids=prompt.ids, mode="asr", audio_codes=prompt.audio_codes,
+                                               greedy=True))
+    expected = "".join(e.text for e in events if isinstance(e, TextDelta))
+    assert expected and r.text == expected
     events = list(stub.Synthesize(pb.SynthesizeRequest(text="你好，欢迎收听今天的节目。我们马上开始！"),
                                   metadata=META, timeout=TIMEOUT))
     end, pcm = check_turn(events)
@@ -143,15 +184,35 @@ def test_resume_after_a_dropped_client(stub):
     check_turn(first + rest)                        # no loss, no duplicates, gap-free audio
 
 
-def test_interrupt_stops_the_turn(stub):
-    sid = session(stub)
-    req = pb.ConverseRequest(session_id=sid)
-    req.audio.file = QUESTION.read_bytes()
+def long_reply(direct, text: str, sampling: dict, min_frames: int = 40) -> tuple[int, float]:
+    """(seed, seconds of reply audio) of the first sampling seed for which the tiny model's spoken
+    reply to the typed turn `text` of a new session has at least `min_frames` audio frames (its
+    replies usually end within a few), found with the engine here."""
+    from services.common.text_tokenizer import DEFAULT_SYSTEM_PROMPT
+    from services.decoder.runner import mel_frames
+    from services.llm.prompts import Message
+    from services.llm.protocol import Request, SegmentEnd
+
+    prompt = direct.prompts.chat([Message("system", DEFAULT_SYSTEM_PROMPT), Message("user", text)], spoken=True)
+    for seed in range(40):
+        events = run_direct(direct.engine, Request(prompt_ids=prompt.ids, mode="spoken", seed=seed, sampling=sampling))
+        segments = [len(e.codes) for e in events if isinstance(e, SegmentEnd) and e.kind == "audio"]
+        if sum(segments) >= min_frames:
+            hop, rate = direct.hift.hop_samples, direct.hift.sampling_rate
+            return seed, sum(mel_frames(n, direct.cfg.audio.avg_pooler) * hop for n in segments) / rate
+    raise AssertionError(f"no seed below 40 gives a reply of {min_frames} frames to interrupt")
+
+
+def test_interrupt_stops_the_turn(stub, direct):
+    """A reply seconds long (a seed for which the tiny model speaks long), interrupted after its
+    first event: the turn ends as interrupted, before its audio, and the history keeps what was sent."""
+    seed, full_seconds = long_reply(direct, "Hello", {"audio_temperature": 2.0})
+    sid = session(stub, sampling=pb.SamplingOverrides(audio_temperature=2.0, seed=seed))
     events: list[pb.TurnEvent] = []
     started = threading.Event()
 
     def run():
-        for ev in stub.Converse(req, metadata=META, timeout=TIMEOUT):
+        for ev in stub.Converse(pb.ConverseRequest(session_id=sid, text="Hello"), metadata=META, timeout=TIMEOUT):
             events.append(ev)
             started.set()
 
@@ -160,15 +221,14 @@ def test_interrupt_stops_the_turn(stub):
     assert started.wait(TIMEOUT)
     r = stub.Interrupt(pb.InterruptRequest(session_id=sid), metadata=META, timeout=30)
     t.join(TIMEOUT)
+    assert r.interrupted and r.turn_id == events[0].turn_id
     end = events[-1].end
-    if r.interrupted:
-        assert end.reason == "interrupted"
-        s = stub.GetSession(pb.GetSessionRequest(session_id=sid), metadata=META, timeout=30)
-        assert s.history[-1].interrupted
-        delivered = "".join(e.text.text for e in events if e.HasField("text"))
-        assert s.history[-1].text == delivered
-    else:                                           # the tiny model's reply had already ended
-        assert end.reason == "complete"
+    assert end.reason == "interrupted"
+    assert end.audio_seconds < full_seconds / 2, (end.audio_seconds, full_seconds)
+    s = stub.GetSession(pb.GetSessionRequest(session_id=sid), metadata=META, timeout=30)
+    assert s.history[-1].interrupted
+    delivered = "".join(e.text.text for e in events if e.HasField("text"))
+    assert s.history[-1].text == delivered
     # the session takes the next turn
     check_turn(converse(stub, sid, text="Hello"))
 
@@ -235,12 +295,22 @@ def test_low_latency_audio_streams_chunks_in_order(stub):
     assert len(first_seg) >= 2
 
 
-def test_oversized_message_is_resource_exhausted(stub):
-    # the test stack caps messages at 8 MiB (limits.max_message_bytes)
+def test_oversized_message_is_resource_exhausted(stub, serve_stack):
+    """Serve's gRPC proxy caps messages at limits.max_message_bytes of the settings file, which
+    reaches it the way `baichuan-audio serve` passes it (start_serve; the k8s manifests: see
+    tests/k8s): over the cap, RESOURCE_EXHAUSTED from gRPC; under it, the request reaches the
+    tokenizer."""
+    from services.common.settings import Settings
+
+    cap = Settings.load(str(serve_stack.settings_path)).limits.max_message_bytes
+    assert cap > 6 * 1024 * 1024
     sid = session(stub)
     with pytest.raises(grpc.RpcError) as e:
-        converse(stub, sid, audio=b"\0" * (9 * 1024 * 1024))
+        converse(stub, sid, audio=b"\0" * (cap + 1024))
     assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    with pytest.raises(grpc.RpcError) as e:
+        converse(stub, sid, audio=b"\0" * (cap - 64 * 1024))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "WAV or FLAC" in e.value.details()
     check_turn(converse(stub, sid, text="Hello"))   # the service and the session are fine
 
 
