@@ -12,7 +12,7 @@ from ray.serve.deployment import Deployment
 
 from services.common.autoscaling import POLICY as AUTOSCALING_POLICY
 from services.common.runtime import load_settings
-from services.common.settings import Settings, StageSettings
+from services.common.settings import AutoscalingSettings, Settings, StageSettings
 
 APP_NAMES = ("tokenizer", "llm", "decoder", "vocoder", "conversation")
 
@@ -26,51 +26,50 @@ SERVICER_FUNCTIONS = [
 ]
 
 
-def deployment_options(stage: StageSettings, work_stream: bool = False) -> dict[str, Any]:
+def deployment_options(stage: StageSettings, work_stream: bool = False,
+                       pace: AutoscalingSettings = AutoscalingSettings()) -> dict[str, Any]:
     """Replicas and resources of a stage. A work-stream stage (decoder, vocoder) autoscales on
-    its Redis backlog, which Serve's request counts do not see (services/common/autoscaling.py)."""
+    its Redis backlog, which Serve's request counts do not see (services/common/autoscaling.py);
+    `pace`: how fast Serve resizes."""
     actor = {"num_cpus": stage.num_cpus, "num_gpus": stage.num_gpus}
     if stage.max_replicas > stage.min_replicas:
         autoscaling = {"min_replicas": stage.min_replicas, "max_replicas": stage.max_replicas,
-                       "target_ongoing_requests": stage.target_ongoing_requests}
-        if work_stream:
-            autoscaling["policy"] = {"policy_function": AUTOSCALING_POLICY}
+                       "target_ongoing_requests": stage.target_ongoing_requests, **pace.model_dump()}
+        if work_stream:     # a backlog is work already waiting: no upscale delay
+            autoscaling.update(policy={"policy_function": AUTOSCALING_POLICY}, upscale_delay_s=0.0)
         return {"ray_actor_options": actor, "autoscaling_config": autoscaling}
     return {"ray_actor_options": actor, "num_replicas": stage.min_replicas}
 
 
-def _build(deployment: Deployment, stage: StageSettings, args: dict | None,
-           work_stream: bool = False) -> Application:
-    return deployment.options(**deployment_options(stage, work_stream)).bind((args or {}).get("config"))
-
-
-def _settings(args: dict | None) -> Settings:
-    return load_settings((args or {}).get("config"))
+def _build(deployment: Deployment, stage: str, args: dict | None, work_stream: bool = False) -> Application:
+    settings = load_settings((args or {}).get("config"))
+    options = deployment_options(getattr(settings.stages, stage), work_stream, settings.autoscaling)
+    return deployment.options(**options).bind((args or {}).get("config"))
 
 
 def tokenizer_app(args: dict | None = None) -> Application:
     from services.tokenizer.deployment import TokenizerDeployment
-    return _build(TokenizerDeployment, _settings(args).stages.tokenizer, args)
+    return _build(TokenizerDeployment, "tokenizer", args)
 
 
 def llm_app(args: dict | None = None) -> Application:
     from services.llm.deployment import LLMDeployment
-    return _build(LLMDeployment, _settings(args).stages.llm, args)
+    return _build(LLMDeployment, "llm", args)
 
 
 def decoder_app(args: dict | None = None) -> Application:
     from services.decoder.deployment import DecoderDeployment
-    return _build(DecoderDeployment, _settings(args).stages.decoder, args, work_stream=True)
+    return _build(DecoderDeployment, "decoder", args, work_stream=True)
 
 
 def vocoder_app(args: dict | None = None) -> Application:
     from services.vocoder.deployment import VocoderDeployment
-    return _build(VocoderDeployment, _settings(args).stages.vocoder, args, work_stream=True)
+    return _build(VocoderDeployment, "vocoder", args, work_stream=True)
 
 
 def conversation_app(args: dict | None = None) -> Application:
     from orchestrator.deployment import ConversationDeployment
-    return _build(ConversationDeployment, _settings(args).stages.orchestrator, args)
+    return _build(ConversationDeployment, "orchestrator", args)
 
 
 BUILDERS = {"tokenizer": tokenizer_app, "llm": llm_app, "decoder": decoder_app,

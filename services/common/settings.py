@@ -133,6 +133,16 @@ class OrchestratorStageSettings(StageSettings):
     max_batch_size: Annotated[int, Positive] = 1
 
 
+class AutoscalingSettings(_Section):
+    """How fast Serve resizes the stages that autoscale (max_replicas > min_replicas); Serve's
+    defaults. The work-stream stages scale up at once on their backlog (autoscaling.py)."""
+
+    metrics_interval_s: Annotated[float, Positive] = 10.0   # replicas report their load this often
+    look_back_period_s: Annotated[float, Positive] = 30.0   # ... averaged over this window
+    upscale_delay_s: Annotated[float, NonNegative] = 30.0   # request-driven stages: demand this long before adding
+    downscale_delay_s: Annotated[float, NonNegative] = 600.0  # lower demand this long before removing a replica
+
+
 class StagesSettings(_Section):
     tokenizer: StageSettings = StageSettings()
     llm: LLMStageSettings = LLMStageSettings()
@@ -227,6 +237,7 @@ class Settings(BaseSettings):
     model: ModelSettings = ModelSettings()
     redis: RedisSettings = RedisSettings()
     stages: StagesSettings = StagesSettings()
+    autoscaling: AutoscalingSettings = AutoscalingSettings()
     limits: LimitsSettings = LimitsSettings()
     llm: LLMEngineSettings = LLMEngineSettings()
     decoder: DecoderSettings = DecoderSettings()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -24,23 +25,55 @@ def context(backlog: float, target: int, state=None, now: float = 1000.0, lo: in
         last_scale_up_time=None, last_scale_down_time=None, current_time=now, config=cfg)
 
 
-def test_scales_up_at_once_to_the_backlog_within_bounds():
+def test_asks_for_the_backlog_over_the_target_within_bounds():
     assert backlog_policy(context(backlog=13, target=1))[0] == 4          # ceil(13 / 4)
     assert backlog_policy(context(backlog=1000, target=1))[0] == 8        # max_replicas
-    assert backlog_policy(context(backlog=0, target=1))[0] == 1           # min_replicas
+    assert backlog_policy(context(backlog=0, target=6))[0] == 1           # min_replicas
 
 
-def test_scales_down_only_after_the_delay():
-    n, state = backlog_policy(context(backlog=0, target=6, now=1000.0))
-    assert n == 6 and "lower_since" in state                             # not yet
-    n, state = backlog_policy(context(backlog=0, target=6, state=state, now=1020.0))
+DOWN_DELAY_S = 0.5
+
+
+def served(backlog: float, target: int, state=None) -> tuple[int, dict]:
+    """The policy as Serve runs it: wrapped with the deployment's bounds and delays (on the
+    clock), here the work-stream stages' (no upscale delay) with a short downscale delay."""
+    from ray.serve.autoscaling_policy import _apply_autoscaling_config
+
+    ctx = context(backlog, target, state)
+    ctx.config.upscale_delay_s, ctx.config.downscale_delay_s = 0.0, DOWN_DELAY_S
+    return _apply_autoscaling_config(backlog_policy)(ctx)
+
+
+def test_serve_scales_up_at_once_and_down_only_after_the_delay():
+    assert served(backlog=13, target=1)[0] == 4                          # at once
+    n, state = served(backlog=0, target=6)
+    assert n == 6                                                        # not yet
+    time.sleep(DOWN_DELAY_S / 2)
+    n, state = served(backlog=0, target=6, state=state)
     assert n == 6
-    n, state = backlog_policy(context(backlog=0, target=6, state=state, now=1031.0))
-    assert n == 1 and "lower_since" not in state
+    time.sleep(DOWN_DELAY_S / 2 + 0.1)
+    n, state = served(backlog=0, target=6, state=state)
+    assert n == 1
     # demand coming back resets the clock
-    n, state = backlog_policy(context(backlog=0, target=6, now=1000.0))
-    n, state = backlog_policy(context(backlog=30, target=6, state=state, now=1010.0))
-    assert n == 8 and "lower_since" not in state
+    n, state = served(backlog=0, target=6)
+    n, state = served(backlog=30, target=6, state=state)
+    assert n == 8
+    n, state = served(backlog=0, target=8, state=state)
+    time.sleep(DOWN_DELAY_S / 2 + 0.1)
+    assert served(backlog=0, target=8, state=state)[0] == 8
+
+
+def test_the_work_stream_stages_get_no_upscale_delay():
+    from orchestrator.app import deployment_options
+    from services.common.settings import Settings
+
+    s = Settings(stages={"decoder": {"max_replicas": 4}, "tokenizer": {"max_replicas": 4}},
+                 autoscaling={"downscale_delay_s": 30.0})
+    work = deployment_options(s.stages.decoder, work_stream=True, pace=s.autoscaling)["autoscaling_config"]
+    assert work["upscale_delay_s"] == 0.0 and work["downscale_delay_s"] == 30.0
+    assert work["policy"] == {"policy_function": "services.common.autoscaling:backlog_policy"}
+    served_requests = deployment_options(s.stages.tokenizer, pace=s.autoscaling)["autoscaling_config"]
+    assert served_requests["upscale_delay_s"] == 30.0 and "policy" not in served_requests
 
 
 def test_replicas_report_the_stream_backlog(redis_url):

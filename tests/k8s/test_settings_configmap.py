@@ -4,6 +4,7 @@ from __future__ import annotations
 import base64
 
 from orchestrator.serve import MESSAGE_SIZE_ENV
+from services.common.autoscaling import POLICY as AUTOSCALING_POLICY
 
 from tests.k8s.manifests import (
     APPS, CONFIG_PATH, Doc, deployment_options, find, load_settings, ray_groups, replica_bounds, serve_config,
@@ -27,6 +28,10 @@ def test_settings_configmap_loads_and_agrees_with_serve(docs, tmp_path):
         if "autoscaling_config" in opts and "target_ongoing_requests" in opts["autoscaling_config"]:
             assert st.target_ongoing_requests == opts["autoscaling_config"]["target_ongoing_requests"], \
                 f"stages.{stage}.target_ongoing_requests differs from deployment {deployment}"
+        auto = opts.get("autoscaling_config") or {}
+        if (auto.get("policy") or {}).get("policy_function") == AUTOSCALING_POLICY:
+            # as orchestrator/app.py builds it: Serve (2.60) would otherwise wait 30 s to add a replica
+            assert auto.get("upscale_delay_s") == 0, f"deployment {deployment}: the backlog policy needs upscale_delay_s: 0"
 
 
 def _secret_values(doc: Doc) -> dict[str, str]:
