@@ -135,7 +135,7 @@ class Bus:
         redis_or_url: "str | redis.Redis",
         *,
         turn_ttl_s: int = 1800,
-        finished_turn_ttl_s: int = 600,
+        finished_turn_ttl_s: int = 120,
         turn_maxlen: int = 20000,
         job_max_backlog: int = 10000,
         max_deliveries: int = 3,

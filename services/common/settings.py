@@ -200,7 +200,7 @@ class BusSettings(_Section):
     """Redis Streams bus (services/common/bus.py, worker.py)."""
 
     turn_stream_maxlen: Annotated[int, Positive] = 20000     # approximate cap on entries per turn stream
-    finished_turn_ttl_s: Annotated[int, Positive] = 600      # a finished turn's events stay this long for resume
+    finished_turn_ttl_s: Annotated[int, Positive] = 120      # a finished turn's events stay this long for resume
     job_max_backlog: Annotated[int, Positive] = 10000        # submitting beyond this many waiting jobs fails
     visibility_timeout_ms: Annotated[int, Positive] = 30000  # a job unacked this long is re-claimed by another replica
     max_deliveries: Annotated[int, Positive] = 3             # then it goes to the dead-letter stream

@@ -6,6 +6,7 @@ import random
 import time
 
 import grpc
+import numpy as np
 import pytest
 
 from baichuan_audio.v1 import conversation_pb2 as pb
@@ -190,3 +191,27 @@ def _turn_ended(url: str, turn_id: str) -> bool:
     from orchestrator import turns
 
     return turns.is_over(Bus(redis.Redis.from_url(url, protocol=2)), turn_id, turns.STALL_TIMEOUT_S)
+
+
+def test_the_documented_redis_budget_of_a_turn_holds(stub, serve_stack, settings):
+    """README "Redis memory": a finished turn keeps its events (the reply's PCM once more: about
+    48 KB per second of audio, plus overhead), the session hash its settings, history and the
+    model's tokens (4 bytes each) and codes (32 bytes per audio frame)."""
+    import redis
+
+    r = redis.Redis.from_url(serve_stack.redis_url)
+    sid = session(stub)
+    events = converse(stub, sid)
+    end, _ = check_turn(events)
+    used = r.memory_usage(f"turn:{events[-1].turn_id}:events", samples=0)
+    assert used <= 50_000 * end.audio_seconds + 20_000, (used, end.audio_seconds)
+    h = r.hgetall(f"session:{sid}")
+    tokens, rows = len(h[b"tokens"]) // 4, len(h[b"codes"]) // 32
+    assert rows == sum(1 for t in np.frombuffer(h[b"tokens"], "<i4") if t == audio_pad(serve_stack))
+    budget = 4 * tokens + 32 * rows + len(h[b"history"]) + len(h[b"settings"]) + 1024
+    assert r.memory_usage(f"session:{sid}", samples=0) <= budget
+
+
+def audio_pad(serve_stack) -> int:
+    from services.common.model_config import ModelConfig
+    return ModelConfig.from_file(serve_stack.checkpoint).audio_tokens.audio_pad
