@@ -33,7 +33,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 import redis
 
-from services.common.entries import TURN_KINDS, BusError, Entry, Job, Message, decode_entry
+from services.common.entries import TURN_KINDS, BusError, Entry, Job, StreamEntry, decode_entry
 from services.common.telemetry import Metrics
 
 log = logging.getLogger(__name__)
@@ -240,13 +240,13 @@ class Bus:
     # ---- reading in order
 
     def read(self, streams: Mapping[str, str], block_ms: int | None = None,
-             count: int | None = None) -> list[Message]:
+             count: int | None = None) -> list[StreamEntry]:
         """Entries after the given ids (XREAD), in stream order; '0' reads from the start, '$'
         only what arrives from now. Waits up to `block_ms` for the first entry (None: no wait).
         To resume, pass the id of the last message seen for each stream."""
         self._check_block(block_ms)
         reply = self.redis.xread(dict(streams), count=count, block=block_ms)
-        return [Message(_s(name), _s(eid), decode_entry(fields))
+        return [StreamEntry(_s(name), _s(eid), decode_entry(fields))
                 for name, entries in (reply or []) for eid, fields in entries]
 
     # ---- work streams
@@ -357,10 +357,10 @@ class Bus:
         pipe.xdel(stream, eid)
         return _s(pipe.execute()[0])
 
-    def read_dead(self, stream: str, count: int = 100) -> list[tuple[Message, dict[str, str]]]:
+    def read_dead(self, stream: str, count: int = 100) -> list[tuple[StreamEntry, dict[str, str]]]:
         """Dead-lettered jobs of `stream`, oldest first, with their dead_* fields (operators)."""
         out = []
         for eid, fields in self.redis.xrange(self.dead_letter_stream(stream), count=count):
             meta = {_s(k): _s(v) for k, v in fields.items() if _s(k).startswith("dead_")}
-            out.append((Message(self.dead_letter_stream(stream), _s(eid), decode_entry(fields)), meta))
+            out.append((StreamEntry(self.dead_letter_stream(stream), _s(eid), decode_entry(fields)), meta))
         return out

@@ -32,7 +32,7 @@ from services.llm.kv_cache import KVCache
 from services.llm.model import AudioLLM
 from services.llm.prompts import PromptBuilder
 from services.llm.publisher import ChunkPolicy, TurnPublisher
-from services.llm.protocol import AudioFrame, Done, SegmentEnd, TextDelta
+from services.llm.protocol import AudioFrame, Done, SegmentEnd, TextToken
 
 log = logging.getLogger(__name__)
 
@@ -186,7 +186,7 @@ class LLMDeployment:
             ev = await loop.run_in_executor(None, next, events, None)
             if ev is None:
                 return
-            if isinstance(ev, TextDelta) and ev.text:
+            if isinstance(ev, TextToken) and ev.text:
                 yield stages_pb2.GenerateEvent(text=conversation_pb2.TextDelta(text=ev.text, segment=ev.segment))
             elif isinstance(ev, AudioFrame):
                 yield stages_pb2.GenerateEvent(frames=stages_pb2.AudioFrames(segment=ev.segment, codes=stages_pb2.Codes(

@@ -51,13 +51,13 @@ class TokenizerDeployment:
         return await asyncio.get_running_loop().run_in_executor(None, self.runner.tokenize, items)
 
     async def tokenize(self, audio) -> tuple[torch.Tensor, float, int]:
-        """For handle calls: AudioInput -> (codes (L, 8), seconds, chunks)."""
+        """For handle calls: AudioInput -> (codes (L, 8), seconds, splits)."""
         wave, sr = self.decode_audio(audio)
         codes = await self._batch((wave, sr))
         seconds = wave.shape[-1] / sr
-        return codes, seconds, self.runner.chunk_count(wave.shape[-1], sr)
+        return codes, seconds, self.runner.split_count(wave.shape[-1], sr)
 
     @grpc_errors
     async def Tokenize(self, request, grpc_context=None):
-        codes, seconds, chunks = await self.tokenize(request.audio)
-        return stages_pb2.TokenizeResponse(codes=codes_to_proto(codes), audio_seconds=seconds, chunks=chunks)
+        codes, seconds, splits = await self.tokenize(request.audio)
+        return stages_pb2.TokenizeResponse(codes=codes_to_proto(codes), audio_seconds=seconds, chunks=splits)

@@ -19,7 +19,7 @@ from services.common.text_tokenizer import DEFAULT_SYSTEM_PROMPT
 from services.llm.prompts import Audio, GeneratedAudio, Message, Prompt, PromptBuilder, ProtocolTokens
 from services.llm.protocol import Sequence
 from services.llm.publisher import TurnPublisher
-from tests.llm.test_scheduler import A, AG_END, AG_START, EOA, EOS, FRAME, PAD, X, frames, proto, text
+from tests.llm.test_scheduler import A, AG_END, AG_START, EOA, EOS, FRAME, PAD, X, frames, rules, text
 
 # ids shared with the protocol tests' vocabulary (PAD, AG_START, AG_END), the rest above it
 AUDIO = AudioTokenIds(audio_start=20, audio_end=21, audio_pad=PAD, audio_delim=22, audiotext_start=23,
@@ -230,7 +230,7 @@ def test_the_llm_stage_end_entry_is_the_next_prompt_prefix():
     user = UserTurn(codes=codes((9, 9, 9)))
     p = c.history_prompt(sess, user)
     turn = c.turn("t1", sess, user, p)
-    s = Sequence(turn.request, proto(), "t1", 0, 10_000, [tuple(r) for r in turn.request.audio_codes.tolist()])
+    s = Sequence(turn.request, rules(), "t1", 0, 10_000, [tuple(r) for r in turn.request.audio_codes.tolist()])
     assert s.advance(s.pending)
     text(s, A, AG_START)
     frames(s, FRAME, (6, 2, 3), EOA)
