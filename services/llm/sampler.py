@@ -218,23 +218,33 @@ def uniforms(key: torch.Tensor, n: int) -> torch.Tensor:
     return ((h >> 8).float() + 0.5) * (1.0 / (1 << 24))
 
 
-def draw(probs: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+def exponentials(key: torch.Tensor, n: int) -> torch.Tensor:
+    """[...] int64 draw keys -> [..., n] f32 Exp(1) variates, E = -log U (a pure function of
+    (key, column), so the first m columns of n >= m are those of m)."""
+    return -torch.log(uniforms(key.reshape(-1), n)).view(*key.shape, n)
+
+
+def draw(probs: torch.Tensor, key: torch.Tensor, e: torch.Tensor | None = None) -> torch.Tensor:
     """One categorical draw per row: argmax p_i / E_i with E_i ~ Exp(1) (exponential race).
-    probs [B, V] -> Long[B]; a zero-probability id is never chosen."""
-    e = -torch.log(uniforms(key, probs.shape[-1]))                       # [B, V] Exp(1)
+    probs [B, V] -> Long[B]; a zero-probability id is never chosen. e: the rows' E for this
+    key, precomputed (at least V columns), else computed here."""
+    V = probs.shape[-1]
+    e = exponentials(key, V) if e is None else e[:, :V]                   # [B, V] Exp(1)
     return (probs.float() / e).argmax(dim=-1)
 
 
-def choose(scores: torch.Tensor, seen: torch.Tensor | None, batch: SamplingBatch) -> torch.Tensor:
+def choose(scores: torch.Tensor, seen: torch.Tensor | None, batch: SamplingBatch,
+           e: torch.Tensor | None = None) -> torch.Tensor:
     """Full pipeline for one batched decision: scores [B, V] -> Long[B].
 
-    Text callers pass fp32 scores (upcast logits); audio callers pass the head's dtype."""
+    Text callers pass fp32 scores (upcast logits); audio callers pass the head's dtype.
+    e: this draw's exponentials (see `draw`), when the caller made them for several draws at once."""
     scores = process(scores, seen, batch)
     greedy_ids = scores.argmax(dim=-1)
     if batch.all_greedy:
         return greedy_ids
     probs = warp(scores, batch).softmax(dim=-1)
-    return torch.where(batch.greedy, greedy_ids, draw(probs, batch.keys[:, batch.col]))
+    return torch.where(batch.greedy, greedy_ids, draw(probs, batch.keys[:, batch.col], e))
 
 
 # ---------------------------------------------------------------------------- histories

@@ -131,6 +131,18 @@ def test_frame_draws_use_one_key_per_codebook():
         b.offset(8)
 
 
+def test_exponentials_of_a_frame_equal_each_codebooks_own():
+    """The runner makes every codebook's race variates in one call, with the widest codebook's
+    columns; each codebook's slice must be exactly what its own draw would have made."""
+    b = SamplingBatch.build(PARAMS[:3], [3, 4, 5], [10, 20, 30], "cpu", draws=4)
+    sizes = [257, 64, 33, 2]
+    e = sampler.exponentials(b.keys, max(sizes))                          # (B, draws, n)
+    for k, n in enumerate(sizes):
+        assert torch.equal(e[:, k, :n], sampler.exponentials(b.keys[:, k], n))
+    probs = torch.rand(3, sizes[1]).softmax(-1)
+    assert torch.equal(sampler.draw(probs, b.keys[:, 1], e[:, 1]), sampler.draw(probs, b.keys[:, 1]))
+
+
 def test_token_counts_follow_overwrites():
     c = TokenCounts(2, V)
     c.reset(1, [5, 5, 7])
