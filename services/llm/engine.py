@@ -378,8 +378,9 @@ class Engine:
         ready = []
         for w in work:
             tokens = w.seq.kv_len + w.n
-            if self.sessions.make_room(pool.need(w.seq.slot, tokens)) and pool.ensure(w.seq.slot, tokens):
-                ready.append(w)
+            need = pool.need(w.seq.slot, tokens)
+            if need == 0 or (self.sessions.make_room(need) and pool.ensure(w.seq.slot, tokens)):
+                ready.append(w)                  # (most steps: the slot's last block has room)
         if work and not ready:
             order = {id(s): i for i, s in enumerate(self.scheduler.running)}
             victim = max((w.seq for w in work), key=lambda s: order.get(id(s), -1))

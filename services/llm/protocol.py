@@ -430,7 +430,7 @@ class Sequence:
     # ------------------------------------------------------------------ audio decisions
     def on_frame(self, codes: Seq[int]) -> None:
         assert self.phase == Phase.AUDIO, self.phase
-        codes = tuple(int(c) for c in codes)
+        codes = tuple(map(int, codes))
         self.draws += self.rules.num_codebooks
         eoa = self.forced is None and codes[0] == self.rules.eoa
         # a pad for every frame, the end-of-audio frame included; the last one is never forwarded

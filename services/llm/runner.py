@@ -62,7 +62,7 @@ class _Tables:
         f, i = sampler.SamplingBatch.host_tables([r.params for r in rows], [r.seed for r in rows],
                                            [r.draws for r in rows], self.draws)
         self.f[:len(rows)].copy_(torch.tensor(f, dtype=torch.float32), non_blocking=True)
-        self.i[:len(rows)].copy_(torch.tensor(i, dtype=torch.int64), non_blocking=True)
+        self.i[:len(rows)].copy_(torch.from_numpy(i), non_blocking=True)
 
     def batch(self, n: int) -> sampler.SamplingBatch:
         return sampler.SamplingBatch.from_tables(self.f[:n], self.i[:n])      # every step, every row

@@ -30,6 +30,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Sequence
 
+import numpy as np
 import torch
 
 
@@ -76,6 +77,24 @@ def draw_key(seed: int, counter: int) -> int:
     return k - (1 << 64) if k >= 1 << 63 else k
 
 
+def _splitmix64_np(x: np.ndarray) -> np.ndarray:
+    """_splitmix64 on uint64 arrays (numpy wraps products mod 2^64, as the masks do)."""
+    x = x + np.uint64(0x9E3779B97F4A7C15)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def draw_keys(seeds: Sequence[int], counters: Sequence[int], draws: int) -> np.ndarray:
+    """draw_key(seeds[i], counters[i] + j) for j < draws, as an int64 array [B, draws]: one
+    vectorised pass instead of B·draws Python-level hashes (the host's share of a step at a
+    batch of hundreds)."""
+    s = np.array([x & _M64 for x in seeds], dtype=np.uint64)[:, None]
+    c = np.array([x & _M64 for x in counters], dtype=np.uint64)[:, None] + np.arange(draws, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        return _splitmix64_np(s ^ _splitmix64_np(c)).view(np.int64)
+
+
 @dataclass
 class SamplingBatch:
     """Per-row parameters of one batched call, as device tensors (built once per step).
@@ -100,14 +119,13 @@ class SamplingBatch:
 
     @staticmethod
     def host_tables(params: Sequence[SamplingParams], seeds: Sequence[int], counters: Sequence[int],
-                    draws: int = 1) -> tuple[list[list[float]], list[list[int]]]:
+                    draws: int = 1) -> tuple[list[list[float]], np.ndarray]:
         """The rows of the two tables a batch is made of: float [penalty, temperature, 1 - top_p]
-        and integer [top_k, top_p on, greedy, key 0 .. key draws-1]."""
+        and integer (int64 [B, 3 + draws]) [top_k, top_p on, greedy, key 0 .. key draws-1]."""
         # 1 - top_p in double, then float: what HF compares with
         f = [[p.repetition_penalty, p.temperature, 1.0 - p.top_p] for p in params]
-        i = [[p.top_k, p.top_p < 1.0, p.greedy] + [draw_key(s, c + j) for j in range(draws)]
-             for p, s, c in zip(params, seeds, counters)]
-        return f, i
+        flags = np.array([[p.top_k, p.top_p < 1.0, p.greedy] for p in params], dtype=np.int64).reshape(-1, 3)
+        return f, np.concatenate([flags, draw_keys(seeds, counters, draws)], axis=1)
 
     @classmethod
     def from_tables(cls, f: torch.Tensor, i: torch.Tensor, params: Sequence[SamplingParams] | None = None
@@ -132,7 +150,7 @@ class SamplingBatch:
         # two host->device copies per batch (one float, one integer table), split on the device
         f, i = cls.host_tables(params, seeds, counters, draws)
         return cls.from_tables(torch.tensor(f, dtype=torch.float32).to(device),
-                               torch.tensor(i, dtype=torch.int64).to(device), params)
+                               torch.from_numpy(i).to(device), params)
 
     def offset(self, k: int) -> "SamplingBatch":
         """The same rows, drawing with their k-th key (codebook k of one frame)."""

@@ -1,6 +1,7 @@
 """Batched sampler against transformers' own logits processors, row by row (§11.3)."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from transformers.generation.logits_process import (RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
@@ -121,6 +122,14 @@ def test_uniforms_in_open_interval_and_spread():
     assert abs(u.mean().item() - 0.5) < 0.01 and abs(u.var().item() - 1 / 12) < 0.005
     assert not torch.equal(u[0], u[1]) and not torch.equal(u[1], u[2])
     assert abs(torch.corrcoef(u[:2])[0, 1].item()) < 0.05          # consecutive draws look independent
+
+
+def test_vectorised_draw_keys_equal_the_scalar_hash():
+    seeds = [0, 1, 3, 2**40 + 5, 2**63 - 1, 2**64 - 1, -7, 123456789123]
+    counters = [0, 1, 10, 2**32 + 3, 2**63, 5, 99, 2**64 - 2]
+    keys = sampler.draw_keys(seeds, counters, 3)
+    assert keys.dtype == np.int64 and keys.shape == (len(seeds), 3)
+    assert keys.tolist() == [[sampler.draw_key(s, c + j) for j in range(3)] for s, c in zip(seeds, counters)]
 
 
 def test_frame_draws_use_one_key_per_codebook():
