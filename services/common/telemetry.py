@@ -11,7 +11,7 @@ caller's trace id), so traces stay connected across a process that exports nothi
 
     exporter: none     nothing is exported (default)
               console  spans and metrics printed to stdout (local debugging)
-              otlp     OTLP/gRPC to `otlp_endpoint` (needs the `opentelemetry-exporter-otlp` package)
+              otlp     OTLP/gRPC to `otlp_endpoint` (opentelemetry-exporter-otlp-proto-grpc, a dependency)
 """
 from __future__ import annotations
 
