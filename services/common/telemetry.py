@@ -187,8 +187,8 @@ def trace_id_hex(span: trace.Span | None = None) -> str:
 class Metrics:
     """The stack's instruments. Record through these methods; the attribute keys are `stage`
     for the work-stream ones, `mode` (spoken/text/asr/tts) for the turn-level ones and
-    `method`, `status` (a gRPC status name, OK included) for calls. k8s/observability/ turns
-    them into Prometheus series (dashboard, alerts; tests/k8s/test_observability.py).
+    `method`, `status` (a gRPC status name, OK included) for calls. The collector of
+    k8s/components/monitoring turns them into Prometheus series for its dashboard and alerts.
 
     Built over the global meter by default: until `setup_telemetry` installs a provider the
     instruments are no-op proxies, and they start recording once one is installed."""
