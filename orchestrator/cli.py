@@ -39,6 +39,12 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return serve_main(args)
 
 
+def _cmd_serve_config(args: argparse.Namespace) -> int:
+    from orchestrator.serve_config import serve_config_main
+
+    return serve_config_main(args.args)
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from orchestrator.demo import demo_main
 
@@ -65,6 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--address", default=None, help="Ray cluster address (default: start a local one)")
     s.add_argument("--detach", action="store_true", help="return after deploying (existing cluster)")
     s.set_defaults(func=_cmd_serve)
+
+    s = sub.add_parser("serve-config", help="print the Serve config (RayService serveConfigV2) of a settings file")
+    s.add_argument("args", nargs=argparse.REMAINDER, help="SETTINGS [--log-encoding JSON] [--no-access-log] "
+                   "[--pool-labels] [-o FILE]")
+    s.set_defaults(func=_cmd_serve_config)
 
     s = sub.add_parser("demo", help="start a local stack, run one spoken turn, write reply.wav")
     s.add_argument("--input", help="a WAV/FLAC question (default: the bundled sample)")

@@ -13,7 +13,7 @@ import logging
 import grpc
 
 from services.common.errors import AlreadyExists, Cancelled, NotFound, ResourceExhausted, Unavailable
-from services.common.telemetry import trace_id_hex
+from services.common.telemetry import get_metrics, trace_id_hex
 
 log = logging.getLogger(__name__)
 
@@ -77,9 +77,10 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, f"internal error ({exc.__class__.__name__}): {msg}"
 
 
-def _set(context, exc: BaseException) -> tuple[grpc.StatusCode, str]:
-    """Log the failure with the request's trace id and set the status on the context."""
+def _set(context, exc: BaseException, method: str = "") -> tuple[grpc.StatusCode, str]:
+    """Log the failure with the request's trace id, count it and set the status on the context."""
     code, msg = status_for(exc)
+    get_metrics().record_call(method, code.name)
     trace_id = trace_id_hex()
     if code == grpc.StatusCode.INTERNAL:
         # the whole traceback (the remote one inside Ray's wrapper too) is for the operator; the
@@ -108,8 +109,9 @@ def grpc_errors(fn):
             try:
                 async for item in fn(self, request, grpc_context):
                     yield item
+                get_metrics().record_call(fn.__qualname__, "OK")
             except Exception as e:  # noqa: BLE001 - mapped to a status, then re-raised
-                status = _set(grpc_context, e)
+                status = _set(grpc_context, e, fn.__qualname__)
                 await _abort(grpc_context, status)
                 raise StatusError(status[1]) from None
         return agen
@@ -118,9 +120,11 @@ def grpc_errors(fn):
         @functools.wraps(fn)
         async def coro(self, request, grpc_context=None):
             try:
-                return await fn(self, request, grpc_context)
+                out = await fn(self, request, grpc_context)
+                get_metrics().record_call(fn.__qualname__, "OK")
+                return out
             except Exception as e:  # noqa: BLE001
-                status = _set(grpc_context, e)
+                status = _set(grpc_context, e, fn.__qualname__)
                 await _abort(grpc_context, status)
                 raise StatusError(status[1]) from None
         return coro
@@ -128,9 +132,11 @@ def grpc_errors(fn):
     @functools.wraps(fn)
     def plain(self, request, grpc_context=None):
         try:
-            return fn(self, request, grpc_context)
+            out = fn(self, request, grpc_context)
+            get_metrics().record_call(fn.__qualname__, "OK")
+            return out
         except Exception as e:  # noqa: BLE001
-            raise StatusError(_set(grpc_context, e)[1]) from None
+            raise StatusError(_set(grpc_context, e, fn.__qualname__)[1]) from None
     return plain
 
 

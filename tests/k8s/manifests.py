@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from orchestrator.app import SERVICER_FUNCTIONS
+from orchestrator.app import APPLICATIONS, SERVICER_FUNCTIONS
 from tests.parity import missing  # skips locally, fails under CI=true
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -23,13 +23,7 @@ RAYSERVICE_SCHEMA = K8S / "schemas" / "rayservice-v1.json"
 KUBERNETES_VERSIONS = ("1.29", "1.37")
 
 # The contract with orchestrator/app.py: application -> (import path, deployment, settings stage).
-APPS = {
-    "tokenizer": ("orchestrator.app:tokenizer_app", "Tokenizer", "tokenizer"),
-    "llm": ("orchestrator.app:llm_app", "LLM", "llm"),
-    "decoder": ("orchestrator.app:decoder_app", "Decoder", "decoder"),
-    "vocoder": ("orchestrator.app:vocoder_app", "Vocoder", "vocoder"),
-    "conversation": ("orchestrator.app:conversation_app", "Conversation", "orchestrator"),
-}
+APPS = {a.name: (a.import_path, a.deployment, a.stage) for a in APPLICATIONS}
 CONFIG_PATH = "/etc/baichuan-audio/config.yaml"
 GRPC_PORT = 9000
 # the servicers `baichuan-audio serve` registers: the manifests must register the same

@@ -62,6 +62,10 @@ def _set_serve(docs: list[Doc], fn) -> None:
         check_capacity, "CPUs at max_replicas"),
     (lambda d: _set_serve(d, lambda c: c["applications"][4]["deployments"][0]["ray_actor_options"].update(
         label_selector={"baichuan-audio/pool": "tpu"})), check_capacity, "matches no Ray group"),
+    (lambda d: find(d, "PodMonitor")[0]["spec"]["podMetricsEndpoints"][0].update(prot="metrics"),
+        check_core_objects, "prot"),
+    (lambda d: find(d, "PrometheusRule")[0]["spec"]["groups"][0]["rules"][0].update({"for": "ten minutes"}),
+        check_core_objects, "ten minutes"),
 ])
 def test_checks_catch_broken_manifests(mutation, check, message):
     # (the unbroken prod manifests pass each check: the tests above)
