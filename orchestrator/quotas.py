@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from services.common.errors import QuotaExceeded
+from services.common.errors import QuotaExceeded, ResourceExhausted
 from services.common.settings import QuotasSettings
 
 # KEYS[1] the identity's TAT key. ARGV[1] T: ms per unit, ARGV[2] the period (ms), ARGV[3] cost
@@ -103,11 +103,13 @@ class Quotas:
         if seconds <= 0:
             return
         limit = self.settings.of(identity).audio_seconds_per_hour
+        if seconds > limit and not force:   # never fits: no retry will help
+            raise ResourceExhausted(f"{identity}: this audio ({seconds:.1f} s) is longer than the hourly budget of "
+                                    f"{limit:g} audio seconds (quotas.audio_seconds_per_hour); send shorter audio")
         wait = self._bucket(_key(identity, "audio"), limit, 3600.0, seconds, "force" if force else "admit")
         if wait:
-            what = (f"this audio ({seconds:.1f} s) is longer than the hourly budget" if seconds > limit
-                    else f"this audio ({seconds:.1f} s) does not fit what is left of the hourly budget")
-            raise QuotaExceeded(f"{identity}: {what} of {limit:g} audio seconds (quotas.audio_seconds_per_hour); "
+            raise QuotaExceeded(f"{identity}: this audio ({seconds:.1f} s) does not fit what is left of the hourly "
+                                f"budget of {limit:g} audio seconds (quotas.audio_seconds_per_hour); "
                                 f"retry after {wait:.1f} s", wait)
 
     def begin_turn(self, identity: str, turn_id: str, is_over: Callable[[str], bool]) -> None:

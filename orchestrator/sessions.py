@@ -32,8 +32,8 @@ import numpy as np
 
 from services.common.errors import AlreadyExists, NotFound, QuotaExceeded, ResourceExhausted
 
-ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-TURN_ID_RE = re.compile(r"^[0-9a-f]{32}$")        # uuid4().hex, made here
+ID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
+TURN_ID_RE = re.compile(r"[0-9a-f]{32}")        # uuid4().hex, made here
 LIVE_SET = "sessions"
 
 # KEYS[1] live set, KEYS[2] the owner's live set, KEYS[3] the session hash.
@@ -64,13 +64,13 @@ return {'ok', '0'}
 
 
 def check_session_id(session_id: str) -> None:
-    if not ID_RE.match(session_id or ""):
+    if not ID_RE.fullmatch(session_id or ""):
         raise ValueError(f"session_id {session_id!r} is not valid: use 1-64 of A-Z a-z 0-9 _ -"
                          if session_id else "session_id is empty: create a session first (CreateSession)")
 
 
 def check_turn_id(turn_id: str) -> None:
-    if not TURN_ID_RE.match(turn_id):
+    if not TURN_ID_RE.fullmatch(turn_id):
         raise ValueError(f"turn id {turn_id!r} is not valid: use the turn_id of an event of the turn "
                          "(32 hexadecimal digits)")
 

@@ -23,14 +23,14 @@ from orchestrator.conversation import Reply
 
 READ_BLOCK_MS = 200
 STALL_TIMEOUT_S = 120.0      # a turn whose stages wrote nothing for this long is abandoned
-EVENT_ID_RE = re.compile(r"^[0-9]{1,20}-[0-9]{1,20}$")   # a Redis stream entry id
+EVENT_ID_RE = re.compile(r"[0-9]{1,20}-[0-9]{1,20}")   # a Redis stream entry id
 
 
 def check_event_id(after: str) -> str:
     """A resume's `after_event_id` ("" = from the start), or ValueError naming the format."""
     if not after:
         return "0"
-    if not EVENT_ID_RE.match(after):
+    if not EVENT_ID_RE.fullmatch(after):
         raise ValueError(f"after_event_id {after!r} is not an event id: use the event_id of the last "
                          "event received (digits-digits), or leave it empty to start over")
     return after

@@ -72,6 +72,8 @@ def metadata(identity: str | None = "alice", app: str = "conversation") -> tuple
 
 
 TEST_SETTINGS = """
+telemetry:
+  exporter: console             # spans in the replicas' logs (checked for secrets)
 serving:
   stage_services: true          # tests call the stages directly, with the internal key
 quotas:
@@ -118,7 +120,7 @@ def serve_stack(tmp_path_factory, redis_url, tiny_checkpoint):
     cfg.write_text(TEST_SETTINGS + f"auth:\n  api_keys_file: {keys}\n  internal_keys_file: {internal}\n")
     env = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "MODEL_PATH": str(tiny_checkpoint),
            "REDIS_URL": redis_url, "BAICHUAN_AUDIO_CONFIG": str(cfg),
-           "RAY_SERVE_GRPC_MAX_MESSAGE_SIZE": str(8 * 1024 * 1024)}
+           "RAY_SERVE_GRPC_MAX_MESSAGE_SIZE": str(8 * 1024 * 1024), "OTEL_BSP_SCHEDULE_DELAY": "500"}
     os.environ.update(env)
     ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 1024 * 1024,
              runtime_env={"env_vars": env}, log_to_driver=False)

@@ -47,7 +47,7 @@ def parse_keys(text: str, source: str) -> dict[str, str]:
             where = f"{source} line {lineno}"
             if not sep or not key:
                 raise KeyRingError(f"{where}: an entry is not `name:key`")
-            if not IDENTITY_RE.match(name):
+            if not IDENTITY_RE.fullmatch(name):
                 raise KeyRingError(f"{where}: key name {name!r} is not valid ({IDENTITY_RULE})")
             if len(key) < MIN_KEY_CHARS or any(c.isspace() for c in key):
                 raise KeyRingError(f"{where}: the key of {name!r} is shorter than {MIN_KEY_CHARS} characters "

@@ -58,7 +58,7 @@ ENV_ONLY = {("redis", "password"), ("auth", "api_keys"), ("auth", "internal_keys
 
 
 # The name of an API key (the caller's identity): services/common/auth.py checks the keys.
-IDENTITY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+IDENTITY_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 IDENTITY_RULE = "1-64 of A-Z a-z 0-9 _ -, starting with a letter or digit"
 
 
@@ -319,7 +319,7 @@ class Settings(BaseSettings):
         if bool(r.tls_cert_file) != bool(r.tls_key_file):
             raise _Inconsistent(("redis", "tls_cert_file"), "and redis.tls_key_file go together (mutual TLS)")
         for name in self.quotas.overrides:
-            if not IDENTITY_RE.match(name):
+            if not IDENTITY_RE.fullmatch(name):
                 raise _Inconsistent(("quotas", "overrides"), f"names an identity {name!r} that no API key can have "
                                     f"(names are {IDENTITY_RULE})")
         b = self.bus
