@@ -44,6 +44,8 @@ def channel_credentials(ca_file: str | None = None, cert_file: str | None = None
     certificate and key for mutual TLS."""
     def read(p: str | None) -> bytes | None:
         return Path(p).read_bytes() if p else None
+    if bool(cert_file) != bool(key_file):   # gRPC would abort the process on half a pair
+        raise ValueError("a client certificate and its key go together (--cert-file and --key-file)")
     return grpc.ssl_channel_credentials(root_certificates=read(ca_file), private_key=read(key_file),
                                         certificate_chain=read(cert_file))
 

@@ -10,7 +10,6 @@ import grpc
 from orchestrator.client import (
     Client, audio_progress, channel_credentials, find_api_key, print_reply_summary, timed,
 )
-from services.common.auth import KeyRingError
 
 
 def client_main(args: argparse.Namespace) -> int:
@@ -18,7 +17,7 @@ def client_main(args: argparse.Namespace) -> int:
         key = find_api_key(args.api_key_file)
         tls = args.tls or args.ca_file or args.cert_file or args.key_file
         creds = channel_credentials(args.ca_file, args.cert_file, args.key_file) if tls else None
-    except (OSError, KeyRingError) as e:
+    except (OSError, ValueError) as e:        # KeyRingError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         return 1
     client = Client(args.address, timeout=args.timeout, api_key=key, credentials=creds)
