@@ -76,26 +76,27 @@ class Quotas:
         self._gcra = client.register_script(_GCRA)
         self._begin = client.register_script(_BEGIN_TURN)
 
-    def _bucket(self, key: str, limit: float, period_s: float, cost: float, mode: str) -> float:
-        """0 if admitted, else the seconds until it would be."""
-        ok, retry_ms = self._gcra(keys=[key], args=[period_s * 1000.0 / limit, period_s * 1000.0, cost, mode])
-        return 0.0 if int(ok) else float(retry_ms) / 1000.0
+    def _take(self, identity: str, what: str, limit: float, period_s: float, cost: float, mode: str,
+              refusal: str) -> None:
+        """Count `cost` in the identity's GCRA bucket `what` (`limit` per `period_s`); if it does
+        not fit, QuotaExceeded: `refusal` and the seconds until it would."""
+        ok, retry_ms = self._gcra(keys=[_key(identity, what)],
+                                  args=[period_s * 1000.0 / limit, period_s * 1000.0, cost, mode])
+        if not int(ok):
+            wait = float(retry_ms) / 1000.0
+            raise QuotaExceeded(f"{refusal}; retry after {wait:.1f} s", wait)
 
     def request(self, identity: str) -> None:
         """One call of `identity` (every call but health checks)."""
         limit = self.settings.of(identity).requests_per_minute
-        wait = self._bucket(_key(identity, "rpm"), limit, 60.0, 1, "admit")
-        if wait:
-            raise QuotaExceeded(f"{identity} is over its limit of {limit} requests per minute "
-                                f"(quotas.requests_per_minute); retry after {wait:.1f} s", wait)
+        self._take(identity, "rpm", limit, 60.0, 1, "admit", f"{identity} is over its limit of {limit} requests "
+                   "per minute (quotas.requests_per_minute)")
 
     def check_audio(self, identity: str) -> None:
         """Refuse a turn while the identity's audio budget is spent (by earlier replies)."""
         limit = self.settings.of(identity).audio_seconds_per_hour
-        wait = self._bucket(_key(identity, "audio"), limit, 3600.0, 0, "check")
-        if wait:
-            raise QuotaExceeded(f"{identity} used its {limit:g} audio seconds of the last hour "
-                                f"(quotas.audio_seconds_per_hour); retry after {wait:.1f} s", wait)
+        self._take(identity, "audio", limit, 3600.0, 0, "check", f"{identity} used its {limit:g} audio seconds "
+                   "of the last hour (quotas.audio_seconds_per_hour)")
 
     def charge_audio(self, identity: str, seconds: float, *, force: bool = False) -> None:
         """Charge `seconds` of audio: the input of a turn (refused if over the budget, not
@@ -106,11 +107,9 @@ class Quotas:
         if seconds > limit and not force:   # never fits: no retry will help
             raise ResourceExhausted(f"{identity}: this audio ({seconds:.1f} s) is longer than the hourly budget of "
                                     f"{limit:g} audio seconds (quotas.audio_seconds_per_hour); send shorter audio")
-        wait = self._bucket(_key(identity, "audio"), limit, 3600.0, seconds, "force" if force else "admit")
-        if wait:
-            raise QuotaExceeded(f"{identity}: this audio ({seconds:.1f} s) does not fit what is left of the hourly "
-                                f"budget of {limit:g} audio seconds (quotas.audio_seconds_per_hour); "
-                                f"retry after {wait:.1f} s", wait)
+        self._take(identity, "audio", limit, 3600.0, seconds, "force" if force else "admit",
+                   f"{identity}: this audio ({seconds:.1f} s) does not fit what is left of the hourly budget of "
+                   f"{limit:g} audio seconds (quotas.audio_seconds_per_hour)")
 
     def begin_turn(self, identity: str, turn_id: str, is_over: Callable[[str], bool]) -> None:
         """Count `turn_id` as running; QuotaExceeded if the identity runs its limit already.

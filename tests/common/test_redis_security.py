@@ -7,7 +7,6 @@ import logging
 import shutil
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
 import redis

@@ -14,12 +14,8 @@ from services.common.settings import QuotasSettings
 
 
 @pytest.fixture
-def r(redis_url):
-    client = redis.Redis.from_url(redis_url.rsplit("/", 1)[0] + "/8", protocol=2)
-    client.flushdb()
-    yield client
-    client.flushdb()
-    client.close()
+def r(private_redis):
+    return private_redis
 
 
 def quotas(r, **limits) -> Quotas:

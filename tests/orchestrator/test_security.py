@@ -15,23 +15,13 @@ import redis
 from google.rpc import error_details_pb2, status_pb2
 
 from baichuan_audio.v1 import conversation_pb2 as pb
-from baichuan_audio.v1 import conversation_pb2_grpc as pb_grpc
 from baichuan_audio.v1 import stages_pb2, stages_pb2_grpc
 from orchestrator.client import retry_after
 from services.common.entries import ClientEvent
 from tests.conftest import INTERNAL_KEY, TEST_KEYS, metadata
-from tests.orchestrator.test_service import QUESTION, TIMEOUT, check_turn
+from tests.orchestrator.test_service import QUESTION, TIMEOUT, check_turn, stub  # noqa: F401 (fixture)
 
 ALICE, BOB = metadata("alice"), metadata("bob")
-
-
-@pytest.fixture(scope="module")
-def stub(serve_stack):
-    for app in ("tokenizer", "llm", "decoder", "vocoder", "conversation"):
-        serve_stack.deploy(app)
-    channel = grpc.insecure_channel(serve_stack.address)
-    yield pb_grpc.ConversationServiceStub(channel)
-    channel.close()
 
 
 @pytest.fixture(scope="module")

@@ -16,13 +16,8 @@ NB = 8
 
 
 @pytest.fixture
-def r(redis_url):
-    """A database of its own (the cap counts every live session in the database)."""
-    client = redis.Redis.from_url(redis_url.rsplit("/", 1)[0] + "/7", protocol=2)
-    client.flushdb()
-    yield client
-    client.flushdb()
-    client.close()
+def r(private_redis):
+    return private_redis
 
 
 def store(r, *, max_sessions: int = 100, per_owner: int = 100, ttl: int = 60) -> SessionStore:
