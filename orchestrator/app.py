@@ -49,14 +49,25 @@ APPLICATIONS = (  # the conversation app last: it looks up the others' handles
 APP_NAMES = tuple(a.name for a in APPLICATIONS)
 APPS = {a.name: a for a in APPLICATIONS}
 
-SERVICER_FUNCTIONS = [
+# The gRPC services on Serve's proxy: the public ones always; the stage services only with
+# serving.stage_services (they bypass the conversation service's limits; each call also needs
+# an internal key, services/common/auth.py).
+PUBLIC_SERVICERS = [
     "baichuan_audio.v1.conversation_pb2_grpc.add_ConversationServiceServicer_to_server",
+    "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
+]
+STAGE_SERVICERS = [
     "baichuan_audio.v1.stages_pb2_grpc.add_TokenizerServicer_to_server",
     "baichuan_audio.v1.stages_pb2_grpc.add_LLMServicer_to_server",
     "baichuan_audio.v1.stages_pb2_grpc.add_DecoderServicer_to_server",
     "baichuan_audio.v1.stages_pb2_grpc.add_VocoderServicer_to_server",
-    "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
 ]
+SERVICER_FUNCTIONS = PUBLIC_SERVICERS + STAGE_SERVICERS
+
+
+def servicer_functions(settings: Settings) -> list[str]:
+    """What the proxy serves under these settings."""
+    return PUBLIC_SERVICERS + (STAGE_SERVICERS if settings.serving.stage_services else [])
 
 
 def deployment_options(stage: StageSettings, app: AppSpec | None = None) -> dict[str, Any]:

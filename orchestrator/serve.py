@@ -8,19 +8,37 @@ import sys
 import threading
 from pathlib import Path
 
-from services.common.settings import CONFIG_ENV, Settings
+from services.common.settings import CONFIG_ENV, ENV_PREFIX, Settings
 
 MESSAGE_SIZE_ENV = "RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"
 
 
 def grpc_options(settings: Settings, port: int | None = None):
-    """Serve's gRPC proxy: every service of the stack, reflection as `serving.reflection` says."""
+    """Serve's gRPC proxy: the public services (the stage services too with
+    `serving.stage_services`), reflection as `serving.reflection` says."""
     from ray.serve.config import gRPCOptions
 
-    from orchestrator.app import SERVICER_FUNCTIONS
+    from orchestrator.app import servicer_functions
 
-    return gRPCOptions(port=port or settings.serving.grpc_port, grpc_servicer_functions=SERVICER_FUNCTIONS,
+    return gRPCOptions(port=port or settings.serving.grpc_port, grpc_servicer_functions=servicer_functions(settings),
                        enable_reflection=settings.serving.reflection)
+
+
+def local_api_key(settings: Settings, log=print) -> dict[str, str]:
+    """A local stack that requires keys but has none configured gets one: a key file made once
+    (owner-only) where the client commands look for it. Returns the environment that points the
+    replicas at it (a path, never the key)."""
+    from orchestrator.client import local_key_file
+    from services.common.auth import write_key_file
+
+    a = settings.auth
+    if not a.required or a.api_keys_file or a.api_keys:
+        return {}
+    path = local_key_file()
+    if not path.is_file():
+        write_key_file(path, name="local")
+        log(f"  made an API key for this machine in {path} (the client commands read it)")
+    return {f"{ENV_PREFIX}AUTH__API_KEYS_FILE": str(path)}
 
 
 def start_stack(settings_path: str | None, *, address: str | None = None, grpc_port: int | None = None,
@@ -39,6 +57,8 @@ def start_stack(settings_path: str | None, *, address: str | None = None, grpc_p
 
     settings = Settings.load(settings_path)  # fail early, naming the bad key
     env = dict(env or {})
+    if not address:
+        env.update(local_api_key(settings, log))
     # Serve's gRPC proxy reads its message cap from the environment; a bigger request gets
     # RESOURCE_EXHAUSTED from gRPC itself before it reaches a replica
     env.setdefault(MESSAGE_SIZE_ENV, str(settings.limits.max_message_bytes))

@@ -6,6 +6,7 @@ events' ids. A caller streams from that stream, and one that reconnects resumes 
 last id it got. The producer runs on its own, so a dropped caller loses nothing."""
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
@@ -22,6 +23,17 @@ from orchestrator.conversation import Reply
 
 READ_BLOCK_MS = 200
 STALL_TIMEOUT_S = 120.0      # a turn whose stages wrote nothing for this long is abandoned
+EVENT_ID_RE = re.compile(r"[0-9]{1,20}-[0-9]{1,20}")   # a Redis stream entry id
+
+
+def check_event_id(after: str) -> str:
+    """A resume's `after_event_id` ("" = from the start), or ValueError naming the format."""
+    if not after:
+        return "0"
+    if not EVENT_ID_RE.fullmatch(after):
+        raise ValueError(f"after_event_id {after!r} is not an event id: use the event_id of the last "
+                         "event received (digits-digits), or leave it empty to start over")
+    return after
 
 
 class TurnStalled(RuntimeError):

@@ -113,13 +113,15 @@ class Bus:
         connect_timeout_s: float = 5.0,
         socket_timeout_s: float = 30.0,
         metrics: Metrics | None = None,
+        tls: Mapping[str, Any] | None = None,
     ) -> None:
         if isinstance(redis_or_url, str):
             # The socket timeout bounds every blocking read: `block_ms` must stay below it.
+            # tls: redis-py's ssl_* options for a rediss:// URL (RedisSettings.client_options).
             self.redis = redis.Redis.from_url(
                 redis_or_url, protocol=2, decode_responses=False, username=username or None,
                 password=password or None, socket_connect_timeout=connect_timeout_s,
-                socket_timeout=socket_timeout_s, health_check_interval=30)
+                socket_timeout=socket_timeout_s, health_check_interval=30, **(tls or {}))
         else:
             kw = redis_or_url.connection_pool.connection_kwargs
             if kw.get("decode_responses"):
@@ -144,7 +146,8 @@ class Bus:
     def from_settings(cls, settings: Any, **kw: Any) -> "Bus":
         """A bus configured by `Settings` (redis, bus and limits.session_ttl_s)."""
         r, b = settings.redis, settings.bus
-        return cls(r.url, username=r.username, password=r.password,
+        tls = {k: v for k, v in r.client_options().items() if k.startswith("ssl_")}
+        return cls(r.url, username=r.username, password=r.password, tls=tls,
                    connect_timeout_s=r.connect_timeout_s, turn_ttl_s=settings.limits.session_ttl_s,
                    turn_maxlen=b.turn_stream_maxlen, job_max_backlog=b.job_max_backlog,
                    max_deliveries=b.max_deliveries, **kw)

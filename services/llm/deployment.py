@@ -20,6 +20,7 @@ import torch
 from ray import serve
 
 from baichuan_audio.v1 import conversation_pb2, stages_pb2
+from services.common.auth import Authenticator
 from services.common.bus import Bus
 from services.common.entries import DECODER_JOBS, TurnError
 from services.common.errors import Status
@@ -52,6 +53,7 @@ KEPT_SESSIONS_PER_SLOT = 4
 class LLMDeployment:
     def __init__(self, config: Any = None):
         self.settings = start_replica(config)
+        self.internal = Authenticator.internal(self.settings.auth)   # the gRPC service: internal keys only
         device, dtype = device_and_dtype(self.settings)
         ckpt = open_checkpoint(self.settings)
         model = AudioLLM.from_checkpoint(ckpt, dtype=dtype, device=device,
@@ -171,6 +173,7 @@ class LLMDeployment:
     @grpc_errors
     async def Generate(self, request, grpc_context=None):
         """Direct streaming generation (no Redis): events as they come."""
+        self.internal.caller(grpc_context)
         nb = self.engine.cfg.audio.num_codebooks
         codes = np.asarray(request.prompt_codes.values, dtype=np.int64).reshape(-1, request.prompt_codes.codebooks or nb)
         sampling = {f.name: v for f, v in request.sampling.ListFields()}

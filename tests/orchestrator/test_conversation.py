@@ -31,7 +31,7 @@ NB = 3                                              # codebooks, as in the proto
 class CharTokenizer:
     """One id per character: enough to tell prompts apart."""
 
-    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = False, split_special_tokens: bool = True) -> list[int]:
         return [1000 + ord(c) for c in text]
 
 
@@ -43,7 +43,7 @@ def conv(max_text_chars: int = 100) -> Conversation:
 
 
 def session(**settings) -> Session:
-    return Session("s1", SessionSettingsRecord(**settings), created_ms=0, expires_ms=0,
+    return Session("s1", SessionSettingsRecord(**settings), created_ms=0, expires_ms=0, owner="alice",
                    codes=np.zeros((0, NB), np.int32))
 
 
@@ -111,7 +111,8 @@ def test_one_request_type_for_turns_and_one_shots():
     assert tts.mode == "tts" and tts.greedy and tts.prompt_ids[-1] == AG_START and len(tts.tts_chunks) == 1
     assert not c.synthesize_request("t5", "hello", {"greedy": False, "audio_top_k": 3}).greedy
     turn = c.turn("t6", session(spoken=False, sampling={"greedy": True}), UserTurn(text="hi"), p)
-    assert turn.request.mode == "text" and turn.request.greedy and turn.request.session_id == "s1"
+    assert turn.request.mode == "text" and turn.request.greedy
+    assert turn.request.session_id == "alice:s1"    # the LLM's session: unique across identities
 
 
 # ---------------------------------------------------------------- history rules

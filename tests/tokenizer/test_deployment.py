@@ -16,9 +16,10 @@ from services.common.checkpoint import Checkpoint
 from services.tokenizer.audio_io import DEFAULT_MAX_SECONDS, min_samples, read_audio
 from services.tokenizer.log_mel import split_lengths
 from services.tokenizer.runner import TokenizerRunner
+from tests.conftest import metadata
 from tests.tokenizer.test_runner import assert_same_codes
 
-META = (("application", "tokenizer"),)
+META = metadata("internal", "tokenizer")   # a stage service: the internal key
 
 
 def wav_bytes(seconds: float, rate: int = 16000, channels: int = 1, fmt: str = "WAV",
