@@ -50,7 +50,7 @@ from services.llm.bench_engine import bench_config, make_tokenizer
 from services.llm.engine import Engine, EngineConfig, Request
 from services.llm.kv_cache import KVCache
 from services.llm.prompts import Audio, Message, PromptBuilder, ProtocolTokens
-from services.llm.protocol import TextDelta
+from services.llm.protocol import TextToken
 from services.llm.publisher import ChunkPolicy, TurnPublisher
 from services.tokenizer.bench import real_config
 from services.tokenizer.runner import TokenizerRunner
@@ -203,7 +203,7 @@ def _llm_stage(opts, dev, tmp, cfgs, inbox, outbox, marks) -> None:
     publishers: dict[str, TurnPublisher] = {}
 
     def on_event(ev) -> None:                          # the deployment's per-turn forwarder
-        if isinstance(ev, TextDelta) and ev.token_id is not None and ev.request_id not in texted:
+        if isinstance(ev, TextToken) and ev.token_id is not None and ev.request_id not in texted:
             texted.add(ev.request_id)
             marks.put(("first_text", ev.request_id, time.perf_counter()))
         pub = publishers.get(ev.request_id)

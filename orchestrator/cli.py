@@ -39,6 +39,12 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return serve_main(args)
 
 
+def _cmd_serve_config(args: argparse.Namespace) -> int:
+    from orchestrator.serve_config import serve_config_main
+
+    return serve_config_main(args.args)
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from orchestrator.demo import demo_main
 
@@ -66,6 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--detach", action="store_true", help="return after deploying (existing cluster)")
     s.set_defaults(func=_cmd_serve)
 
+    s = sub.add_parser("serve-config", help="print the Serve config (RayService serveConfigV2) of a settings file")
+    s.add_argument("args", nargs=argparse.REMAINDER, help="SETTINGS [--log-encoding JSON] [--no-access-log] "
+                   "[--pool-labels] [-o FILE]")
+    s.set_defaults(func=_cmd_serve_config)
+
     s = sub.add_parser("demo", help="start a local stack, run one spoken turn, write reply.wav")
     s.add_argument("--input", help="a WAV/FLAC question (default: the bundled sample)")
     s.add_argument("-o", "--output", default="reply.wav")
@@ -74,6 +85,13 @@ def build_parser() -> argparse.ArgumentParser:
     def client_args(s: argparse.ArgumentParser) -> None:
         s.add_argument("--address", default="127.0.0.1:9000", help="gRPC address of the server")
         s.add_argument("--timeout", type=float, default=300.0, help="seconds")
+        s.add_argument("--api-key-file", help="file with the API key (a bare key, or `name:key` lines: the first); "
+                                              "default: $BAICHUAN_AUDIO_API_KEY, else the key `serve` made "
+                                              "(~/.config/baichuan-audio/api-keys)")
+        s.add_argument("--tls", action="store_true", help="TLS to a gateway that terminates it")
+        s.add_argument("--ca-file", help="CA bundle for --tls (default: the system's)")
+        s.add_argument("--cert-file", help="client certificate for mutual TLS (with --key-file)")
+        s.add_argument("--key-file", help="client private key for mutual TLS")
 
     s = sub.add_parser("converse", help="one spoken turn against a running server")
     s.add_argument("input", help="WAV/FLAC file with the user's turn")

@@ -1,9 +1,12 @@
 """A small client of the ConversationService, used by the CLI and the demo."""
 from __future__ import annotations
 
+import os
+import re
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import grpc
@@ -13,6 +16,38 @@ from baichuan_audio.v1 import conversation_pb2_grpc as pb_grpc
 from services.common.audio import wav_bytes
 
 APP_METADATA = (("application", "conversation"),)
+API_KEY_ENV = "BAICHUAN_AUDIO_API_KEY"
+
+
+def local_key_file() -> Path:
+    """Where `baichuan-audio serve` writes the key it makes when none is configured."""
+    base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    return Path(base) / "baichuan-audio" / "api-keys"
+
+
+def find_api_key(key_file: str | None = None) -> str | None:
+    """The key to send: from `key_file`, else $BAICHUAN_AUDIO_API_KEY, else the local key file
+    that `serve` made (None if there is none)."""
+    from services.common.auth import read_client_key
+
+    if key_file:
+        return read_client_key(Path(key_file))
+    if os.environ.get(API_KEY_ENV):
+        return os.environ[API_KEY_ENV].strip()
+    local = local_key_file()
+    return read_client_key(local) if local.is_file() else None
+
+
+def channel_credentials(ca_file: str | None = None, cert_file: str | None = None,
+                        key_file: str | None = None) -> grpc.ChannelCredentials:
+    """TLS to a gateway that terminates it (the system's roots unless `ca_file`); with a client
+    certificate and key for mutual TLS."""
+    def read(p: str | None) -> bytes | None:
+        return Path(p).read_bytes() if p else None
+    if bool(cert_file) != bool(key_file):   # gRPC would abort the process on half a pair
+        raise ValueError("a client certificate and its key go together (--cert-file and --key-file)")
+    return grpc.ssl_channel_credentials(root_certificates=read(ca_file), private_key=read(key_file),
+                                        certificate_chain=read(cert_file))
 
 
 @dataclass
@@ -33,12 +68,19 @@ class Reply:
 
 
 class Client:
-    def __init__(self, address: str, timeout: float = 300.0, max_message_bytes: int = 64 * 1024 * 1024):
-        self.channel = grpc.insecure_channel(address, options=[
-            ("grpc.max_send_message_length", max_message_bytes),
-            ("grpc.max_receive_message_length", max_message_bytes)])
+    """api_key: sent as `authorization: Bearer <key>` on every call. credentials: TLS
+    (channel_credentials) for a gateway that terminates it; None: plaintext (loopback, or
+    inside the cluster)."""
+
+    def __init__(self, address: str, timeout: float = 300.0, max_message_bytes: int = 64 * 1024 * 1024,
+                 api_key: str | None = None, credentials: grpc.ChannelCredentials | None = None):
+        options = [("grpc.max_send_message_length", max_message_bytes),
+                   ("grpc.max_receive_message_length", max_message_bytes)]
+        self.channel = (grpc.secure_channel(address, credentials, options=options) if credentials is not None
+                        else grpc.insecure_channel(address, options=options))
         self.stub = pb_grpc.ConversationServiceStub(self.channel)
         self.timeout = timeout
+        self.metadata = APP_METADATA + ((("authorization", f"Bearer {api_key}"),) if api_key else ())
 
     def close(self) -> None:
         self.channel.close()
@@ -47,7 +89,7 @@ class Client:
                        low_latency: bool = False) -> str:
         settings = pb.SessionSettings(system_prompt=voice or "", low_latency_audio=low_latency,
                                       reply_mode=pb.REPLY_MODE_TEXT if text_only else pb.REPLY_MODE_SPOKEN)
-        return self.stub.CreateSession(pb.CreateSessionRequest(settings=settings), metadata=APP_METADATA,
+        return self.stub.CreateSession(pb.CreateSessionRequest(settings=settings), metadata=self.metadata,
                                        timeout=30).session_id
 
     def _collect(self, events, on_text: Callable[[str], None] | None,
@@ -80,15 +122,29 @@ class Client:
             req.text = text
         else:
             req.audio.file = audio
-        return self._collect(self.stub.Converse(req, metadata=APP_METADATA, timeout=self.timeout), on_text, on_audio)
+        return self._collect(self.stub.Converse(req, metadata=self.metadata, timeout=self.timeout), on_text, on_audio)
 
     def transcribe(self, audio: bytes) -> pb.TranscribeResponse:
         return self.stub.Transcribe(pb.TranscribeRequest(audio=pb.AudioInput(file=audio)),
-                                    metadata=APP_METADATA, timeout=self.timeout)
+                                    metadata=self.metadata, timeout=self.timeout)
 
     def synthesize(self, text: str, on_audio=None) -> Reply:
-        return self._collect(self.stub.Synthesize(pb.SynthesizeRequest(text=text), metadata=APP_METADATA,
+        return self._collect(self.stub.Synthesize(pb.SynthesizeRequest(text=text), metadata=self.metadata,
                                                   timeout=self.timeout), None, on_audio)
+
+
+_RETRY_IN_TEXT = re.compile(r"retry after ([0-9.]+) s")
+
+
+def retry_after(err: grpc.RpcError) -> float | None:
+    """Seconds to wait before retrying a RESOURCE_EXHAUSTED call: the `retry-after` trailing
+    metadata where the server could send it (unary calls), else the `retry after N s` that
+    ends every quota message (streaming calls); None if the error says nothing."""
+    for key, value in (err.trailing_metadata() or ()) if hasattr(err, "trailing_metadata") else ():
+        if key == "retry-after":
+            return float(value)
+    m = _RETRY_IN_TEXT.search(err.details() or "")
+    return float(m.group(1)) if m else None
 
 
 def audio_progress(reply: Reply) -> None:

@@ -7,11 +7,20 @@ from pathlib import Path
 
 import grpc
 
-from orchestrator.client import Client, audio_progress, print_reply_summary, timed
+from orchestrator.client import (
+    Client, audio_progress, channel_credentials, find_api_key, print_reply_summary, timed,
+)
 
 
 def client_main(args: argparse.Namespace) -> int:
-    client = Client(args.address, timeout=args.timeout)
+    try:
+        key = find_api_key(args.api_key_file)
+        tls = args.tls or args.ca_file or args.cert_file or args.key_file
+        creds = channel_credentials(args.ca_file, args.cert_file, args.key_file) if tls else None
+    except (OSError, ValueError) as e:        # KeyRingError is a ValueError
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    client = Client(args.address, timeout=args.timeout, api_key=key, credentials=creds)
     try:
         if args.client == "converse":
             sid = args.session or client.create_session(text_only=args.text_only, voice=args.voice)

@@ -322,7 +322,7 @@ class Conversation:
     def turn(self, turn_id: str, sess: Session, user: UserTurn, prompt: Prompt) -> Turn:
         s = sess.settings
         return Turn(turn_id, sess, user, prompt, llm_request(
-            turn_id, "spoken" if s.spoken else "text", prompt, session_id=sess.session_id, sampling=s.sampling))
+            turn_id, "spoken" if s.spoken else "text", prompt, session_id=sess.uid, sampling=s.sampling))
 
     def transcribe_request(self, turn_id: str, codes: torch.Tensor) -> Request:
         """The base ASR demo: greedy, no session."""

@@ -7,6 +7,7 @@ factor, writes the reply, and shuts everything down, also on Ctrl-C."""
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -27,6 +28,7 @@ stages:
 
 
 def demo_main(args: argparse.Namespace) -> int:
+    from services.common.auth import write_key_file
     from services.common.redis_server import free_port, redis_server
 
     question = Path(args.input) if args.input else SAMPLE
@@ -37,15 +39,18 @@ def demo_main(args: argparse.Namespace) -> int:
     try:
         with redis_server() as redis_url, tempfile.TemporaryDirectory(prefix="baichuan-demo-") as tmp:
             cfg = Path(tmp) / "settings.yaml"
-            cfg.write_text(DEMO_SETTINGS)
+            keys = Path(tmp) / "api-keys"
+            key = write_key_file(keys, name="demo")     # this run's own key; the client sends it
+            cfg.write_text(DEMO_SETTINGS + f"auth:\n  api_keys_file: {json.dumps(str(keys))}\n")
             print(f"redis: {redis_url}")
-            return _run(cfg, redis_url, audio, question, Path(args.output), t_start, free_port())
+            return _run(cfg, redis_url, audio, question, Path(args.output), t_start, free_port(), key)
     except KeyboardInterrupt:
         print("\ninterrupted: stack stopped", file=sys.stderr)
         return 130
 
 
-def _run(cfg: Path, redis_url: str, audio: bytes, question: Path, output: Path, t_start: float, port: int) -> int:
+def _run(cfg: Path, redis_url: str, audio: bytes, question: Path, output: Path, t_start: float, port: int,
+         api_key: str) -> int:
     import ray
 
     from orchestrator.client import Client, audio_progress, print_reply_summary, timed
@@ -59,7 +64,7 @@ def _run(cfg: Path, redis_url: str, audio: bytes, question: Path, output: Path, 
         print("starting the local stack (Ray + five Serve applications) ...")
         start_stack(str(cfg), grpc_port=port, http_port=free_port(), env=env)
         print(f"stack up in {time.monotonic() - t_start:.1f} s; gRPC on 127.0.0.1:{port}")
-        client = Client(f"127.0.0.1:{port}")
+        client = Client(f"127.0.0.1:{port}", api_key=api_key)
         try:
             sid = client.create_session()
             print(f"\nuser: {question.name} ({len(audio) / 1024:.0f} KiB)\nassistant: ", end="", flush=True)

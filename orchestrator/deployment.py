@@ -4,7 +4,11 @@ Thin glue: protobuf to and from the plain types of conversation.py (which decide
 means: input checks, prompts, history rules, the LLM request), sessions in Redis (sessions.py),
 calls to the tokenizer and LLM applications through Serve handles (the LLM session-affine
 through the multiplexed model id), and the turn producer (turns.py) that merges the stage
-streams for the caller."""
+streams for the caller.
+
+Every call but the health check first names its caller (services/common/auth.py: the API key
+in the `authorization` metadata; UNAUTHENTICATED otherwise) and charges it one request
+(quotas.py); sessions belong to that identity (sessions.py)."""
 from __future__ import annotations
 
 import asyncio
@@ -19,6 +23,7 @@ import torch
 from ray import serve
 
 from baichuan_audio.v1 import conversation_pb2 as pb
+from services.common.auth import Authenticator
 from services.common.bus import Bus
 from services.common.errors import NotFound
 from services.common.grpc_status import grpc_errors
@@ -29,7 +34,8 @@ from services.llm.prompts import PromptBuilder, ProtocolTokens
 from orchestrator import turns
 from orchestrator.conversation import Conversation, HistoryLimits, Turn, UserTurn, sampling_overrides
 from orchestrator.merge import ReplyMerger
-from orchestrator.sessions import SessionSettingsRecord, SessionStore
+from orchestrator.quotas import Quotas
+from orchestrator.sessions import SessionSettingsRecord, SessionStore, uid as session_uid
 
 log = logging.getLogger(__name__)
 
@@ -58,17 +64,28 @@ class ConversationDeployment:
         self.conversation = Conversation(PromptBuilder(text_tokenizer, tokens, cfg.audio.num_codebooks),
                                          max_text_chars=self.settings.limits.max_text_chars,
                                          history=HistoryLimits.from_settings(self.settings.limits, context))
+        self.auth = Authenticator.public(self.settings.auth)
         self.bus = Bus.from_settings(self.settings)
-        r = self.settings.redis
-        client = redis.Redis.from_url(r.url, protocol=2, username=r.username or None, password=r.password or None,
-                                      socket_connect_timeout=r.connect_timeout_s)
+        r, quotas = self.settings.redis, self.settings.quotas
+        client = redis.Redis.from_url(r.url, protocol=2, **r.client_options())
         self.sessions = SessionStore(client, default_ttl_s=self.settings.limits.session_ttl_s,
                                      max_sessions=self.settings.limits.max_sessions,
-                                     num_codebooks=cfg.audio.num_codebooks)
+                                     num_codebooks=cfg.audio.num_codebooks,
+                                     max_per_owner=lambda owner: quotas.of(owner).sessions)
+        self.quotas = Quotas(client, quotas, turn_ttl_s=self.settings.limits.session_ttl_s)
         self.tokenizer_app = serve.get_app_handle("tokenizer")
         self.llm_app = serve.get_app_handle("llm")
         self.interrupts: dict[str, threading.Event] = {}   # turn_id -> set by Interrupt
         self.producers: set[asyncio.Task] = set()
+
+    def _caller(self, grpc_context) -> str:
+        """The caller's identity (UNAUTHENTICATED without a valid key), charged one request."""
+        who = self.auth.caller(grpc_context)
+        self.quotas.request(who)
+        return who
+
+    def _is_over(self, turn_id: str) -> bool:
+        return turns.is_over(self.bus, turn_id, turns.STALL_TIMEOUT_S)
 
     # ---------------------------------------------------------------- sessions
     def _session_proto(self, sess, history: bool = False) -> pb.Session:
@@ -88,25 +105,27 @@ class ConversationDeployment:
 
     @grpc_errors
     async def CreateSession(self, request, grpc_context=None):
+        who = self._caller(grpc_context)
         settings = _settings_record(request.settings)
         self.conversation.check_settings(settings)
-        sess = self.sessions.create(settings, request.session_id)
+        sess = self.sessions.create(who, settings, request.session_id)
         return self._session_proto(sess)
 
     @grpc_errors
     async def GetSession(self, request, grpc_context=None):
-        return self._session_proto(self.sessions.get(request.session_id), history=True)
+        who = self._caller(grpc_context)
+        return self._session_proto(self.sessions.get(who, request.session_id), history=True)
 
     @grpc_errors
     async def DeleteSession(self, request, grpc_context=None):
-        deleted = self.sessions.delete(request.session_id)
-        if deleted:
-            try:
-                await self.llm_app.options(multiplexed_model_id=request.session_id).close_session.remote(
-                    request.session_id)
-            except Exception:  # noqa: BLE001 - the session is gone either way; the cache ages out
-                log.warning("could not release the LLM cache of session %s", request.session_id)
-        return pb.DeleteSessionResponse(deleted=deleted)
+        who = self._caller(grpc_context)
+        self.sessions.delete(who, request.session_id)
+        uid = session_uid(who, request.session_id)
+        try:
+            await self.llm_app.options(multiplexed_model_id=uid).close_session.remote(uid)
+        except Exception:  # noqa: BLE001 - the session is gone either way; the cache ages out
+            log.warning("could not release the LLM cache of session %s", uid)
+        return pb.DeleteSessionResponse(deleted=True)
 
     # ---------------------------------------------------------------- helpers
     async def _tokenize(self, audio: pb.AudioInput) -> tuple[torch.Tensor, float]:
@@ -127,7 +146,7 @@ class ConversationDeployment:
     async def _prompt(self, sess, user: UserTurn):
         if not sess.settings.faithful_history:
             return self.conversation.history_prompt(sess, user)
-        past = self.sessions.faithful_turns(sess.session_id)
+        past = self.sessions.faithful_turns(sess)
         prompt, changed = await self.conversation.faithful_prompt(sess, past, user, self._reencode)
         if changed:
             self.sessions.save_faithful_turns(sess, past)
@@ -136,25 +155,32 @@ class ConversationDeployment:
     def _record(self, turn: Turn, outcome: "turns.TurnOutcome | None") -> None:
         rec = self.conversation.finish(turn, outcome)
         if rec.faithful is not None:
-            past = self.sessions.faithful_turns(turn.session.session_id)
+            past = self.sessions.faithful_turns(turn.session)
             self.sessions.save_faithful_turns(turn.session, past + [rec.faithful])
         self.sessions.end_turn(turn.session, entries=rec.entries, tokens=rec.tokens, codes=rec.codes,
                                turn_starts=rec.turn_starts, keep_entries=rec.keep_entries)
 
-    def _start_producer(self, turn_id: str, merger: ReplyMerger, on_done) -> None:
+    def _start_producer(self, who: str, turn_id: str, merger: ReplyMerger, on_done) -> None:
+        """Produce the turn's events on a thread; on_done(outcome) records it (history, the
+        reply's audio charged to `who`) before the caller hears the end."""
         flag = self.interrupts.setdefault(turn_id, threading.Event())
         loop = asyncio.get_running_loop()
 
         def interrupted() -> bool:  # this replica's Interrupt, or one that reached another replica
             return flag.is_set() or turns.interrupt_requested(self.bus, turn_id)
 
-        def run():
+        def record(outcome) -> None:
             try:
-                turns.run(self.bus, merger, turn_id, interrupted=interrupted, record=on_done)
+                on_done(outcome)            # the history first, then the caller hears the end
             finally:
                 self.interrupts.pop(turn_id, None)
+                try:   # before the end goes out: the caller's next turn must find it ended
+                    self.quotas.end_turn(who, turn_id)
+                except Exception:  # noqa: BLE001 - the count heals: is_over() sees the end
+                    log.warning("could not end turn %s in %s's running turns", turn_id, who)
 
-        task = loop.run_in_executor(None, run)
+        task = loop.run_in_executor(None, lambda: turns.run(self.bus, merger, turn_id, interrupted=interrupted,
+                                                            record=record))
         self.producers.add(task)
         task.add_done_callback(self.producers.discard)
 
@@ -170,72 +196,115 @@ class ConversationDeployment:
     # ---------------------------------------------------------------- turns
     @grpc_errors
     async def Converse(self, request, grpc_context=None):
+        who = self._caller(grpc_context)
         if request.resume_turn_id:
-            sess = self.sessions.get(request.session_id)
+            sess = self.sessions.get(who, request.session_id)
+            self.sessions.turn_of(sess, request.resume_turn_id)
+            after = turns.check_event_id(request.after_event_id)
             if not self.bus.redis.exists(self.bus.turn_stream(request.resume_turn_id, "events")):
                 raise NotFound(f"turn {request.resume_turn_id} of session {sess.session_id} is not known "
                                "(finished too long ago, or never started)")
-            async for ev in self._stream(request.resume_turn_id, request.after_event_id or "0"):
+            async for ev in self._stream(request.resume_turn_id, after):
                 yield ev
             return
         self.conversation.check_input(request.WhichOneof("input"), request.text)
+        self.quotas.check_audio(who)
         turn_id = uuid.uuid4().hex
-        sess = self.sessions.begin_turn(request.session_id, turn_id,
-                                        is_over=lambda t: turns.is_over(self.bus, t, turns.STALL_TIMEOUT_S))
+        self.quotas.begin_turn(who, turn_id, self._is_over)
+        try:
+            sess = self.sessions.begin_turn(who, request.session_id, turn_id, is_over=self._is_over)
+        except BaseException:
+            self.quotas.end_turn(who, turn_id)
+            raise
         t0 = time.time()
         try:
-            with start_span("turn", attributes={"session.id": sess.session_id, "turn.id": turn_id}):
+            with start_span("turn", attributes={"session.id": sess.uid, "turn.id": turn_id, "identity": who}):
                 user = await self._user_turn(request)
+                self.quotas.charge_audio(who, user.audio_seconds)
                 turn = self.conversation.turn(turn_id, sess, user, await self._prompt(sess, user))
-                await self.llm_app.options(multiplexed_model_id=sess.session_id).generate.remote(
+                await self.llm_app.options(multiplexed_model_id=sess.uid).generate.remote(
                     turn.request, low_latency=sess.settings.low_latency_audio, trace=inject_context())
         except BaseException:
             self.sessions.end_turn(sess, entries=[], tokens=None, codes=None)
+            self.quotas.end_turn(who, turn_id)
             raise
+
+        def done(outcome):
+            self._record(turn, outcome)
+            if outcome is not None:
+                self.quotas.charge_audio(who, outcome.audio_seconds, force=True)
+
         merger = ReplyMerger(turn_id, spoken=sess.settings.spoken, started=t0)
-        self._start_producer(turn_id, merger, lambda outcome: self._record(turn, outcome))
+        self._start_producer(who, turn_id, merger, done)
         async for ev in self._stream(turn_id):
             yield ev
 
     @grpc_errors
     async def Interrupt(self, request, grpc_context=None):
-        sess = self.sessions.get(request.session_id)
+        who = self._caller(grpc_context)
+        sess = self.sessions.get(who, request.session_id)
         turn_id = sess.active_turn
         if not turn_id:
             return pb.InterruptResponse(interrupted=False)
-        if turns.is_over(self.bus, turn_id, turns.STALL_TIMEOUT_S):
+        if self._is_over(turn_id):
             return pb.InterruptResponse(interrupted=False, turn_id=turn_id)
         turns.request_interrupt(self.bus, turn_id)     # the producing replica may be another one
         flag = self.interrupts.get(turn_id)
         if flag is not None:
             flag.set()
-        await self.llm_app.options(multiplexed_model_id=sess.session_id).cancel.remote(turn_id)
+        await self.llm_app.options(multiplexed_model_id=sess.uid).cancel.remote(turn_id)
         return pb.InterruptResponse(interrupted=True, turn_id=turn_id)
 
     # ---------------------------------------------------------------- ASR / TTS
-    async def _one_shot(self, req, spoken: bool) -> None:
-        """ASR / TTS: no session; the reply is produced into its events stream like a turn."""
-        await self.llm_app.generate.remote(req)
-        self._start_producer(req.request_id, ReplyMerger(req.request_id, spoken=spoken), lambda _outcome: None)
+    async def _one_shot(self, who: str, make_request, spoken: bool) -> str:
+        """ASR / TTS: no session; counted as one of `who`'s turns; the reply is produced into
+        its events stream like a turn. make_request(id) builds the LLM request (awaitable)."""
+        self.quotas.check_audio(who)
+        rid = uuid.uuid4().hex
+        self.quotas.begin_turn(who, rid, self._is_over)
+        try:
+            req = await make_request(rid)
+            await self.llm_app.generate.remote(req)
+        except BaseException:
+            self.quotas.end_turn(who, rid)
+            raise
+
+        def done(outcome):
+            if outcome is not None and spoken:
+                self.quotas.charge_audio(who, outcome.audio_seconds, force=True)
+
+        self._start_producer(who, rid, ReplyMerger(rid, spoken=spoken), done)
+        return rid
 
     @grpc_errors
     async def Transcribe(self, request, grpc_context=None):
-        codes, seconds = await self._tokenize(request.audio)
-        req = self.conversation.transcribe_request(uuid.uuid4().hex, codes)
-        await self._one_shot(req, spoken=False)
+        who = self._caller(grpc_context)
+        heard = {}
+
+        async def make(rid):
+            codes, heard["seconds"] = await self._tokenize(request.audio)
+            self.quotas.charge_audio(who, heard["seconds"])
+            return self.conversation.transcribe_request(rid, codes)
+
+        rid = await self._one_shot(who, make, spoken=False)
         text = ""
-        async for ev in self._stream(req.request_id):
+        async for ev in self._stream(rid):
             if ev.HasField("error"):
                 raise RuntimeError(ev.error.message)
             if ev.HasField("end"):
                 text = ev.end.text
-        return pb.TranscribeResponse(text=text, audio_seconds=seconds)
+        return pb.TranscribeResponse(text=text, audio_seconds=heard["seconds"])
 
     @grpc_errors
     async def Synthesize(self, request, grpc_context=None):
-        req = self.conversation.synthesize_request(uuid.uuid4().hex, request.text, _sampling(request.sampling))
-        await self._one_shot(req, spoken=True)
-        async for ev in self._stream(req.request_id):
+        who = self._caller(grpc_context)
+        sampling = _sampling(request.sampling)
+
+        async def make(rid):
+            return self.conversation.synthesize_request(rid, request.text, sampling)
+
+        rid = await self._one_shot(who, make, spoken=True)
+        async for ev in self._stream(rid):
             yield ev
 
     # ---------------------------------------------------------------- health

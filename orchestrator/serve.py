@@ -8,30 +8,49 @@ import sys
 import threading
 from pathlib import Path
 
-from services.common.settings import CONFIG_ENV, Settings
+from services.common.settings import CONFIG_ENV, ENV_PREFIX, Settings
 
 MESSAGE_SIZE_ENV = "RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"
 
 
 def grpc_options(settings: Settings, port: int | None = None):
-    """Serve's gRPC proxy: every service of the stack, reflection as `serving.reflection` says."""
+    """Serve's gRPC proxy: the public services (the stage services too with
+    `serving.stage_services`), reflection as `serving.reflection` says."""
     from ray.serve.config import gRPCOptions
 
-    from orchestrator.app import SERVICER_FUNCTIONS
+    from orchestrator.app import servicer_functions
 
-    return gRPCOptions(port=port or settings.serving.grpc_port, grpc_servicer_functions=SERVICER_FUNCTIONS,
+    return gRPCOptions(port=port or settings.serving.grpc_port, grpc_servicer_functions=servicer_functions(settings),
                        enable_reflection=settings.serving.reflection)
+
+
+def local_api_key(settings: Settings, log=print) -> dict[str, str]:
+    """A local stack that requires keys but has none configured gets one: a key file made once
+    (owner-only) where the client commands look for it. Returns the environment that points the
+    replicas at it (a path, never the key)."""
+    from orchestrator.client import local_key_file
+    from services.common.auth import write_key_file
+
+    a = settings.auth
+    if not a.required or a.api_keys_file or a.api_keys:
+        return {}
+    path = local_key_file()
+    if not path.is_file():
+        write_key_file(path, name="local")
+        log(f"  made an API key for this machine in {path} (the client commands read it)")
+    return {f"{ENV_PREFIX}AUTH__API_KEYS_FILE": str(path)}
 
 
 def start_serve(settings_path: str | None, *, address: str | None = None, grpc_port: int | None = None,
                 http_port: int = 8000, env: dict[str, str] | None = None, num_cpus: int | None = None,
-                **ray_init: object) -> tuple[int, dict[str, str | None]]:
+                log=print, **ray_init: object) -> tuple[int, dict[str, str | None]]:
     """Start (or join) Ray and start Serve with its gRPC proxy as the settings say, without
     deploying anything. Returns the gRPC port and the app builders' args.
 
     Replicas read the settings file named by BAICHUAN_AUDIO_CONFIG and the environment given
     here (REDIS_URL, MODEL_PATH, ...); the proxy's message cap comes from
-    limits.max_message_bytes. ray_init: further ray.init options for a local cluster."""
+    limits.max_message_bytes; a local stack that requires API keys and has none gets one
+    (local_api_key). ray_init: further ray.init options for a local cluster."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import ray
@@ -39,6 +58,8 @@ def start_serve(settings_path: str | None, *, address: str | None = None, grpc_p
 
     settings = Settings.load(settings_path)  # fail early, naming the bad key
     env = dict(env or {})
+    if not address:
+        env.update(local_api_key(settings, log))
     # Serve's gRPC proxy reads its message cap from the environment; a bigger request gets
     # RESOURCE_EXHAUSTED from gRPC itself before it reaches a replica
     env.setdefault(MESSAGE_SIZE_ENV, str(settings.limits.max_message_bytes))
@@ -65,7 +86,7 @@ def start_stack(settings_path: str | None, *, address: str | None = None, grpc_p
     from orchestrator.app import APP_NAMES, BUILDERS
 
     port, args = start_serve(settings_path, address=address, grpc_port=grpc_port, http_port=http_port,
-                             env=env, num_cpus=num_cpus)
+                             env=env, num_cpus=num_cpus, log=log)
     for name in APP_NAMES:  # the conversation app last: it looks up the others' handles
         log(f"  starting {name} ...")
         serve.run(BUILDERS[name](args), name=name, route_prefix=f"/{name}")

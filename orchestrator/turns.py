@@ -14,6 +14,7 @@ REFUSED_RETRY_S, so the session takes its next turn as soon as Redis takes write
 from __future__ import annotations
 
 import logging
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
@@ -34,6 +35,17 @@ READ_BLOCK_MS = 200
 STALL_TIMEOUT_S = 120.0      # a turn whose stages wrote nothing for this long is abandoned
 PROBE_IDLE_S = 1.0           # a reader or producer waiting this long checks that Redis takes writes
 REFUSED_RETRY_S = 120.0      # how long the end of a turn refused by a full Redis is retried
+EVENT_ID_RE = re.compile(r"[0-9]{1,20}-[0-9]{1,20}")   # a Redis stream entry id
+
+
+def check_event_id(after: str) -> str:
+    """A resume's `after_event_id` ("" = from the start), or ValueError naming the format."""
+    if not after:
+        return "0"
+    if not EVENT_ID_RE.fullmatch(after):
+        raise ValueError(f"after_event_id {after!r} is not an event id: use the event_id of the last "
+                         "event received (digits-digits), or leave it empty to start over")
+    return after
 
 
 class TurnStalled(RuntimeError):

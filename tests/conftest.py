@@ -52,7 +52,37 @@ def tiny_checkpoint(tmp_path_factory):
     return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny-ckpt"), seed=0)
 
 
+# The test stack's API keys: name (identity) -> key. The identities below `bob` have small
+# quotas (TEST_SETTINGS) for the tests of each limit.
+TEST_KEYS = {
+    "alice": "alice-test-key-0123456789abcdef",
+    "bob": "bob-test-key-0123456789abcdef",
+    "two-sessions": "two-sessions-test-key-0123456789",
+    "one-turn": "one-turn-test-key-0123456789abcd",
+    "five-rpm": "five-rpm-test-key-0123456789abcd",
+    "little-audio": "little-audio-test-key-0123456789",
+}
+INTERNAL_KEY = "internal-stage-test-key-0123456789"   # the stage services' (auth.internal_keys)
+
+
+def metadata(identity: str | None = "alice", app: str = "conversation") -> tuple[tuple[str, str], ...]:
+    """gRPC metadata of a call to `app` by `identity` (None: no key), or with an internal key."""
+    key = INTERNAL_KEY if identity == "internal" else TEST_KEYS.get(identity or "")
+    return (("application", app),) + ((("authorization", f"Bearer {key}"),) if key else ())
+
+
 TEST_SETTINGS = """
+telemetry:
+  exporter: console             # spans in the replicas' logs (checked for secrets)
+serving:
+  stage_services: true          # tests call the stages directly, with the internal key
+  host: 127.0.0.1
+quotas:
+  overrides:
+    two-sessions: {sessions: 2}
+    one-turn: {turns: 1}
+    five-rpm: {requests_per_minute: 5}
+    little-audio: {audio_seconds_per_hour: 2.0}
 stages:
   tokenizer:    {num_cpus: 0.1, max_batch_size: 8}
   llm:          {num_cpus: 0.1}
@@ -61,8 +91,6 @@ stages:
   orchestrator: {num_cpus: 0.1}
 limits:
   max_message_bytes: 8388608
-serving:
-  host: 127.0.0.1
 bus:
   visibility_timeout_ms: 3000
   reclaim_interval_ms: 500
@@ -85,11 +113,14 @@ def serve_stack(tmp_path_factory, redis_url, tiny_checkpoint):
     from orchestrator.serve import start_serve
     from services.common.redis_server import free_port
 
-    cfg = tmp_path_factory.mktemp("settings") / "settings.yaml"
-    cfg.write_text(TEST_SETTINGS)
+    folder = tmp_path_factory.mktemp("settings")
+    cfg, keys, internal = folder / "settings.yaml", folder / "api-keys", folder / "internal-keys"
+    keys.write_text("".join(f"{name}:{key}\n" for name, key in TEST_KEYS.items()))
+    internal.write_text(f"stages:{INTERNAL_KEY}\n")
+    cfg.write_text(TEST_SETTINGS + f"auth:\n  api_keys_file: {keys}\n  internal_keys_file: {internal}\n")
     # what `baichuan-audio serve` does, from the settings file (the gRPC message cap too)
     env = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "MODEL_PATH": str(tiny_checkpoint),
-           "REDIS_URL": redis_url}
+           "REDIS_URL": redis_url, "OTEL_BSP_SCHEDULE_DELAY": "500"}
     port, args = start_serve(str(cfg), grpc_port=free_port(), http_port=free_port(), env=env, num_cpus=2,
                              object_store_memory=200 * 1024 * 1024)
     deployed: set[str] = set()
@@ -100,5 +131,5 @@ def serve_stack(tmp_path_factory, redis_url, tiny_checkpoint):
             deployed.add(name)
 
     yield types.SimpleNamespace(address=f"127.0.0.1:{port}", deploy=deploy, settings_path=cfg,
-                                checkpoint=tiny_checkpoint, redis_url=redis_url)
+                                checkpoint=tiny_checkpoint, redis_url=redis_url, api_keys_file=keys)
     ray.shutdown()

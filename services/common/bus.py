@@ -42,7 +42,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 import redis
 
-from services.common.entries import TURN_KINDS, BusError, Entry, Job, Message, decode_entry
+from services.common.entries import TURN_KINDS, BusError, Entry, Job, StreamEntry, decode_entry
 from services.common.errors import ResourceExhausted
 from services.common.telemetry import Metrics
 
@@ -144,13 +144,15 @@ class Bus:
         connect_timeout_s: float = 5.0,
         socket_timeout_s: float = 30.0,
         metrics: Metrics | None = None,
+        tls: Mapping[str, Any] | None = None,
     ) -> None:
         if isinstance(redis_or_url, str):
             # The socket timeout bounds every blocking read: `block_ms` must stay below it.
+            # tls: redis-py's ssl_* options for a rediss:// URL (RedisSettings.client_options).
             self.redis = redis.Redis.from_url(
                 redis_or_url, protocol=2, decode_responses=False, username=username or None,
                 password=password or None, socket_connect_timeout=connect_timeout_s,
-                socket_timeout=socket_timeout_s, health_check_interval=30)
+                socket_timeout=socket_timeout_s, health_check_interval=30, **(tls or {}))
         else:
             kw = redis_or_url.connection_pool.connection_kwargs
             if kw.get("decode_responses"):
@@ -176,10 +178,11 @@ class Bus:
     def from_settings(cls, settings: Any, **kw: Any) -> "Bus":
         """A bus configured by `Settings` (redis, bus and limits.session_ttl_s)."""
         r, b = settings.redis, settings.bus
-        return cls(r.url, username=r.username, password=r.password,
+        tls = {k: v for k, v in r.client_options().items() if k.startswith("ssl_")}
+        return cls(r.url, username=r.username, password=r.password, tls=tls,
                    connect_timeout_s=r.connect_timeout_s, turn_ttl_s=settings.limits.session_ttl_s,
-                   finished_turn_ttl_s=b.finished_turn_ttl_s, turn_maxlen=b.turn_stream_maxlen, job_max_backlog=b.job_max_backlog,
-                   max_deliveries=b.max_deliveries, **kw)
+                   finished_turn_ttl_s=b.finished_turn_ttl_s, turn_maxlen=b.turn_stream_maxlen,
+                   job_max_backlog=b.job_max_backlog, max_deliveries=b.max_deliveries, **kw)
 
     def _check_block(self, block_ms: int | None) -> None:
         if block_ms is not None and (block_ms == 0 or block_ms > self.max_block_ms):
@@ -298,13 +301,13 @@ class Bus:
     # ---- reading in order
 
     def read(self, streams: Mapping[str, str], block_ms: int | None = None,
-             count: int | None = None) -> list[Message]:
+             count: int | None = None) -> list[StreamEntry]:
         """Entries after the given ids (XREAD), in stream order; '0' reads from the start, '$'
         only what arrives from now. Waits up to `block_ms` for the first entry (None: no wait).
         To resume, pass the id of the last message seen for each stream."""
         self._check_block(block_ms)
         reply = self.redis.xread(dict(streams), count=count, block=block_ms)
-        return [Message(_s(name), _s(eid), decode_entry(fields))
+        return [StreamEntry(_s(name), _s(eid), decode_entry(fields))
                 for name, entries in (reply or []) for eid, fields in entries]
 
     # ---- work streams
@@ -415,10 +418,10 @@ class Bus:
         pipe.xdel(stream, eid)
         return _s(pipe.execute()[0])
 
-    def read_dead(self, stream: str, count: int = 100) -> list[tuple[Message, dict[str, str]]]:
+    def read_dead(self, stream: str, count: int = 100) -> list[tuple[StreamEntry, dict[str, str]]]:
         """Dead-lettered jobs of `stream`, oldest first, with their dead_* fields (operators)."""
         out = []
         for eid, fields in self.redis.xrange(self.dead_letter_stream(stream), count=count):
             meta = {_s(k): _s(v) for k, v in fields.items() if _s(k).startswith("dead_")}
-            out.append((Message(self.dead_letter_stream(stream), _s(eid), decode_entry(fields)), meta))
+            out.append((StreamEntry(self.dead_letter_stream(stream), _s(eid), decode_entry(fields)), meta))
         return out

@@ -412,7 +412,7 @@ def id_ms(entry_id: str) -> int:
 
 
 @dataclass(frozen=True)
-class Message:
+class StreamEntry:
     """An entry read from a stream, with its id (pass it back to `read` to resume after it)."""
 
     stream: str
@@ -421,7 +421,7 @@ class Message:
 
 
 @dataclass(frozen=True)
-class Job(Message):
+class Job(StreamEntry):
     """An entry claimed from a work stream by `consumer` of `group`.
     deliveries: how many times Redis has delivered it (1 on first claim)."""
 

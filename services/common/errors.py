@@ -18,10 +18,26 @@ class Status(IntEnum):
     RESOURCE_EXHAUSTED = 8
     INTERNAL = 13
     UNAVAILABLE = 14
+    UNAUTHENTICATED = 16
 
 
 class ResourceExhausted(RuntimeError):
     """A limit was hit (sessions, KV budget, queue length). Retry later or raise the limit."""
+
+
+class QuotaExceeded(ResourceExhausted):
+    """A per-identity limit (orchestrator/quotas.py): retry after `retry_after_s` seconds."""
+
+    def __init__(self, message: str, retry_after_s: float):
+        super().__init__(message)
+        self.retry_after_s = float(retry_after_s)
+
+    def __reduce__(self):  # picklable across Ray (a custom constructor needs its arguments)
+        return type(self), (str(self), self.retry_after_s)
+
+
+class Unauthenticated(RuntimeError):
+    """No valid credentials; the message says how to authenticate, never what was sent."""
 
 
 class Unavailable(RuntimeError):

@@ -9,11 +9,17 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import math
 
 import grpc
 
-from services.common.errors import AlreadyExists, Cancelled, NotFound, ResourceExhausted, Unavailable
-from services.common.telemetry import trace_id_hex
+from services.common.errors import (
+    AlreadyExists, Cancelled, NotFound, QuotaExceeded, ResourceExhausted, Unauthenticated, Unavailable,
+)
+from services.common.telemetry import get_metrics, trace_id_hex
+
+RETRY_AFTER = "retry-after"                 # trailing metadata: whole seconds to wait, as in HTTP
+STATUS_DETAILS = "grpc-status-details-bin"  # trailing metadata: google.rpc.Status with a RetryInfo
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +82,8 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.RESOURCE_EXHAUSTED, msg
     if isinstance(exc, Unavailable):
         return grpc.StatusCode.UNAVAILABLE, msg
+    if isinstance(exc, Unauthenticated):
+        return grpc.StatusCode.UNAUTHENTICATED, msg
     if isinstance(exc, Cancelled):
         return grpc.StatusCode.CANCELLED, msg
     if isinstance(exc, (ValueError, TypeError)):
@@ -85,9 +93,26 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, f"internal error ({exc.__class__.__name__}): {msg}"
 
 
-def _set(context, exc: BaseException) -> tuple[grpc.StatusCode, str]:
-    """Log the failure with the request's trace id and set the status on the context."""
+def retry_metadata(code: grpc.StatusCode, message: str, retry_after_s: float) -> list[tuple[str, str | bytes]]:
+    """Trailing metadata telling a caller when to retry: `retry-after` (whole seconds, rounded
+    up) and the standard `grpc-status-details-bin` (google.rpc.Status with a RetryInfo), which
+    gRPC's status libraries read in every language."""
+    from google.protobuf import any_pb2, duration_pb2
+    from google.rpc import error_details_pb2, status_pb2
+
+    delay = duration_pb2.Duration()
+    delay.FromNanoseconds(int(max(retry_after_s, 0.0) * 1e9))
+    detail = any_pb2.Any()
+    detail.Pack(error_details_pb2.RetryInfo(retry_delay=delay))
+    status = status_pb2.Status(code=code.value[0], message=message, details=[detail])
+    return [(RETRY_AFTER, str(max(1, math.ceil(retry_after_s)))), (STATUS_DETAILS, status.SerializeToString())]
+
+
+def _set(context, exc: BaseException, method: str = "") -> tuple[grpc.StatusCode, str]:
+    """Log the failure with the request's trace id, count it and set the status on the context
+    (with retry metadata for a QuotaExceeded)."""
     code, msg = status_for(exc)
+    get_metrics().record_call(method, code.name)
     trace_id = trace_id_hex()
     if code == grpc.StatusCode.INTERNAL:
         # the whole traceback (the remote one inside Ray's wrapper too) is for the operator; the
@@ -100,7 +125,27 @@ def _set(context, exc: BaseException) -> tuple[grpc.StatusCode, str]:
     if context is not None:
         context.set_code(code)
         context.set_details(msg)
+        retry = unwrap(exc)
+        if isinstance(retry, QuotaExceeded):
+            context.set_trailing_metadata(retry_metadata(code, msg, retry.retry_after_s))
     return code, msg
+
+
+class _NoMessage:
+    """What a unary method returns on Serve once it set an error status with trailing metadata.
+    Ray Serve 2.60 carries only the code and details of a call that raised; the trailing
+    metadata of one that returned reaches the caller, and gRPC sends no message with a non-OK
+    status. A streaming call cannot do this (its first message would go out): its retry delay
+    is in the message text only."""
+
+    def SerializeToString(self) -> bytes:
+        return b""
+
+
+def _returns_status(context, exc: BaseException) -> bool:
+    """Serve's context (no abort) and an error whose status carries trailing metadata."""
+    return (context is not None and not inspect.iscoroutinefunction(getattr(context, "abort", None))
+            and isinstance(unwrap(exc), QuotaExceeded))
 
 
 def grpc_errors(fn):
@@ -116,8 +161,9 @@ def grpc_errors(fn):
             try:
                 async for item in fn(self, request, grpc_context):
                     yield item
+                get_metrics().record_call(fn.__qualname__, "OK")
             except Exception as e:  # noqa: BLE001 - mapped to a status, then re-raised
-                status = _set(grpc_context, e)
+                status = _set(grpc_context, e, fn.__qualname__)
                 await _abort(grpc_context, status)
                 raise StatusError(status[1]) from None
         return agen
@@ -126,9 +172,13 @@ def grpc_errors(fn):
         @functools.wraps(fn)
         async def coro(self, request, grpc_context=None):
             try:
-                return await fn(self, request, grpc_context)
+                out = await fn(self, request, grpc_context)
+                get_metrics().record_call(fn.__qualname__, "OK")
+                return out
             except Exception as e:  # noqa: BLE001
-                status = _set(grpc_context, e)
+                status = _set(grpc_context, e, fn.__qualname__)
+                if _returns_status(grpc_context, e):
+                    return _NoMessage()
                 await _abort(grpc_context, status)
                 raise StatusError(status[1]) from None
         return coro
@@ -136,9 +186,11 @@ def grpc_errors(fn):
     @functools.wraps(fn)
     def plain(self, request, grpc_context=None):
         try:
-            return fn(self, request, grpc_context)
+            out = fn(self, request, grpc_context)
+            get_metrics().record_call(fn.__qualname__, "OK")
+            return out
         except Exception as e:  # noqa: BLE001
-            raise StatusError(_set(grpc_context, e)[1]) from None
+            raise StatusError(_set(grpc_context, e, fn.__qualname__)[1]) from None
     return plain
 
 

@@ -11,6 +11,8 @@ Precedence, lowest first:
        REDIS_USERNAME -> redis.username     REDIS_PASSWORD -> redis.password
        OTEL_EXPORTER_OTLP_ENDPOINT -> telemetry.otlp_endpoint
        OTEL_SERVICE_NAME -> telemetry.service_name
+       BAICHUAN_AUDIO_API_KEYS -> auth.api_keys
+       BAICHUAN_AUDIO_INTERNAL_KEYS -> auth.internal_keys
 4. prefixed environment variables, one per key, sections joined by double underscores:
        BAICHUAN_AUDIO__REDIS__URL=redis://redis:6379/0
        BAICHUAN_AUDIO__STAGES__LLM__MAX_REPLICAS=4
@@ -20,13 +22,14 @@ The sections are pydantic models and the sources are pydantic-settings' (environ
 prefix and a nested delimiter, YAML file, defaults merged key by key). Values in the file must
 have the key's type (an integer is fine for a number); values from the environment are
 converted to it (booleans: true/false/1/0/yes/no/on/off). Unknown keys and bad values are
-errors (SettingsError) that name the key and where it came from. The Redis password is a
-secret: it is accepted only from the environment and never appears in `repr`, `to_dict()` or
-logs. `Settings()` is the defaults alone; `Settings.load()` reads the file and environment.
+errors (SettingsError) that name the key and where it came from. The Redis password and the
+API keys are secrets: they are accepted only from the environment (or, for keys, a file the
+settings name, such as a mounted Secret) and never appear in `repr`, `to_dict()` or logs. `Settings()` is the defaults alone; `Settings.load()` reads the file and environment.
 """
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Any, Callable, Literal, Mapping, get_args
 from urllib.parse import urlsplit, urlunsplit
@@ -47,9 +50,16 @@ PLAIN_ENV: dict[str, tuple[str, ...]] = {   # every key here is a string: taken 
     "REDIS_PASSWORD": ("redis", "password"),
     "OTEL_EXPORTER_OTLP_ENDPOINT": ("telemetry", "otlp_endpoint"),
     "OTEL_SERVICE_NAME": ("telemetry", "service_name"),
+    "BAICHUAN_AUDIO_API_KEYS": ("auth", "api_keys"),
+    "BAICHUAN_AUDIO_INTERNAL_KEYS": ("auth", "internal_keys"),
 }
 # Keys that may only come from the environment (a secret in a YAML file ends up in git).
-ENV_ONLY = {("redis", "password")}
+ENV_ONLY = {("redis", "password"), ("auth", "api_keys"), ("auth", "internal_keys")}
+
+
+# The name of an API key (the caller's identity): services/common/auth.py checks the keys.
+IDENTITY_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+IDENTITY_RULE = "1-64 of A-Z a-z 0-9 _ -, starting with a letter or digit"
 
 
 class SettingsError(ValueError):
@@ -95,20 +105,37 @@ class ModelSettings(_Section):
 
 
 class RedisSettings(_Section):
-    url: Annotated[str, AfterValidator(_redis_url)] = "redis://127.0.0.1:6379/0"
-    username: str = ""
+    url: Annotated[str, AfterValidator(_redis_url)] = "redis://127.0.0.1:6379/0"  # rediss:// for TLS
+    username: str = ""              # an ACL user (Redis 6+); "" = the default user
     password: str = ""              # environment only; never logged
     connect_timeout_s: Annotated[float, Positive] = 5.0
+    # TLS (rediss:// only): files, e.g. from a mounted Secret; the files are not secrets' values
+    tls_ca_file: str = ""           # CA bundle that signed the server's certificate; "" = the system's
+    tls_cert_file: str = ""         # client certificate, for servers that require mutual TLS
+    tls_key_file: str = ""          # its private key
 
     def redacted_url(self) -> str:
         """The URL with any password in it replaced by '***'."""
         return _redact_url(self.url)
+
+    def client_options(self) -> dict[str, Any]:
+        """Keyword arguments of `redis.Redis.from_url` for these settings: the ACL user,
+        password and TLS files (the URL's scheme switches TLS on)."""
+        opts: dict[str, Any] = {"username": self.username or None, "password": self.password or None,
+                                "socket_connect_timeout": self.connect_timeout_s}
+        if urlsplit(self.url).scheme == "rediss":
+            opts.update(ssl_cert_reqs="required", ssl_ca_certs=self.tls_ca_file or None,
+                        ssl_certfile=self.tls_cert_file or None, ssl_keyfile=self.tls_key_file or None)
+        return opts
 
     def __repr_args__(self):
         yield "url", self.redacted_url()
         yield "username", self.username
         yield "password", "***" if self.password else ""
         yield "connect_timeout_s", self.connect_timeout_s
+        yield "tls_ca_file", self.tls_ca_file
+        yield "tls_cert_file", self.tls_cert_file
+        yield "tls_key_file", self.tls_key_file
 
 
 class StageSettings(_Section):
@@ -134,13 +161,11 @@ class OrchestratorStageSettings(StageSettings):
 
 
 class AutoscalingSettings(_Section):
-    """How fast Serve resizes the stages that autoscale (max_replicas > min_replicas); Serve's
-    defaults. The work-stream stages scale up at once on their backlog (autoscaling.py)."""
+    """How often Serve measures the load of the stages that autoscale (max_replicas >
+    min_replicas); Serve's defaults. Their delays are per application (orchestrator/app.py)."""
 
     metrics_interval_s: Annotated[float, Positive] = 10.0   # replicas report their load this often
     look_back_period_s: Annotated[float, Positive] = 30.0   # ... averaged over this window
-    upscale_delay_s: Annotated[float, NonNegative] = 30.0   # request-driven stages: demand this long before adding
-    downscale_delay_s: Annotated[float, NonNegative] = 600.0  # lower demand this long before removing a replica
 
 
 class StagesSettings(_Section):
@@ -219,6 +244,57 @@ class ServingSettings(_Section):
     host: str = "0.0.0.0"
     grpc_port: Annotated[int, TcpPort] = 9000
     reflection: bool = True               # gRPC server reflection (grpcurl, grpc_cli)
+    # the stage services (Tokenizer, LLM, Decoder, Vocoder) on the gRPC proxy too; they bypass
+    # every limit of the conversation service, so each call also needs an internal key
+    stage_services: bool = False
+
+
+class AuthSettings(_Section):
+    """API keys: `name:key` entries, one per line (or comma-separated); the name is the
+    caller's identity (sessions and quotas belong to it). services/common/auth.py."""
+
+    required: bool = True                 # calls without a valid key get UNAUTHENTICATED
+    api_keys_file: str = ""               # e.g. a mounted Secret; re-read when it changes
+    api_keys: str = ""                    # environment only: BAICHUAN_AUDIO_API_KEYS
+    internal_keys_file: str = ""          # keys of the stage services (serving.stage_services)
+    internal_keys: str = ""               # environment only: BAICHUAN_AUDIO_INTERNAL_KEYS
+
+    def __repr_args__(self):
+        yield "required", self.required
+        yield "api_keys_file", self.api_keys_file
+        yield "api_keys", "***" if self.api_keys else ""
+        yield "internal_keys_file", self.internal_keys_file
+        yield "internal_keys", "***" if self.internal_keys else ""
+
+
+class QuotaLimits(_Section):
+    """What one identity may use; over a limit a call gets RESOURCE_EXHAUSTED with the time to
+    wait (orchestrator/quotas.py)."""
+
+    sessions: Annotated[int, Positive] = 100                   # live sessions
+    turns: Annotated[int, Positive] = 4                        # Converse / Transcribe / Synthesize running at once
+    requests_per_minute: Annotated[int, Positive] = 600        # every call but health checks
+    audio_seconds_per_hour: Annotated[float, Positive] = 36000.0  # audio in (tokenized) and out (generated)
+
+
+class QuotaOverrides(_Section):
+    sessions: Annotated[int, Positive] | None = None
+    turns: Annotated[int, Positive] | None = None
+    requests_per_minute: Annotated[int, Positive] | None = None
+    audio_seconds_per_hour: Annotated[float, Positive] | None = None
+
+
+class QuotasSettings(QuotaLimits):
+    """Per-identity limits (the defaults), and other limits for named identities."""
+
+    overrides: dict[str, QuotaOverrides] = {}
+
+    def of(self, identity: str) -> QuotaLimits:
+        base = {k: getattr(self, k) for k in QuotaLimits.model_fields}
+        own = self.overrides.get(identity)
+        if own is not None:
+            base.update({k: v for k, v in own.model_dump().items() if v is not None})
+        return QuotaLimits(**base)
 
 
 class _Inconsistent(ValueError):
@@ -244,6 +320,8 @@ class Settings(BaseSettings):
     bus: BusSettings = BusSettings()
     telemetry: TelemetrySettings = TelemetrySettings()
     serving: ServingSettings = ServingSettings()
+    auth: AuthSettings = AuthSettings()
+    quotas: QuotasSettings = QuotasSettings()
 
     @classmethod
     def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: Any,
@@ -267,6 +345,16 @@ class Settings(BaseSettings):
         if d.first_chunk_frames > d.max_chunk_frames:
             raise _Inconsistent(("decoder", "first_chunk_frames"), f"({d.first_chunk_frames}) is larger than "
                                 f"decoder.max_chunk_frames ({d.max_chunk_frames})")
+        r = self.redis
+        for key in ("tls_ca_file", "tls_cert_file", "tls_key_file"):
+            if getattr(r, key) and urlsplit(r.url).scheme != "rediss":
+                raise _Inconsistent(("redis", key), "is set but redis.url is not rediss:// (TLS)")
+        if bool(r.tls_cert_file) != bool(r.tls_key_file):
+            raise _Inconsistent(("redis", "tls_cert_file"), "and redis.tls_key_file go together (mutual TLS)")
+        for name in self.quotas.overrides:
+            if not IDENTITY_RE.fullmatch(name):
+                raise _Inconsistent(("quotas", "overrides"), f"names an identity {name!r} that no API key can have "
+                                    f"(names are {IDENTITY_RULE})")
         b = self.bus
         if b.block_ms >= b.visibility_timeout_ms:
             raise _Inconsistent(("bus", "block_ms"), f"({b.block_ms}) must be shorter than "
@@ -303,6 +391,8 @@ class Settings(BaseSettings):
         """Nested plain dict for logging: secrets removed, URL passwords redacted."""
         d = self.model_dump()
         d["redis"].update(url=self.redis.redacted_url(), password="***" if self.redis.password else "")
+        d["auth"].update(api_keys="***" if self.auth.api_keys else "",
+                         internal_keys="***" if self.auth.internal_keys else "")
         return d
 
 

@@ -15,6 +15,7 @@ from services.common.autoscaling import BACKLOG_METRIC
 from services.common.bus import Bus
 from services.common.entries import Job, TurnError
 from services.common.errors import Status
+from services.common.telemetry import get_metrics
 from services.common.settings import Settings
 from services.common.worker import WorkerStats, start_worker, worker_options
 
@@ -81,7 +82,9 @@ class WorkStreamReplica:
         (acked jobs are deleted, so the stream's length is what waits or runs)."""
         if self.worker is None:
             return {BACKLOG_METRIC: 0.0}
-        return {BACKLOG_METRIC: float(self.worker.bus.redis.xlen(self.worker.stream))}
+        backlog = float(self.worker.bus.redis.xlen(self.worker.stream))
+        (self.worker.bus.metrics or get_metrics()).record_backlog(self.worker.stage, backlog)
+        return {BACKLOG_METRIC: backlog}
 
     def check_health(self) -> None:
         if self.worker is None or not self.worker.alive:

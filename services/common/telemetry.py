@@ -11,7 +11,7 @@ caller's trace id), so traces stay connected across a process that exports nothi
 
     exporter: none     nothing is exported (default)
               console  spans and metrics printed to stdout (local debugging)
-              otlp     OTLP/gRPC to `otlp_endpoint` (needs the `opentelemetry-exporter-otlp` package)
+              otlp     OTLP/gRPC to `otlp_endpoint` (opentelemetry-exporter-otlp-proto-grpc, a dependency)
 """
 from __future__ import annotations
 
@@ -185,8 +185,10 @@ def trace_id_hex(span: trace.Span | None = None) -> str:
 # --------------------------------------------------------------------------- metrics
 
 class Metrics:
-    """The latency histograms of the stack. Record through these methods; the attribute keys
-    are `stage` for queue lag and `mode` (spoken/text/asr/tts) for the turn-level ones.
+    """The stack's instruments. Record through these methods; the attribute keys are `stage`
+    for the work-stream ones, `mode` (spoken/text/asr/tts) for the turn-level ones and
+    `method`, `status` (a gRPC status name, OK included) for calls. The collector of
+    k8s/components/monitoring turns them into Prometheus series for its dashboard and alerts.
 
     Built over the global meter by default: until `setup_telemetry` installs a provider the
     instruments are no-op proxies, and they start recording once one is installed."""
@@ -205,6 +207,18 @@ class Metrics:
         self.queue_lag = meter.create_histogram(
             "baichuan_audio.stage.queue_lag", unit="ms",
             description="Time a job waited in its stage's work stream before a replica took it")
+        self.stage_latency = meter.create_histogram(
+            "baichuan_audio.stage.latency", unit="ms",
+            description="Time a stage spent on a job (a batch's time for each job in it)")
+        self.backlog = meter.create_gauge(
+            "baichuan_audio.stage.backlog", unit="{job}",
+            description="Jobs in a stage's work stream (waiting or running), as autoscaling sees it")
+        self.dead_lettered = meter.create_counter(
+            "baichuan_audio.stage.dead_lettered", unit="{job}",
+            description="Jobs moved to a stage's dead-letter stream (their audio is lost)")
+        self.calls = meter.create_counter(
+            "baichuan_audio.rpc.calls", unit="{call}",
+            description="gRPC calls served, by method and final status (OK or the error's code)")
 
     def record_time_to_first_text(self, ms: float, **attributes: Any) -> None:
         self.time_to_first_text.record(ms, attributes or None)
@@ -217,6 +231,19 @@ class Metrics:
 
     def record_queue_lag(self, stage: str, ms: float, **attributes: Any) -> None:
         self.queue_lag.record(max(0.0, ms), {"stage": stage, **attributes})
+
+
+    def record_stage_latency(self, stage: str, ms: float, **attributes: Any) -> None:
+        self.stage_latency.record(max(0.0, ms), {"stage": stage, **attributes})
+
+    def record_backlog(self, stage: str, jobs: float) -> None:
+        self.backlog.set(jobs, {"stage": stage})
+
+    def record_dead_lettered(self, stage: str) -> None:
+        self.dead_lettered.add(1, {"stage": stage})
+
+    def record_call(self, method: str, status: str) -> None:
+        self.calls.add(1, {"method": method, "status": status})
 
 
 _default_metrics: Metrics | None = None

@@ -74,25 +74,32 @@ def _job_attrs(job: Job) -> dict[str, Any]:
 
 
 def _run_jobs(bus: Bus, jobs: list[Job], handler: Callable, batched: bool, stats: WorkerStats,
-              stage: str, dead_lettered: Callable[[Job, str], None]) -> None:
+              stage: str, dead_lettered: Callable[[Job, str], None], metrics: Any = None) -> None:
+    metrics = metrics or get_metrics()
     if not batched:
         for job in jobs:
             with start_span(f"{stage}.job", parent_carrier=job.entry.trace_carrier(),
                             attributes=_job_attrs(job)):
+                t0 = time.perf_counter()
                 try:
                     outcome = handler(job)
                 except Exception as e:
                     outcome = e
+                metrics.record_stage_latency(stage, (time.perf_counter() - t0) * 1000)
                 _finish(bus, job, outcome, stats, dead_lettered)
         return
     # One span for the forward over the batch; each job's results continue that job's trace.
     with start_span(f"{stage}.batch", attributes={"batch.size": len(jobs)}):
+        t0 = time.perf_counter()
         try:
             outcomes = list(handler(jobs))
             if len(outcomes) != len(jobs):
                 raise BusError(f"batched handler returned {len(outcomes)} outcomes for {len(jobs)} jobs")
         except Exception as e:
             outcomes = [e] * len(jobs)
+        ms = (time.perf_counter() - t0) * 1000
+        for _ in jobs:  # each job waited for the whole batch
+            metrics.record_stage_latency(stage, ms)
     for job, outcome in zip(jobs, outcomes):  # outside the span: results take the job's trace
         _finish(bus, job, outcome, stats, dead_lettered)
 
@@ -143,6 +150,7 @@ def run_worker(
 
     def dead_lettered(job: Job, reason: str) -> None:
         stats.dead_lettered += 1
+        metrics.record_dead_lettered(stage)
         if on_dead_letter is not None:
             on_dead_letter(job, reason)
 
@@ -169,7 +177,7 @@ def run_worker(
                     metrics.record_queue_lag(stage, job.lag_ms)
             if jobs:
                 try:
-                    _run_jobs(bus, jobs, handler, batched, stats, stage, dead_lettered)
+                    _run_jobs(bus, jobs, handler, batched, stats, stage, dead_lettered, metrics)
                 except (redis.ConnectionError, redis.TimeoutError):
                     raise
                 except Exception:  # publishing failed: the jobs stay pending for a retry

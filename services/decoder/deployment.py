@@ -14,6 +14,7 @@ import torch
 from ray import serve
 
 from baichuan_audio.v1 import stages_pb2
+from services.common.auth import Authenticator
 from services.common.bus import Bus
 from services.common.entries import DECODER_JOBS, VOCODER_JOBS, Job, PermanentError, VocodeJob
 from services.common.grpc_status import grpc_errors
@@ -29,6 +30,7 @@ log = logging.getLogger(__name__)
 class DecoderDeployment(WorkStreamReplica):
     def __init__(self, config: Any = None):
         self.settings = start_replica(config)
+        self.internal = Authenticator.internal(self.settings.auth)   # the gRPC service: internal keys only
         device, dtype = device_and_dtype(self.settings)
         self.runner = DecoderRunner.from_checkpoint(open_checkpoint(self.settings), device=device, dtype=dtype,
                                                     max_batch=self.settings.stages.decoder.max_batch_size)
@@ -60,6 +62,7 @@ class DecoderDeployment(WorkStreamReplica):
 
     @grpc_errors
     async def Decode(self, request, grpc_context=None):
+        self.internal.caller(grpc_context)
         c = request.codes
         if c.codebooks and c.frames * c.codebooks != len(c.values):
             raise DecodeInputError(f"codes say {c.frames}x{c.codebooks} but carry {len(c.values)} values")

@@ -89,9 +89,9 @@ def run_engine(engine: Engine, B: int, context: int, kind: str, steps: int, warm
 
 def decisions(events: list) -> list[tuple]:
     """Every text token and audio frame of each request, in order."""
-    from services.llm.protocol import AudioFrame, TextDelta
-    return [tuple((e.token_id,) if isinstance(e, TextDelta) else e.codes for e in evs
-                  if isinstance(e, AudioFrame) or (isinstance(e, TextDelta) and e.token_id is not None))
+    from services.llm.protocol import AudioFrame, TextToken
+    return [tuple((e.token_id,) if isinstance(e, TextToken) else e.codes for e in evs
+                  if isinstance(e, AudioFrame) or (isinstance(e, TextToken) and e.token_id is not None))
             for evs in events]
 
 

@@ -21,6 +21,7 @@ import torch
 from ray import serve
 
 from baichuan_audio.v1 import conversation_pb2, stages_pb2
+from services.common.auth import Authenticator
 from services.common.bus import Bus, RedisFull
 from services.common.entries import DECODER_JOBS, TurnError
 from services.common.errors import Status
@@ -33,7 +34,7 @@ from services.llm.kv_cache import KVCache
 from services.llm.model import AudioLLM
 from services.llm.prompts import PromptBuilder
 from services.llm.publisher import ChunkPolicy, TurnPublisher
-from services.llm.protocol import AudioFrame, Done, SegmentEnd, TextDelta
+from services.llm.protocol import AudioFrame, Done, SegmentEnd, TextToken
 
 log = logging.getLogger(__name__)
 
@@ -49,12 +50,14 @@ MODES = {stages_pb2.GENERATE_MODE_UNSPECIFIED: "spoken", stages_pb2.GENERATE_MOD
 KEPT_SESSIONS_PER_SLOT = 4
 ENDED_KEPT = 1024        # recently ended requests whose end reason `request_status` reports
 TURN_ERROR_RETRY_S = 120.0  # how long a turn's error refused by a full Redis is retried
+SUPERSEDE_WAIT_S = 10.0  # how long a session's new turn waits for its cancelled previous one to end
 
 
 @serve.deployment(name="LLM")
 class LLMDeployment:
     def __init__(self, config: Any = None):
         self.settings = start_replica(config)
+        self.internal = Authenticator.internal(self.settings.auth)   # the gRPC service: internal keys only
         device, dtype = device_and_dtype(self.settings)
         ckpt = open_checkpoint(self.settings)
         model = AudioLLM.from_checkpoint(ckpt, dtype=dtype, device=device,
@@ -86,6 +89,7 @@ class LLMDeployment:
         d = self.settings.decoder
         self.low_latency = ChunkPolicy(d.first_chunk_frames, d.chunk_growth, d.max_chunk_frames)
         self.turns: dict[str, Any] = {}           # turn_id -> engine Handle
+        self.session_turns: dict[str, Any] = {}   # session -> the engine Handle of its latest turn
 
     def __del__(self):
         engine = getattr(self, "engine", None)
@@ -116,14 +120,31 @@ class LLMDeployment:
         turn_id = request.request_id
         if not turn_id:
             raise ValueError("the LLM request has no request_id: it is the turn id its stream entries carry")
+        await self._supersede(request.session_id)
         handle = self._submit(request)
         pub = TurnPublisher(turn_id, request.session_id or "", self._emit(turn_id),
                             chunks=self.low_latency if low_latency else ChunkPolicy(), seed=request.seed)
         with self._lock:
             self.turns[turn_id] = handle
+            if request.session_id:
+                self.session_turns[request.session_id] = handle
         threading.Thread(target=self._forward, args=(turn_id, handle, pub, trace), daemon=True,
                          name=f"turn-{turn_id}").start()
         return turn_id
+
+    async def _supersede(self, session_id: str | None) -> None:
+        """A session's new turn while its previous one still runs here: the orchestrator starts
+        one turn per session at a time, so the old one was interrupted (its cancel may still be
+        on its way) or abandoned. Cancel it and wait the step or two the engine needs to let the
+        session go, instead of refusing the new turn."""
+        with self._lock:
+            old = self.session_turns.get(session_id) if session_id else None
+        if old is None or old.done is not None:
+            return
+        self._cancel(old)
+        deadline = time.monotonic() + SUPERSEDE_WAIT_S
+        while old.done is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
 
     def _emit(self, turn_id: str):
         def emit(target: str, entry) -> None:
@@ -152,6 +173,8 @@ class LLMDeployment:
         finally:
             with self._lock:
                 self.turns.pop(turn_id, None)
+                if pub.session_id and self.session_turns.get(pub.session_id) is handle:
+                    del self.session_turns[pub.session_id]
 
     def _on_engine_event(self, ev) -> None:
         """Every engine event (engine thread): remember how each request ended, whoever listened."""
@@ -197,6 +220,7 @@ class LLMDeployment:
         """Direct streaming generation (no Redis): events as they come. A caller that goes away
         (disconnect, cancel, deadline) ends the request within one engine step: Serve cancels
         this generator and the engine request is cancelled with it."""
+        self.internal.caller(grpc_context)
         nb = self.engine.cfg.audio.num_codebooks
         codes = np.asarray(request.prompt_codes.values, dtype=np.int64).reshape(-1, request.prompt_codes.codebooks or nb)
         sampling = {f.name: v for f, v in request.sampling.ListFields()}
@@ -228,7 +252,7 @@ class LLMDeployment:
             ev = await loop.run_in_executor(None, next, events, None)
             if ev is None:
                 return
-            if isinstance(ev, TextDelta) and ev.text:
+            if isinstance(ev, TextToken) and ev.text:
                 yield stages_pb2.GenerateEvent(text=conversation_pb2.TextDelta(text=ev.text, segment=ev.segment))
             elif isinstance(ev, AudioFrame):
                 yield stages_pb2.GenerateEvent(frames=stages_pb2.AudioFrames(segment=ev.segment, codes=stages_pb2.Codes(

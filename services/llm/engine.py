@@ -29,13 +29,13 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
-from services.llm import sampler as S
+from services.llm import sampler
 from services.llm.prompts import ProtocolTokens
 from services.llm.runner import DecodeRow, DecodeRunner
 from services.llm.kv_cache import KVCache
 from services.llm.kv_slots import BlockPool, SessionTable
-from services.llm.protocol import (AudioFrame, Done, EngineError, Event, Mode, Protocol, ProtocolConfig,
-                                   Request, SegmentEnd, SegmentStart, Sequence, TextDelta,
+from services.llm.protocol import (AudioFrame, Done, EngineError, Event, Mode, ProtocolRules, ProtocolConfig,
+                                   Request, SegmentEnd, SegmentStart, Sequence, TextToken,
                                    UnknownSessionError)
 from services.llm.scheduler import Scheduler
 from services.llm.stop import StopTables
@@ -43,7 +43,7 @@ from services.llm.stop import StopTables
 log = logging.getLogger(__name__)
 
 __all__ = ["AudioFrame", "Done", "Engine", "EngineConfig", "EngineError", "Event", "Handle", "Mode",
-           "ProtocolConfig", "Request", "SegmentEnd", "SegmentStart", "TextDelta", "UnknownSessionError"]
+           "ProtocolConfig", "Request", "SegmentEnd", "SegmentStart", "TextToken", "UnknownSessionError"]
 
 
 @dataclass(frozen=True)
@@ -125,7 +125,7 @@ class Engine:
                                                                     self.tokens.eos_str)
         sizes = self.cfg.audio.codebook_sizes
         self.vocab_size = self.cfg.llm.vocab_size
-        self.proto = Protocol(
+        self.rules = ProtocolRules(
             eos=self.tokens.eos, audio_pad=self.cfg.audio_tokens.audio_pad,
             audiogen_start=self.cfg.audio_tokens.audiogen_start, audiogen_end=self.cfg.audio_tokens.audiogen_end,
             eoa=sizes[0], num_codebooks=len(sizes), config=self.protocol_config,
@@ -159,13 +159,13 @@ class Engine:
                                      num_blocks=num_blocks)
         self.pool = (BlockPool(num_blocks, config.kv_block_size, num_slots + 1, self.cache.set_blocks)
                      if config.paged else None)
-        self.counts = S.TokenCounts(num_slots + 1, self.vocab_size, self.device)
-        self.codes = S.CodeHistory(num_slots + 1, sizes, self.device)
+        self.counts = sampler.TokenCounts(num_slots + 1, self.vocab_size, self.device)
+        self.codes = sampler.CodeHistory(num_slots + 1, sizes, self.device)
         self.sessions = SessionTable(num_slots, self.pool)
         max_batch = config.max_batch or num_slots
         self.scheduler = Scheduler(self.sessions, max_batch, config.prefill_budget)
-        self.runner = DecodeRunner(model, self.cache, self.counts, self.codes, audio_pad=self.proto.audio_pad,
-                                   eos=self.proto.eos, eoa=self.proto.eoa, max_batch=max_batch,
+        self.runner = DecodeRunner(model, self.cache, self.counts, self.codes, audio_pad=self.rules.audio_pad,
+                                   eos=self.rules.eos, eoa=self.rules.eoa, max_batch=max_batch,
                                    kv_bucket=config.kv_bucket, cuda_graphs=config.cuda_graphs)
         self.handles: dict[str, Handle] = {}
         self._ids = itertools.count()
@@ -292,11 +292,11 @@ class Engine:
             raise EngineError(f"prompt ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})")
         if r.session_id is not None:
             self.sessions.get(r.session_id)          # unknown session: a clear error now
-        pad = self.proto.audio_pad
+        pad = self.rules.audio_pad
         n_pads = sum(1 for t in ids if t == pad)
         rows = self._code_rows(r.audio_codes, n_pads)
         if mode == Mode.TTS:
-            if ids[-1] != self.proto.audiogen_start:
+            if ids[-1] != self.rules.audiogen_start:
                 raise EngineError("a TTS prompt must end with <audiogen_start_baichuan> (PromptBuilder.tts_chunks)")
         elif r.tts_chunks:
             raise EngineError(f"tts_chunks given for a {mode.value} request (TTS only)")
@@ -315,7 +315,7 @@ class Engine:
             if getattr(r, name) is not None and getattr(r, name) < 1:
                 raise EngineError(f"{name} must be >= 1")
         seed = r.seed if r.seed is not None else random.getrandbits(48)
-        return Sequence(r, self.proto, rid, seed, limit, rows)
+        return Sequence(r, self.rules, rid, seed, limit, rows)
 
     def _code_rows(self, codes, n_pads: int) -> list[tuple[int, ...]]:
         sizes = self.cfg.audio.codebook_sizes
@@ -378,8 +378,9 @@ class Engine:
         ready = []
         for w in work:
             tokens = w.seq.kv_len + w.n
-            if self.sessions.make_room(pool.need(w.seq.slot, tokens)) and pool.ensure(w.seq.slot, tokens):
-                ready.append(w)
+            need = pool.need(w.seq.slot, tokens)
+            if need == 0 or (self.sessions.make_room(need) and pool.ensure(w.seq.slot, tokens)):
+                ready.append(w)                  # (most steps: the slot's last block has room)
         if work and not ready:
             order = {id(s): i for i, s in enumerate(self.scheduler.running)}
             victim = max((w.seq for w in work), key=lambda s: order.get(id(s), -1))
@@ -445,7 +446,7 @@ class Engine:
         """Device inputs of one prefill forward: ids and 1-based positions (B, T), right-padded;
         slots, cache positions and new-token counts (B); the pads' codes (N, C)."""
         T = max(w.n for w in group)
-        filler = self.proto.eos                       # right padding: any id but audio_pad
+        filler = self.rules.eos                       # right padding: any id but audio_pad
         rows: list[tuple[int, ...]] = []
         table = []                                    # per row: ids[T], positions[T], slot, kv_len, n
         for w in group:

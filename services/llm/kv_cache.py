@@ -23,6 +23,7 @@ the host except `set_blocks`, the host's table write.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
@@ -31,6 +32,16 @@ from torch import nn
 from services.common.model_config import LLMConfig, ModelConfig
 
 NULL_BLOCK = 0
+
+
+@dataclass(frozen=True)
+class Where:
+    """A forward's cache locations (KVCache.locate): the block and offset of each new token
+    (B, T), and the blocks its rows read, row-major (B·n)."""
+
+    block: torch.Tensor
+    offset: torch.Tensor
+    blocks: torch.Tensor
 
 
 class KVCache(nn.Module):
@@ -103,19 +114,29 @@ class KVCache(nn.Module):
         row = list(blocks) + [NULL_BLOCK] * (self.blocks_per_slot - len(blocks))
         self.table[slot].copy_(torch.tensor(row, dtype=torch.int64), non_blocking=True)
 
-    def _where(self, slots: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Block and offset of cache indices index (B, T) of rows in slots (B)."""
+    def locate(self, slots: torch.Tensor, index: torch.Tensor, kv_len: int) -> "Where":
+        """Where a forward's rows write (cache indices index (B, T) of slots (B)) and which
+        blocks they read (the first kv_len positions): the same for every layer, so a forward
+        looks it up once instead of once per layer."""
+        return Where(*self._written(slots, index), self._read(slots, kv_len))
+
+    def _written(self, slots: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.table[slots[:, None], index // self.block_size], index % self.block_size
+
+    def _read(self, slots: torch.Tensor, kv_len: int) -> torch.Tensor:
+        return self.table.index_select(0, slots)[:, :-(-kv_len // self.block_size)].reshape(-1)
 
     # ------------------------------------------------------------------ access
     def write(self, layer: int, slots: torch.Tensor, index: torch.Tensor,
-              k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None = None) -> None:
+              k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None = None,
+              at: Optional["Where"] = None) -> None:
         """Store new keys/values of one layer.
 
         slots Long[B]; index Long[B, T]: cache index of each new token (distinct per row,
         < max_len); k, v (B, kv_heads, T, head_dim); valid Bool[B, T] or None: where False
-        the old contents are written back (right-padded chunks leave the slot untouched)."""
-        blk, off = self._where(slots, index)                 # (B, T) each
+        the old contents are written back (right-padded chunks leave the slot untouched).
+        at: `locate(slots, index, ...)` already done (slots and index are then not read)."""
+        blk, off = self._written(slots, index) if at is None else (at.block, at.offset)   # (B, T) each
         k_new = k.transpose(1, 2).to(self.k.dtype)           # (B, T, kv_heads, head_dim)
         v_new = v.transpose(1, 2).to(self.v.dtype)
         if valid is not None:
@@ -125,19 +146,19 @@ class KVCache(nn.Module):
         self.k[layer, blk, off] = k_new
         self.v[layer, blk, off] = v_new
 
-    def read(self, layer: int, slots: torch.Tensor, kv_len: int,
-             contiguous: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    def read(self, layer: int, slots: torch.Tensor, kv_len: int, contiguous: bool = True,
+             at: Optional["Where"] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of the first kv_len cache positions of each slot: two
         (B, kv_heads, kv_len, head_dim) tensors, gathered block by block (a copy).
         contiguous=False returns them as strided views of the gather (one copy less; fused
-        attention kernels take any strides); True lays them out as the reference's tensors."""
-        n = -(-kv_len // self.block_size)
-        blocks = self.table.index_select(0, slots)[:, :n].reshape(-1)          # (B·n)
+        attention kernels take any strides); True lays them out as the reference's tensors.
+        at: `locate(slots, ..., kv_len)` already done."""
+        blocks = self._read(slots, kv_len) if at is None else at.blocks
         B = slots.shape[0]
         out = []
         for buf in (self.k, self.v):
             x = buf[layer].index_select(0, blocks)                              # (B·n, bs, kvh, d)
-            x = x.view(B, n * self.block_size, *x.shape[2:])[:, :kv_len].transpose(1, 2)
+            x = x.view(B, -1, *x.shape[2:])[:, :kv_len].transpose(1, 2)
             out.append(x.contiguous() if contiguous else x)
         return out[0], out[1]
 

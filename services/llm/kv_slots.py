@@ -60,7 +60,10 @@ class BlockPool:
 
 
 @dataclass
-class Session:
+class KVSession:
+    """A conversation session as the LLM replica sees it: the KV slot it holds and the tokens
+    cached there (orchestrator/sessions.py keeps the conversation's record in Redis)."""
+
     id: str
     slot: Optional[int] = None
     cached: list[int] = field(default_factory=list)               # tokens in the slot's KV
@@ -76,7 +79,7 @@ class SessionTable:
         self.num_slots = num_slots
         self.pool = pool                         # paged KV: a freed slot gives its blocks back
         self.free = list(range(num_slots - 1, -1, -1))
-        self.sessions: "OrderedDict[str, Session]" = OrderedDict()   # LRU order: oldest first
+        self.sessions: "OrderedDict[str, KVSession]" = OrderedDict()   # LRU order: oldest first
         self._ids = itertools.count()
         self.evictions = 0
 
@@ -92,10 +95,10 @@ class SessionTable:
         sid = sid if sid is not None else f"session-{next(self._ids)}"
         if sid in self.sessions:
             raise EngineError(f"session {sid!r} is already open")
-        self.sessions[sid] = Session(sid)
+        self.sessions[sid] = KVSession(sid)
         return sid
 
-    def get(self, sid: str) -> Session:
+    def get(self, sid: str) -> KVSession:
         s = self.sessions.get(sid)
         if s is None:
             raise UnknownSessionError(f"unknown session {sid!r}: open it first (engine.open_session), "

@@ -35,7 +35,7 @@ from services.common.checkpoint import PREFIX, Checkpoint, LoadReport, load_stat
 from services.common.layers import RMSNorm
 from services.common.model_config import ModelConfig, check_llm_supported
 from services.llm.audio_head import AudioHead
-from services.llm.kv_cache import KVCache
+from services.llm.kv_cache import KVCache, Where
 
 
 # ---------------------------------------------------------------------- RoPE
@@ -133,17 +133,18 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache,
                 layer: int, slots: torch.Tensor, index: torch.Tensor, valid: torch.Tensor | None,
-                mask: torch.Tensor, kv_len: int, attend: Callable[..., torch.Tensor]) -> torch.Tensor:
+                mask: torch.Tensor, kv_len: int, attend: Callable[..., torch.Tensor], at: Where) -> torch.Tensor:
         B, T, _ = x.shape
         q, k, v = self.W_pack(x).split(self.split, dim=-1)
         q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)    # (B, H, T, d)
         k = k.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)       # (B, KVH, T, d)
         v = v.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        cache.write(layer, slots, index, k, v, valid)
+        # q and k heads rotated in one pass: half the kernels of two calls, the same numbers
+        q, k = apply_rope(torch.cat((q, k), dim=1), cos, sin).split((self.n_heads, self.n_kv), dim=1)
+        cache.write(layer, slots, index, k, v, valid, at=at)
         # fused SDPA takes the gathered blocks as strided views; the math path keeps the
         # reference's layout (its matmuls are then the same calls as the reference's)
-        k_all, v_all = cache.read(layer, slots, kv_len, contiguous=attend is not attention_sdpa)   # (B, KVH, L, d)
+        k_all, v_all = cache.read(layer, slots, kv_len, contiguous=attend is not attention_sdpa, at=at)   # (B, KVH, L, d)
         y = attend(q, k_all, v_all, mask)                                # (B, H, T, d)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
@@ -297,9 +298,10 @@ class AudioLLM(nn.Module):
         mask = torch.arange(L, device=dev)[None, None, :] <= (cache_pos[:, None] + t)[:, :, None]   # (B, T, L)
         cos, sin = rope_cos_sin(positions, self.cfg.llm.head_dim, self.cfg.llm.rope_theta)
         attend = ATTENTION[self.attn_impl]
+        at = cache.locate(slots, index, L)                              # block lookups once, not per layer
         x = embeds
         for i, layer in enumerate(self.model.layers):
-            x = layer(x, cos, sin, cache, i, slots, index, valid, mask, L, attend)
+            x = layer(x, cos, sin, cache, i, slots, index, valid, mask, L, attend, at)
         return self.model.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -10,9 +10,13 @@
 - TTS (base demo): the text split after `: , ; ! ? ， 。 ； ： ！ ？`, pieces merged until a chunk
   is longer than 10 characters, each chunk followed by `<audiogen_start_baichuan>`.
 
-Role and special-token ids come from the tokenizer and `ModelConfig.audio_tokens`; text is
-encoded with add_special_tokens=False, so special-token strings inside it become their ids
-(as in the reference processor).
+Role and special-token ids come from the tokenizer and `ModelConfig.audio_tokens`. Text (the
+user's, the system prompt, the assistant's history, TTS text) is encoded as text only: a
+special-token string inside it (`<C_Q>`, `<audiogen_start_baichuan>`, `<|endoftext|>`, ...) is
+split into ordinary byte-level pieces, never its id, so a caller cannot inject a role or an
+audio control token; special ids enter a prompt only where this builder places them. This
+differs from the reference processor, which maps such strings to their ids; for text without
+them the ids are the same.
 """
 from __future__ import annotations
 
@@ -112,7 +116,8 @@ class PromptBuilder:
 
     # ------------------------------------------------------------------ pieces
     def encode(self, text: str) -> list[int]:
-        return list(self.tokenizer.encode(text, add_special_tokens=False)) if text else []
+        """`text` as text: special-token strings in it are split, never mapped to their ids."""
+        return list(self.tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True)) if text else []
 
     def _codes(self, codes: torch.Tensor, what: str) -> torch.Tensor:
         c = torch.as_tensor(codes)

@@ -1,7 +1,7 @@
 """The interleaved text/audio protocol of one request, without a model or a device.
 
 - `ProtocolConfig`: the per-phase sampling table of reference-model.md §11.3.
-- `Request` and the events a request produces (`TextDelta`, `AudioFrame`, segment boundaries, `Done`).
+- `Request` and the events a request produces (`TextToken`, `AudioFrame`, segment boundaries, `Done`).
 - `Sequence`: one request's protocol state (§11.2, §11.6, corrections 10-14). It owns the
   token sequence exactly as the reference loop holds it (prompt, generated text, audio pads,
   host overwrites), how much of it is in the KV cache, and the current phase:
@@ -130,7 +130,10 @@ class SegmentStart(Event):
 
 
 @dataclass(frozen=True)
-class TextDelta(Event):
+class TextToken(Event):
+    """A decided text token (token_id None: a segment's closing flush) and the display text it
+    adds. The publisher turns these into the turn stream's text deltas (entries.TextDelta)."""
+
     segment: int
     token_id: Optional[int]    # the new token; None for the flush at the end of a segment
     text: str                  # newly decodable display text ("" while a character is incomplete)
@@ -193,7 +196,7 @@ def _override(specs: dict, sampling: dict, mode: "Mode") -> dict:
 # ---------------------------------------------------------------------------- protocol context
 
 @dataclass
-class Protocol:
+class ProtocolRules:
     """What every sequence shares: ids, the phase table, stop-string tables, the decoder."""
 
     eos: int
@@ -230,10 +233,10 @@ class Protocol:
 class Sequence:
     """The reference loop's state for one request (see the module docstring)."""
 
-    def __init__(self, request: Request, proto: Protocol, request_id: str, seed: int, max_len: int,
+    def __init__(self, request: Request, rules: ProtocolRules, request_id: str, seed: int, max_len: int,
                  pad_rows: list[tuple[int, ...]]):
         self.request = request
-        self.proto = proto
+        self.rules = rules
         self.id = request_id
         self.mode = Mode(request.mode)
         self.seed = seed
@@ -266,7 +269,7 @@ class Sequence:
         self.tts_queue = deque(list(c) for c in request.tts_chunks)
         self.forced = deque((k, int(n)) for k, n in request.forced) if request.forced else None
         self.forced_n = 0
-        cfg = proto.config
+        cfg = rules.config
         greedy = request.greedy
         pick = {
             Mode.SPOKEN: cfg.spoken_first, Mode.TEXT: cfg.text_only, Mode.ASR: cfg.asr, Mode.TTS: cfg.tts_audio,
@@ -294,13 +297,13 @@ class Sequence:
     def chunk(self, n: int) -> tuple[list[int], list[tuple[int, ...]]]:
         """The next n tokens to forward and the codes of the audio_pads among them."""
         ids = self.tokens[self.kv_len:self.kv_len + n]
-        m = sum(1 for t in ids if t == self.proto.audio_pad)
+        m = sum(1 for t in ids if t == self.rules.audio_pad)
         return ids, self.pad_rows[self.pads_fwd:self.pads_fwd + m]
 
     def advance(self, n: int) -> bool:
         """n tokens were forwarded. True when a decision is due (nothing left pending)."""
         ids = self.tokens[self.kv_len:self.kv_len + n]
-        self.pads_fwd += sum(1 for t in ids if t == self.proto.audio_pad)
+        self.pads_fwd += sum(1 for t in ids if t == self.rules.audio_pad)
         self.kv_len += n
         if self.phase == Phase.PREFILL and self.pending == 0:
             self._begin(self.first_phase)
@@ -310,7 +313,7 @@ class Sequence:
         """The first n prompt tokens are already in this slot (a session's earlier turn)."""
         n = min(n, len(self.tokens) - 1)          # the last prompt token must run: its logits decide
         self.kv_len = self.prefix_reused = max(0, n)
-        self.pads_fwd = sum(1 for t in self.tokens[:self.kv_len] if t == self.proto.audio_pad)
+        self.pads_fwd = sum(1 for t in self.tokens[:self.kv_len] if t == self.rules.audio_pad)
 
     @property
     def kind(self) -> str:
@@ -323,7 +326,7 @@ class Sequence:
         self.phase = phase
         if phase in (Phase.FIRST_TEXT, Phase.TEXT):
             self.spec = self._specs["first" if phase == Phase.FIRST_TEXT else "text"]
-            self.stops = self.proto.stop_set(self.spec.stops)
+            self.stops = self.rules.stop_set(self.spec.stops)
             self.seg_ids, self.seg_shown = [], ""
             self.events.append(SegmentStart(self.id, "text", self.n_text))
             self.forced_n = self._next_forced("text")
@@ -346,7 +349,7 @@ class Sequence:
     def _overwrite_last(self, new: int) -> None:
         """A host write on the last (unforwarded) token, as the demo loop does (§11.2 c, e)."""
         old = self.tokens[-1]
-        if old == self.proto.audio_pad and new != old:
+        if old == self.rules.audio_pad and new != old:
             self.pad_rows.pop()
         self.tokens[-1] = new
         self.host_writes.append((len(self.tokens) - 1, old, new))
@@ -364,9 +367,9 @@ class Sequence:
         elif self.phase == Phase.AUDIO and reason in ("cancelled", "length", "error") and self.frames:
             self._end_audio(reason)
         history, rows = list(self.tokens), self.pad_rows[self.prompt_pads:]
-        if (self.phase == Phase.AUDIO and self.forced is None and history[-1] == self.proto.audio_pad
-                and rows and rows[-1][0] == self.proto.eoa):
-            history[-1] = self.proto.audiogen_end          # the reply ended on its end-of-audio pad
+        if (self.phase == Phase.AUDIO and self.forced is None and history[-1] == self.rules.audio_pad
+                and rows and rows[-1][0] == self.rules.eoa):
+            history[-1] = self.rules.audiogen_end          # the reply ended on its end-of-audio pad
             rows = rows[:-1]
         self.phase = Phase.DONE
         self.done = Done(self.id, reason, tuple(self.tokens), self.kv_len, self.prefix_reused,
@@ -380,17 +383,17 @@ class Sequence:
         self.generated += 1
         self._append([tok])
         self.seg_ids.append(tok)
-        shown = self.proto.display(self.seg_ids, self.mode)
+        shown = self.rules.display(self.seg_ids, self.mode)
         delta = ""
         if not shown.endswith("\ufffd") and shown.startswith(self.seg_shown):
             delta, self.seg_shown = shown[len(self.seg_shown):], shown
-        self.events.append(TextDelta(self.id, self.n_text, tok, delta))
+        self.events.append(TextToken(self.id, self.n_text, tok, delta))
 
         if self.forced is not None:
             reason = "forced" if len(self.seg_ids) >= self.forced_n else None
         else:
             reason = None
-            if tok == self.proto.eos:
+            if tok == self.rules.eos:
                 reason = "eos"
             elif self.stops is not None and (s := self.stops.check(self.tokens)) is not None:
                 reason = f"stop:{s}"
@@ -405,7 +408,7 @@ class Sequence:
             self.finish(reason)
         elif self.forced is not None and not self.forced:
             self.finish("forced")
-        elif self.rounds >= self.proto.config.max_rounds:
+        elif self.rounds >= self.rules.config.max_rounds:
             self.finish("max_rounds")
         elif eos and len(self.seg_ids) <= 1:
             self.finish("eos")
@@ -413,26 +416,26 @@ class Sequence:
             # §11.2 b/c: whatever ended the segment, the host writes audiogen_start over it;
             # after an EOS (with > 1 new token) the final audio segment still follows (correction 11)
             self.final_audio = eos
-            self._overwrite_last(self.proto.audiogen_start)
+            self._overwrite_last(self.rules.audiogen_start)
             self._begin(Phase.AUDIO)
             self._check_room()
 
     def _end_text(self, reason: str) -> None:
-        shown = self.proto.display(self.seg_ids, self.mode)
+        shown = self.rules.display(self.seg_ids, self.mode)
         if shown.startswith(self.seg_shown) and len(shown) > len(self.seg_shown):
-            self.events.append(TextDelta(self.id, self.n_text, None, shown[len(self.seg_shown):]))
+            self.events.append(TextToken(self.id, self.n_text, None, shown[len(self.seg_shown):]))
         self.events.append(SegmentEnd(self.id, "text", self.n_text, reason, tuple(self.seg_ids), shown))
         self.n_text += 1
 
     # ------------------------------------------------------------------ audio decisions
     def on_frame(self, codes: Seq[int]) -> None:
         assert self.phase == Phase.AUDIO, self.phase
-        codes = tuple(int(c) for c in codes)
-        self.draws += self.proto.num_codebooks
-        eoa = self.forced is None and codes[0] == self.proto.eoa
+        codes = tuple(map(int, codes))
+        self.draws += self.rules.num_codebooks
+        eoa = self.forced is None and codes[0] == self.rules.eoa
         # a pad for every frame, the end-of-audio frame included; the last one is never forwarded
         self.pad_rows.append(codes)
-        self._append([self.proto.audio_pad])
+        self._append([self.rules.audio_pad])
         self.generated += 1
         if not eoa:
             self.turn_frames += 1
@@ -452,7 +455,7 @@ class Sequence:
             self._end_audio(reason, codes if eoa else ())
         if self.mode == Mode.TTS:
             if self.tts_queue:
-                self._overwrite_last(self.proto.audiogen_end)
+                self._overwrite_last(self.rules.audiogen_end)
                 self._append(self.tts_queue.popleft())
                 self._begin(Phase.AUDIO)
                 self._check_room()
@@ -463,7 +466,7 @@ class Sequence:
         elif self.forced is not None and not self.forced:
             self.finish("forced")
         else:
-            self._overwrite_last(self.proto.audiogen_end)      # §11.2 e
+            self._overwrite_last(self.rules.audiogen_end)      # §11.2 e
             self._begin(Phase.TEXT)
             self._check_room()
 

@@ -20,7 +20,7 @@ import numpy as np
 from services.common import entries
 from services.common.chunking import chunk_plan
 from services.common.errors import Status
-from services.llm.protocol import AudioFrame, Done, Event, SegmentEnd, SegmentStart, TextDelta
+from services.llm.protocol import AudioFrame, Done, Event, SegmentEnd, SegmentStart, TextToken
 
 # emit(target, entry): target is "llm" (the turn's LLM stream) or entries.DECODER_JOBS
 Emit = Callable[[str, entries.Entry], None]
@@ -73,7 +73,7 @@ class TurnPublisher:
 
     def feed(self, ev: Event) -> None:
         t = self.turn_id
-        if isinstance(ev, TextDelta):
+        if isinstance(ev, TextToken):
             if ev.token_id is not None:
                 self._text_ids.append(ev.token_id)
             if ev.text:

@@ -30,6 +30,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Sequence
 
+import numpy as np
 import torch
 
 
@@ -76,6 +77,24 @@ def draw_key(seed: int, counter: int) -> int:
     return k - (1 << 64) if k >= 1 << 63 else k
 
 
+def _splitmix64_np(x: np.ndarray) -> np.ndarray:
+    """_splitmix64 on uint64 arrays (numpy wraps products mod 2^64, as the masks do)."""
+    x = x + np.uint64(0x9E3779B97F4A7C15)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def draw_keys(seeds: Sequence[int], counters: Sequence[int], draws: int) -> np.ndarray:
+    """draw_key(seeds[i], counters[i] + j) for j < draws, as an int64 array [B, draws]: one
+    vectorised pass instead of B·draws Python-level hashes (the host's share of a step at a
+    batch of hundreds)."""
+    s = np.array([x & _M64 for x in seeds], dtype=np.uint64)[:, None]
+    c = np.array([x & _M64 for x in counters], dtype=np.uint64)[:, None] + np.arange(draws, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        return _splitmix64_np(s ^ _splitmix64_np(c)).view(np.int64)
+
+
 @dataclass
 class SamplingBatch:
     """Per-row parameters of one batched call, as device tensors (built once per step).
@@ -100,14 +119,13 @@ class SamplingBatch:
 
     @staticmethod
     def host_tables(params: Sequence[SamplingParams], seeds: Sequence[int], counters: Sequence[int],
-                    draws: int = 1) -> tuple[list[list[float]], list[list[int]]]:
+                    draws: int = 1) -> tuple[list[list[float]], np.ndarray]:
         """The rows of the two tables a batch is made of: float [penalty, temperature, 1 - top_p]
-        and integer [top_k, top_p on, greedy, key 0 .. key draws-1]."""
+        and integer (int64 [B, 3 + draws]) [top_k, top_p on, greedy, key 0 .. key draws-1]."""
         # 1 - top_p in double, then float: what HF compares with
         f = [[p.repetition_penalty, p.temperature, 1.0 - p.top_p] for p in params]
-        i = [[p.top_k, p.top_p < 1.0, p.greedy] + [draw_key(s, c + j) for j in range(draws)]
-             for p, s, c in zip(params, seeds, counters)]
-        return f, i
+        flags = np.array([[p.top_k, p.top_p < 1.0, p.greedy] for p in params], dtype=np.int64).reshape(-1, 3)
+        return f, np.concatenate([flags, draw_keys(seeds, counters, draws)], axis=1)
 
     @classmethod
     def from_tables(cls, f: torch.Tensor, i: torch.Tensor, params: Sequence[SamplingParams] | None = None
@@ -132,7 +150,7 @@ class SamplingBatch:
         # two host->device copies per batch (one float, one integer table), split on the device
         f, i = cls.host_tables(params, seeds, counters, draws)
         return cls.from_tables(torch.tensor(f, dtype=torch.float32).to(device),
-                               torch.tensor(i, dtype=torch.int64).to(device), params)
+                               torch.from_numpy(i).to(device), params)
 
     def offset(self, k: int) -> "SamplingBatch":
         """The same rows, drawing with their k-th key (codebook k of one frame)."""
@@ -218,23 +236,33 @@ def uniforms(key: torch.Tensor, n: int) -> torch.Tensor:
     return ((h >> 8).float() + 0.5) * (1.0 / (1 << 24))
 
 
-def draw(probs: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+def exponentials(key: torch.Tensor, n: int) -> torch.Tensor:
+    """[...] int64 draw keys -> [..., n] f32 Exp(1) variates, E = -log U (a pure function of
+    (key, column), so the first m columns of n >= m are those of m)."""
+    return -torch.log(uniforms(key.reshape(-1), n)).view(*key.shape, n)
+
+
+def draw(probs: torch.Tensor, key: torch.Tensor, e: torch.Tensor | None = None) -> torch.Tensor:
     """One categorical draw per row: argmax p_i / E_i with E_i ~ Exp(1) (exponential race).
-    probs [B, V] -> Long[B]; a zero-probability id is never chosen."""
-    e = -torch.log(uniforms(key, probs.shape[-1]))                       # [B, V] Exp(1)
+    probs [B, V] -> Long[B]; a zero-probability id is never chosen. e: the rows' E for this
+    key, precomputed (at least V columns), else computed here."""
+    V = probs.shape[-1]
+    e = exponentials(key, V) if e is None else e[:, :V]                   # [B, V] Exp(1)
     return (probs.float() / e).argmax(dim=-1)
 
 
-def choose(scores: torch.Tensor, seen: torch.Tensor | None, batch: SamplingBatch) -> torch.Tensor:
+def choose(scores: torch.Tensor, seen: torch.Tensor | None, batch: SamplingBatch,
+           e: torch.Tensor | None = None) -> torch.Tensor:
     """Full pipeline for one batched decision: scores [B, V] -> Long[B].
 
-    Text callers pass fp32 scores (upcast logits); audio callers pass the head's dtype."""
+    Text callers pass fp32 scores (upcast logits); audio callers pass the head's dtype.
+    e: this draw's exponentials (see `draw`), when the caller made them for several draws at once."""
     scores = process(scores, seen, batch)
     greedy_ids = scores.argmax(dim=-1)
     if batch.all_greedy:
         return greedy_ids
     probs = warp(scores, batch).softmax(dim=-1)
-    return torch.where(batch.greedy, greedy_ids, draw(probs, batch.keys[:, batch.col]))
+    return torch.where(batch.greedy, greedy_ids, draw(probs, batch.keys[:, batch.col], e))
 
 
 # ---------------------------------------------------------------------------- histories

@@ -62,7 +62,7 @@ class Scheduler:
             seq.slot = slot
             if sid is not None:
                 s = self.sessions.sessions[sid]
-                n = common_prefix(seq.tokens, seq.pad_rows, s.cached, s.cached_pads, seq.proto.audio_pad)
+                n = common_prefix(seq.tokens, seq.pad_rows, s.cached, s.cached_pads, seq.rules.audio_pad)
                 seq.reuse_prefix(n)
             self.running.append(seq)
             self.admitted.append(seq)

@@ -21,7 +21,7 @@ import torch
 
 from services.common.model_config import AudioConfig
 from services.common.settings import LimitsSettings
-from services.tokenizer.log_mel import chunk_lengths, resampled_length
+from services.tokenizer.log_mel import split_lengths, resampled_length
 
 REASONS = ("empty", "corrupt", "too_short", "non_finite", "channels", "too_long", "too_large", "sample_rate")
 
@@ -97,7 +97,7 @@ def min_samples(sample_rate: int, audio: AudioConfig) -> int:
     """Fewest samples at sample_rate that give one token after resampling to audio.sampling_rate."""
     def enough(n: int) -> bool:
         n16 = resampled_length(n, sample_rate, audio.sampling_rate)
-        return n16 >= audio.n_fft and chunk_lengths(n16, audio).bridge_length > 0
+        return n16 >= audio.n_fft and split_lengths(n16, audio).bridge_length > 0
 
     hi = 1
     while not enough(hi):

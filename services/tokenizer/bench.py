@@ -109,10 +109,10 @@ def bench_tokenizer(config: ModelConfig, batch_sizes=(1, 16), seconds: float = 1
 
 def stage_breakdown(config: ModelConfig, batch_size: int = 16, seconds: float = 30.0, device=None,
                     dtype=None, iters: int = 5) -> dict:
-    """Milliseconds per stage (log-mel, encoder, bridge, RVQ) for batch_size chunks of `seconds`."""
+    """Milliseconds per stage (log-mel, encoder, bridge, RVQ) for batch_size splits of `seconds`."""
     device, dtype = default_device_dtype(device, dtype)
     r = TokenizerRunner(config, None, device=device, dtype=dtype)
-    chunks = [0.1 * torch.randn(int(seconds * config.audio.sampling_rate), device=device)
+    splits = [0.1 * torch.randn(int(seconds * config.audio.sampling_rate), device=device)
               for _ in range(batch_size)]
 
     def timed(f):
@@ -125,7 +125,7 @@ def stage_breakdown(config: ModelConfig, batch_size: int = 16, seconds: float = 
         return (time.perf_counter() - t0) / iters * 1000, y
 
     with torch.inference_mode():
-        t_mel, (feats, mel_len) = timed(lambda: r.log_mel(chunks))
+        t_mel, (feats, mel_len) = timed(lambda: r.log_mel(splits))
         enc_len = encoder_length(mel_len, config.audio)
         t_enc, h = timed(lambda: r.encoder(feats, enc_len, mel_len))
         t_br, x = timed(lambda: r.bridge.downsample(h))

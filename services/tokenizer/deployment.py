@@ -11,6 +11,7 @@ import torch
 from ray import serve
 
 from baichuan_audio.v1 import stages_pb2
+from services.common.auth import Authenticator
 from services.common.grpc_status import grpc_errors
 from services.common.runtime import device_and_dtype, open_checkpoint, start_replica
 from services.tokenizer.audio_io import AudioInputError, AudioLimits, pcm16_to_waveform, read_audio
@@ -26,6 +27,7 @@ def codes_to_proto(codes: torch.Tensor) -> stages_pb2.Codes:
 class TokenizerDeployment:
     def __init__(self, config: Any = None):
         self.settings = start_replica(config)
+        self.internal = Authenticator.internal(self.settings.auth)   # the gRPC service: internal keys only
         device, dtype = device_and_dtype(self.settings)
         self.runner = TokenizerRunner.from_checkpoint(
             open_checkpoint(self.settings), device=device, dtype=dtype,
@@ -51,13 +53,14 @@ class TokenizerDeployment:
         return await asyncio.get_running_loop().run_in_executor(None, self.runner.tokenize, items)
 
     async def tokenize(self, audio) -> tuple[torch.Tensor, float, int]:
-        """For handle calls: AudioInput -> (codes (L, 8), seconds, chunks)."""
+        """For handle calls: AudioInput -> (codes (L, 8), seconds, splits)."""
         wave, sr = self.decode_audio(audio)
         codes = await self._batch((wave, sr))
         seconds = wave.shape[-1] / sr
-        return codes, seconds, self.runner.chunk_count(wave.shape[-1], sr)
+        return codes, seconds, self.runner.split_count(wave.shape[-1], sr)
 
     @grpc_errors
     async def Tokenize(self, request, grpc_context=None):
-        codes, seconds, chunks = await self.tokenize(request.audio)
-        return stages_pb2.TokenizeResponse(codes=codes_to_proto(codes), audio_seconds=seconds, chunks=chunks)
+        self.internal.caller(grpc_context)
+        codes, seconds, splits = await self.tokenize(request.audio)
+        return stages_pb2.TokenizeResponse(codes=codes_to_proto(codes), audio_seconds=seconds, chunks=splits)

@@ -61,7 +61,7 @@ class AudioEncoder(nn.Module):
         T = h.shape[1]
         if T > self.positional_embedding.shape[0]:
             raise ValueError(f"encoder input of {T} frames exceeds the {self.positional_embedding.shape[0]}-row "
-                             "positional table (30 s chunks at most)")
+                             "positional table (30 s splits at most)")
         h = (h.float() + self.positional_embedding[:T]).to(h.dtype)      # add in fp32, cast back
         valid = torch.arange(T, device=h.device) < encoder_lengths.to(h.device)[:, None]   # (B, T)
         for layer in self.layers:

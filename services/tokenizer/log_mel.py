@@ -1,11 +1,11 @@
-"""Audio front end: 16 kHz mono, 30 s chunks, Whisper log-mel (reference-model.md §3).
+"""Audio front end: 16 kHz mono, 30 s splits, Whisper log-mel (reference-model.md §3).
 
 Every size comes from AudioConfig (sampling_rate, n_fft, hop_length, num_mel_bins,
 max_audio_seconds, split_overlap, kernel_size, stride_size, avg_pooler).
 
 Order of operations that changes numbers (§12 item 3):
   resample each channel (sinc, lowpass_filter_width 128) -> mean over channels ->
-  cut into 30 s chunks -> per chunk: zero-pad to 30 s -> reflect-centred STFT -> |X|^2,
+  cut into 30 s splits -> per split: zero-pad to 30 s -> reflect-centred STFT -> |X|^2,
   last frame dropped -> Slaney mel -> log10(max(., 1e-10)) -> max(., M - 8) with M over the
   whole padded 30 s spectrogram -> (x + 4) / 4 -> crop to the valid frames.
 """
@@ -25,19 +25,19 @@ from services.common.model_config import AudioConfig
 
 # ------------------------------------------------------------------ length arithmetic (§3.4)
 @dataclass(frozen=True)
-class ChunkLengths:
-    samples: int          # 16 kHz samples in the chunk
+class SplitLengths:
+    samples: int          # 16 kHz samples in the split
     mel_frames: int       # valid log-mel frames
     encoder_length: int   # frames after conv1 (s1) and conv2 (s2)
-    bridge_length: int    # tokens (12.5 Hz); 0 means the chunk is dropped
+    bridge_length: int    # tokens (12.5 Hz); 0 means the split is dropped
 
 
-def max_chunk_samples(audio: AudioConfig) -> int:
+def max_split_samples(audio: AudioConfig) -> int:
     return audio.max_audio_seconds * audio.sampling_rate
 
 
 def mel_frames(samples: int, audio: AudioConfig) -> int:
-    return min(max_chunk_samples(audio) // audio.hop_length, samples // audio.hop_length + 1)
+    return min(max_split_samples(audio) // audio.hop_length, samples // audio.hop_length + 1)
 
 
 def encoder_length(mel, audio: AudioConfig):
@@ -47,10 +47,10 @@ def encoder_length(mel, audio: AudioConfig):
     return (n + 2 * (k // 2) - k) // s + 1          # conv2: stride s, pad k//2
 
 
-def chunk_lengths(samples: int, audio: AudioConfig) -> ChunkLengths:
+def split_lengths(samples: int, audio: AudioConfig) -> SplitLengths:
     mel = mel_frames(samples, audio)
     enc = encoder_length(mel, audio)
-    return ChunkLengths(samples, mel, enc, enc // audio.avg_pooler)
+    return SplitLengths(samples, mel, enc, enc // audio.avg_pooler)
 
 
 def resampled_length(samples: int, orig_sr: int, new_sr: int) -> int:
@@ -63,11 +63,11 @@ def resampled_length(samples: int, orig_sr: int, new_sr: int) -> int:
 
 
 def split_bounds(samples: int, audio: AudioConfig) -> list[tuple[int, int]]:
-    """[start, end) of each chunk, as the reference's `split_with_overlap`.
+    """[start, end) of each split, as the reference's `split_with_overlap`.
 
-    One chunk if it fits in max_audio_seconds; otherwise consecutive chunks stepping back by
+    One split if it fits in max_audio_seconds; otherwise consecutive splits stepping back by
     split_overlap seconds, keeping only pieces of at least n_fft samples."""
-    max_n = max_chunk_samples(audio)
+    max_n = max_split_samples(audio)
     if samples <= max_n or audio.split_overlap < 0:
         return [(0, samples)]
     overlap = int(audio.sampling_rate * audio.split_overlap)
@@ -82,11 +82,11 @@ def split_bounds(samples: int, audio: AudioConfig) -> list[tuple[int, int]]:
     return out
 
 
-def plan_chunks(samples: int, audio: AudioConfig) -> list[tuple[int, int, ChunkLengths]]:
-    """Chunks of a 16 kHz mono signal that give at least one token: (start, end, lengths)."""
+def plan_splits(samples: int, audio: AudioConfig) -> list[tuple[int, int, SplitLengths]]:
+    """Splits of a 16 kHz mono signal that give at least one token: (start, end, lengths)."""
     out = []
     for s, e in split_bounds(samples, audio):
-        n = chunk_lengths(e - s, audio)
+        n = split_lengths(e - s, audio)
         if n.samples >= audio.n_fft and n.bridge_length > 0:
             out.append((s, e, n))
     return out
@@ -129,7 +129,7 @@ def slaney_filterbank(n_fft: int, num_mel_bins: int, sampling_rate: int) -> torc
 
 
 class LogMel(nn.Module):
-    """List of 16 kHz chunks -> right-padded log-mel features, all chunks in one batch."""
+    """List of 16 kHz splits -> right-padded log-mel features, all splits in one batch."""
 
     def __init__(self, audio: AudioConfig):
         super().__init__()
@@ -139,19 +139,19 @@ class LogMel(nn.Module):
                              persistent=False)      # (mel, n_fft//2+1)
 
     @torch.no_grad()
-    def forward(self, chunks: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """chunks: 1-D float tensors of n_fft..max_chunk_samples samples.
+    def forward(self, splits: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """splits: 1-D float tensors of n_fft..max_split_samples samples.
 
-        Returns features (B, mel, T) float32, zero beyond each chunk's frames, with
-        T = the longest chunk's frames, and mel_lengths (B,) int64."""
+        Returns features (B, mel, T) float32, zero beyond each split's frames, with
+        T = the longest split's frames, and mel_lengths (B,) int64."""
         a = self.audio
-        max_n = max_chunk_samples(a)
+        max_n = max_split_samples(a)
         lengths = []
-        padded = torch.zeros(len(chunks), max_n, dtype=torch.float32, device=self.window.device)
-        for i, c in enumerate(chunks):
+        padded = torch.zeros(len(splits), max_n, dtype=torch.float32, device=self.window.device)
+        for i, c in enumerate(splits):
             n = c.shape[-1]
             if not a.n_fft <= n <= max_n:
-                raise ValueError(f"log-mel chunk {i} has {n} samples; a chunk needs {a.n_fft}..{max_n}")
+                raise ValueError(f"log-mel split {i} has {n} samples; a split needs {a.n_fft}..{max_n}")
             padded[i, :n] = c                                    # zero-pad to 30 s before the STFT
             lengths.append(mel_frames(n, a))
         spec = torch.stft(padded, a.n_fft, a.hop_length, window=self.window,
@@ -159,7 +159,7 @@ class LogMel(nn.Module):
         power = spec[..., :-1].abs() ** 2                       # (B, F, 3000), the reference's |X|^2
         mel = self.filters @ power                              # (B, mel, 3000)
         log_spec = mel.clamp(min=1e-10).log10()
-        peak = log_spec.amax(dim=(1, 2), keepdim=True)          # over the padded 30 s chunk
+        peak = log_spec.amax(dim=(1, 2), keepdim=True)          # over the padded 30 s split
         log_spec = (torch.maximum(log_spec, peak - 8.0) + 4.0) / 4.0
         T = max(lengths)
         mel_lengths = torch.tensor(lengths, dtype=torch.int64, device=padded.device)

@@ -1,12 +1,12 @@
 """Tokenizer stage runner: audio -> (L, n_codebooks) codes; plain Python, no Ray.
 
-  waveform (C, N) @ sr -> 16 kHz mono -> 30 s chunks -> log-mel (all chunks of all requests
-  in one batch) -> encoder -> VQ bridge -> RVQ -> each request's chunks' codes concatenated.
+  waveform (C, N) @ sr -> 16 kHz mono -> 30 s splits -> log-mel (all splits of all requests
+  in one batch) -> encoder -> VQ bridge -> RVQ -> each request's splits' codes concatenated.
 
-Each chunk is computed as if it were alone (see AudioEncoder.forward, conv_lengths), so a
+Each split is computed as if it were alone (see AudioEncoder.forward, conv_lengths), so a
 request's codes do not depend on what else is in the batch; `joint_padding=True` instead
 reproduces the reference processor's collate of one prompt (all its audios padded to the
-longest chunk), for exact parity with multi-audio prompts.
+longest split), for exact parity with multi-audio prompts.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from services.common.dtypes import default_dtype
 from services.common.model_config import ModelConfig
 from services.tokenizer.audio_io import DEFAULT_LIMITS, AudioInputError, AudioLimits, check_waveform, read_audio
 from services.tokenizer.encoder import AudioEncoder, sinusoid_dtype
-from services.tokenizer.log_mel import LogMel, encoder_length, plan_chunks, resampled_length, to_mono_16k
+from services.tokenizer.log_mel import LogMel, encoder_length, plan_splits, resampled_length, to_mono_16k
 from services.tokenizer.rvq import VQBridge
 
 
@@ -58,9 +58,9 @@ class TokenizerRunner:
         return cls(ckpt.config, tensors, device=device, dtype=dtype, source=str(ckpt.path), **kw)
 
     # ------------------------------------------------------------------ API
-    def chunk_count(self, samples: int, sample_rate: int) -> int:
-        """How many 30 s chunks (each with at least one token) an audio of this length gives."""
-        return len(plan_chunks(resampled_length(samples, sample_rate, self.audio.sampling_rate), self.audio))
+    def split_count(self, samples: int, sample_rate: int) -> int:
+        """How many 30 s splits (each with at least one token) an audio of this length gives."""
+        return len(plan_splits(resampled_length(samples, sample_rate, self.audio.sampling_rate), self.audio))
 
     def tokenize_bytes(self, items: Iterable[bytes], **kw) -> list[torch.Tensor]:
         """Encoded WAV/FLAC files -> codes per file (see tokenize)."""
@@ -72,10 +72,10 @@ class TokenizerRunner:
                  joint_padding: bool = False) -> list[torch.Tensor]:
         """[(waveform (C, N) float in [-1, 1], sample_rate)] -> [codes (L_i, n_codebooks) int64, CPU].
 
-        L_i is the sum of the bridge lengths of the request's chunks (its audio_pad count).
+        L_i is the sum of the bridge lengths of the request's splits (its audio_pad count).
         Raises AudioInputError (naming the request) for audio the model cannot take."""
         a = self.audio
-        chunks: list[torch.Tensor] = []
+        splits: list[torch.Tensor] = []
         owner: list[int] = []
         bridge_lengths: list[int] = []
         for i, (wave, sr) in enumerate(items):
@@ -86,27 +86,27 @@ class TokenizerRunner:
             except AudioInputError as e:
                 raise AudioInputError(e.reason, f"request {i}: {e}") from None
             mono = to_mono_16k(wave.to(self.device), sr, a)                  # (N16,)
-            plan = plan_chunks(mono.shape[0], a)
+            plan = plan_splits(mono.shape[0], a)
             if not plan:   # unreachable after check_waveform; kept as the contract's guard
                 raise AudioInputError("too_short", f"request {i}: audio too short for one audio token")
             for s, e, n in plan:
-                chunks.append(mono[s:e])
+                splits.append(mono[s:e])
                 owner.append(i)
                 bridge_lengths.append(n.bridge_length)
-        if not chunks:
+        if not splits:
             return []
-        codes = self._codes(chunks, joint_padding)                          # (ΣL, n_codebooks) CPU
-        per_chunk = codes.split(bridge_lengths)
+        codes = self._codes(splits, joint_padding)                          # (ΣL, n_codebooks) CPU
+        per_split = codes.split(bridge_lengths)
         out: list[list[torch.Tensor]] = [[] for _ in items]
-        for i, c in zip(owner, per_chunk):
+        for i, c in zip(owner, per_split):
             out[i].append(c)
         return [torch.cat(cs) for cs in out]
 
     # ------------------------------------------------------------------ batch
-    def _codes(self, chunks: list[torch.Tensor], joint_padding: bool) -> torch.Tensor:
-        """Chunks (16 kHz, each n_fft..30 s) -> codes of all chunks, rows chunk-major then time."""
+    def _codes(self, splits: list[torch.Tensor], joint_padding: bool) -> torch.Tensor:
+        """Splits (16 kHz, each n_fft..30 s) -> codes of all splits, rows split-major then time."""
         a = self.audio
-        features, mel_lengths = self.log_mel(chunks)                        # (B, mel, T), (B,)
+        features, mel_lengths = self.log_mel(splits)                        # (B, mel, T), (B,)
         enc_lengths = encoder_length(mel_lengths, a)
         bridge_lengths = enc_lengths // a.avg_pooler
         h = self.encoder(features, enc_lengths, None if joint_padding else mel_lengths)   # (B, T_enc, d)

@@ -13,6 +13,7 @@ from ray import serve
 
 from baichuan_audio.v1 import stages_pb2
 from services.common.audio import to_pcm16
+from services.common.auth import Authenticator
 from services.common.bus import Bus
 from services.common.entries import VOCODER_JOBS, Job, PcmChunk, PermanentError
 from services.common.grpc_status import grpc_errors
@@ -25,6 +26,7 @@ from services.vocoder.runner import VocodeInputError, VocoderRunner
 class VocoderDeployment(WorkStreamReplica):
     def __init__(self, config: Any = None):
         self.settings = start_replica(config)
+        self.internal = Authenticator.internal(self.settings.auth)   # the gRPC service: internal keys only
         device, _ = device_and_dtype(self.settings)        # HiFT always runs in fp32
         self.runner = VocoderRunner.from_checkpoint(open_checkpoint(self.settings), device=device,
                                                     max_batch=self.settings.stages.vocoder.max_batch_size)
@@ -56,6 +58,7 @@ class VocoderDeployment(WorkStreamReplica):
 
     @grpc_errors
     async def Vocode(self, request, grpc_context=None):
+        self.internal.caller(grpc_context)
         m = request.mel
         if m.rows * m.cols * 4 != len(m.float32_le):
             raise VocodeInputError(f"mel of {m.rows}x{m.cols} needs {m.rows * m.cols * 4} bytes, got {len(m.float32_le)}")

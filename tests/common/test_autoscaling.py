@@ -64,46 +64,13 @@ def test_serve_scales_up_at_once_and_down_only_after_the_delay():
 
 
 def test_the_work_stream_stages_get_no_upscale_delay():
-    from orchestrator.app import deployment_options
+    from orchestrator.app import APPS, deployment_options
     from services.common.settings import Settings
 
     s = Settings(stages={"decoder": {"max_replicas": 4}, "tokenizer": {"max_replicas": 4}},
-                 autoscaling={"downscale_delay_s": 30.0})
-    work = deployment_options(s.stages.decoder, work_stream=True, pace=s.autoscaling)["autoscaling_config"]
-    assert work["upscale_delay_s"] == 0.0 and work["downscale_delay_s"] == 30.0
+                 autoscaling={"metrics_interval_s": 0.5})
+    work = deployment_options(s.stages.decoder, APPS["decoder"], s.autoscaling)["autoscaling_config"]
+    assert work["upscale_delay_s"] == 0 and work["metrics_interval_s"] == 0.5
     assert work["policy"] == {"policy_function": "services.common.autoscaling:backlog_policy"}
-    served_requests = deployment_options(s.stages.tokenizer, pace=s.autoscaling)["autoscaling_config"]
-    assert served_requests["upscale_delay_s"] == 30.0 and "policy" not in served_requests
-
-
-def test_replicas_report_the_stream_backlog(redis_url):
-    class Replica(WorkStreamReplica):
-        pass
-
-    settings = Settings.load(env={"REDIS_URL": redis_url, "BAICHUAN_AUDIO__BUS__BLOCK_MS": "100"})
-    stream = f"jobs:test-autoscale-{np.random.randint(1 << 30)}"
-    release = threading.Event()
-
-    def handler(jobs):                       # holds the jobs until released
-        release.wait(10)
-        return [[] for _ in jobs]
-
-    r = Replica()
-    assert r.record_autoscaling_stats() == {BACKLOG_METRIC: 0.0}
-    bus = Bus(redis_url)
-    for i in range(5):
-        bus.submit(stream, DecodeJob.from_codes("t", i, 0, np.zeros((1, 8), np.int32)))
-    r.start_worker(settings, stream, "decoder", handler, batch_size=2)
-    try:
-        assert r.record_autoscaling_stats() == {BACKLOG_METRIC: 5.0}     # waiting + running
-        r.check_health()
-        release.set()
-        for _ in range(100):
-            if r.record_autoscaling_stats()[BACKLOG_METRIC] == 0.0:
-                break
-            threading.Event().wait(0.05)
-        assert r.record_autoscaling_stats() == {BACKLOG_METRIC: 0.0}     # acked jobs leave the stream
-    finally:
-        r.worker.stop()
-    with pytest.raises(RuntimeError, match="not running"):
-        r.check_health()
+    served_requests = deployment_options(s.stages.tokenizer, APPS["tokenizer"], s.autoscaling)["autoscaling_config"]
+    assert "upscale_delay_s" not in served_requests and "policy" not in served_requests

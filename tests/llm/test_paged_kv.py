@@ -9,7 +9,7 @@ import torch
 
 from services.llm.engine import EngineError
 from services.llm.kv_cache import KVCache
-from tests.llm.test_engine import RUNS, _asr_turn, _bound, _comparable, _variants
+from tests.llm.test_engine import RUNS, _alone, _asr_turn, _bound, _comparable, _variants
 from tests.llm.test_parity_protocol import protocol_env  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -19,16 +19,6 @@ BS = 4                                   # tokens per block: small, so lengths c
 
 def _budget(env, blocks: int) -> int:
     return blocks * KVCache.block_bytes(env.model.cfg, BS, torch.float32)
-
-
-def _alone(env, requests, max_len):
-    out = []
-    for r in requests:
-        eng = env.engine(max_len=max_len)
-        h = eng.submit(r)
-        eng.run_until_idle()
-        out.append(_comparable(h.drain()))
-    return out
 
 
 def test_paged_engine_equals_static_and_gives_every_block_back(protocol_env):

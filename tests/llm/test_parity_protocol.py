@@ -13,7 +13,7 @@ import torch
 
 from services.llm.engine import Engine, EngineConfig, Request
 from services.llm.model import AudioLLM
-from services.llm.protocol import Done, SegmentEnd, TextDelta
+from services.llm.protocol import Done, SegmentEnd, TextToken
 
 FIX = "06_protocol"
 RUNS = ("spoken", "text", "tts", "asr")
@@ -112,7 +112,7 @@ def check_run(env: ProtocolEnv, run: str, events: list, trace=None) -> None:
         shown = (env.outputs["runs"]["asr"]["result"][0]["generated"] if run == "asr"
                  else display(env, r["decoded"]))
         assert e.text == shown, f"{run}: text segment {i} text"
-        deltas = "".join(d.text for d in events if isinstance(d, TextDelta) and d.segment == i)
+        deltas = "".join(d.text for d in events if isinstance(d, TextToken) and d.segment == i)
         assert deltas == e.text, f"{run}: streamed deltas of segment {i} do not add up to its text"
     for i, (e, r) in enumerate(zip(audios, ref_audios)):
         codes = torch.tensor(e.codes, dtype=torch.int64)

@@ -84,8 +84,8 @@ def test_history_without_a_final_end_of_audio_pad_is_the_sequence(case):
         text(s, A)
         frames(s, FRAME, EOA)
     else:
-        from tests.llm.test_scheduler import proto
-        s = seq(p=proto(max_rounds=1))
+        from tests.llm.test_scheduler import rules
+        s = seq(p=rules(max_rounds=1))
         text(s, AG_START)
         frames(s, FRAME, EOA)
         text(s, A, BANG)

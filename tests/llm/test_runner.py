@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from services.common.cuda_graphs import bucket, ladder
-from services.llm import sampler as S
+from services.llm import sampler
 from services.llm.bench import build_model, synthetic_config
 from services.llm.runner import DecodeRow, DecodeRunner
 
@@ -32,15 +32,15 @@ def parts():
 
 def runner_for(cfg, model, slots: int, max_batch: int) -> DecodeRunner:
     cache = model.new_cache(slots + 1, 64)                     # + the scratch slot
-    counts = S.TokenCounts(slots + 1, cfg.llm.vocab_size)
-    codes = S.CodeHistory(slots + 1, cfg.audio.codebook_sizes)
+    counts = sampler.TokenCounts(slots + 1, cfg.llm.vocab_size)
+    codes = sampler.CodeHistory(slots + 1, cfg.audio.codebook_sizes)
     a = cfg.audio_tokens
     return DecodeRunner(model, cache, counts, codes, audio_pad=a.audio_pad, eos=a.audio_end,
                         eoa=cfg.audio.codebook_sizes[0], max_batch=max_batch, kv_bucket=16)
 
 
 def rows_for(cfg, slots, kinds, pos=5):
-    greedy = S.SamplingParams(repetition_penalty=1.3, greedy=True)
+    greedy = sampler.SamplingParams(repetition_penalty=1.3, greedy=True)
     out = []
     for j, (slot, kind) in enumerate(zip(slots, kinds)):
         pad = kind == "audio"

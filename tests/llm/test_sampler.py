@@ -1,12 +1,13 @@
 """Batched sampler against transformers' own logits processors, row by row (§11.3)."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from transformers.generation.logits_process import (RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
                                                     TopKLogitsWarper, TopPLogitsWarper)
 
-from services.llm import sampler as S
+from services.llm import sampler
 from services.llm.sampler import CodeHistory, SamplingBatch, SamplingParams, TokenCounts
 
 V = 64
@@ -47,7 +48,7 @@ def _batch(params, seeds=None, counters=None):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_repetition_penalty_matches_hf(dtype):
     scores, hist = _scores(dtype), _histories()
-    got = S.apply_repetition_penalty(scores, _seen(hist), _batch(PARAMS).penalty)
+    got = sampler.apply_repetition_penalty(scores, _seen(hist), _batch(PARAMS).penalty)
     for i, p in enumerate(PARAMS):
         want = RepetitionPenaltyLogitsProcessor(p.repetition_penalty)(hist[i][None], scores[i:i + 1].clone())
         assert got.dtype == dtype
@@ -58,7 +59,7 @@ def test_repetition_penalty_matches_hf(dtype):
 def test_warpers_match_hf(dtype):
     """Temperature, top-k, top-p in HF's order and dtype (bf16 audio logits stay bf16)."""
     scores = _scores(dtype, seed=3)
-    got = S.warp(scores, _batch(PARAMS))
+    got = sampler.warp(scores, _batch(PARAMS))
     for i, p in enumerate(PARAMS):
         want = scores[i:i + 1].clone()
         want = TemperatureLogitsWarper(p.temperature)(None, want)
@@ -73,7 +74,7 @@ def test_top_p_threshold_rounds_to_bf16():
     """1 - 0.85 is 0.150390625 in bf16: a token whose bf16 cumulative probability is
     0.150390625 is dropped in bf16 (it would be kept against an fp32 threshold of 0.15)."""
     p = torch.tensor([[-1.8984, -0.1631]], dtype=torch.bfloat16)
-    out = S.apply_top_p(p, torch.tensor([1.0 - 0.85]), torch.tensor([True]))
+    out = sampler.apply_top_p(p, torch.tensor([1.0 - 0.85]), torch.tensor([True]))
     want = TopPLogitsWarper(0.85)(None, p.clone())
     assert torch.equal(out, want)
     assert out[0, 0] == float("-inf") and out[0, 1] == p[0, 1]
@@ -84,8 +85,8 @@ def test_top_p_threshold_rounds_to_bf16():
 def test_greedy_rows_take_argmax_after_penalty():
     scores, hist = _scores(torch.float32, seed=5), _histories(6)
     params = [p.as_greedy() if i % 2 == 0 else p for i, p in enumerate(PARAMS)]
-    ids = S.choose(scores, _seen(hist), _batch(params))
-    pen = S.apply_repetition_penalty(scores, _seen(hist), _batch(params).penalty)
+    ids = sampler.choose(scores, _seen(hist), _batch(params))
+    pen = sampler.apply_repetition_penalty(scores, _seen(hist), _batch(params).penalty)
     for i, p in enumerate(params):
         if p.greedy:
             assert ids[i] == pen[i].argmax()
@@ -94,11 +95,11 @@ def test_greedy_rows_take_argmax_after_penalty():
 def test_draws_are_batch_invariant_and_deterministic():
     scores = _scores(torch.float32, seed=8)
     seeds, counters = [11, 12, 13, 14, 15, 16], [0, 5, 9, 2, 2, 100]
-    batched = S.choose(scores, None, _batch(PARAMS, seeds, counters))
+    batched = sampler.choose(scores, None, _batch(PARAMS, seeds, counters))
     for i in range(len(PARAMS)):
-        alone = S.choose(scores[i:i + 1], None, _batch(PARAMS[i:i + 1], seeds[i:i + 1], counters[i:i + 1]))
+        alone = sampler.choose(scores[i:i + 1], None, _batch(PARAMS[i:i + 1], seeds[i:i + 1], counters[i:i + 1]))
         assert alone.item() == batched[i].item()
-    again = S.choose(scores, None, _batch(PARAMS, seeds, counters))
+    again = sampler.choose(scores, None, _batch(PARAMS, seeds, counters))
     assert torch.equal(again, batched)
 
 
@@ -107,7 +108,7 @@ def test_draw_distribution_and_filters():
     logits = torch.tensor([[2.0, 1.5, 1.0, 0.0, -1.0, -30.0]]).repeat(4000, 1)
     p = SamplingParams(1.0, 3, 1.0, 1.0)             # top-3: ids 0..2 only
     batch = SamplingBatch.build([p] * 4000, [3] * 4000, list(range(4000)), "cpu")
-    ids = S.choose(logits, None, batch)
+    ids = sampler.choose(logits, None, batch)
     assert set(ids.tolist()) <= {0, 1, 2}
     freq = torch.bincount(ids, minlength=6).float() / 4000
     want = logits[0, :3].softmax(-1)
@@ -115,20 +116,40 @@ def test_draw_distribution_and_filters():
 
 
 def test_uniforms_in_open_interval_and_spread():
-    keys = torch.tensor([S.draw_key(1, 0), S.draw_key(1, 1), S.draw_key(2**40 + 5, 123456789)])
-    u = S.uniforms(keys, 10000)
+    keys = torch.tensor([sampler.draw_key(1, 0), sampler.draw_key(1, 1), sampler.draw_key(2**40 + 5, 123456789)])
+    u = sampler.uniforms(keys, 10000)
     assert u.min() > 0 and u.max() < 1
     assert abs(u.mean().item() - 0.5) < 0.01 and abs(u.var().item() - 1 / 12) < 0.005
     assert not torch.equal(u[0], u[1]) and not torch.equal(u[1], u[2])
     assert abs(torch.corrcoef(u[:2])[0, 1].item()) < 0.05          # consecutive draws look independent
 
 
+def test_vectorised_draw_keys_equal_the_scalar_hash():
+    seeds = [0, 1, 3, 2**40 + 5, 2**63 - 1, 2**64 - 1, -7, 123456789123]
+    counters = [0, 1, 10, 2**32 + 3, 2**63, 5, 99, 2**64 - 2]
+    keys = sampler.draw_keys(seeds, counters, 3)
+    assert keys.dtype == np.int64 and keys.shape == (len(seeds), 3)
+    assert keys.tolist() == [[sampler.draw_key(s, c + j) for j in range(3)] for s, c in zip(seeds, counters)]
+
+
 def test_frame_draws_use_one_key_per_codebook():
     b = SamplingBatch.build(PARAMS[:2], [3, 4], [10, 20], "cpu", draws=8)
     assert b.keys.shape == (2, 8)
-    assert b.offset(5).keys[0, 5].item() == S.draw_key(3, 15)
+    assert b.offset(5).keys[0, 5].item() == sampler.draw_key(3, 15)
     with pytest.raises(IndexError):
         b.offset(8)
+
+
+def test_exponentials_of_a_frame_equal_each_codebooks_own():
+    """The runner makes every codebook's race variates in one call, with the widest codebook's
+    columns; each codebook's slice must be exactly what its own draw would have made."""
+    b = SamplingBatch.build(PARAMS[:3], [3, 4, 5], [10, 20, 30], "cpu", draws=4)
+    sizes = [257, 64, 33, 2]
+    e = sampler.exponentials(b.keys, max(sizes))                          # (B, draws, n)
+    for k, n in enumerate(sizes):
+        assert torch.equal(e[:, k, :n], sampler.exponentials(b.keys[:, k], n))
+    probs = torch.rand(3, sizes[1]).softmax(-1)
+    assert torch.equal(sampler.draw(probs, b.keys[:, 1], e[:, 1]), sampler.draw(probs, b.keys[:, 1]))
 
 
 def test_token_counts_follow_overwrites():

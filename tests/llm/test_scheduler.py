@@ -6,9 +6,9 @@ import pytest
 
 from services.llm.kv_slots import SessionTable, common_prefix
 
-from services.llm.protocol import (AudioFrame, EngineError, Phase, Protocol, ProtocolConfig, Request,
+from services.llm.protocol import (AudioFrame, EngineError, Phase, ProtocolRules, ProtocolConfig, Request,
 
-                                   SegmentEnd, SegmentStart, Sequence, TextDelta, UnknownSessionError)
+                                   SegmentEnd, SegmentStart, Sequence, TextToken, UnknownSessionError)
 
 from services.llm.scheduler import Scheduler
 from services.llm.stop import StopStrings
@@ -28,17 +28,17 @@ class Tables:
         return StopStrings(s, STRINGS, "text")
 
 
-def proto(**cfg):
+def rules(**cfg):
     pc = ProtocolConfig.reference(STRINGS[AG_START], STRINGS[EOS])
     if cfg:
         pc = ProtocolConfig(**{**pc.__dict__, **cfg})
-    return Protocol(eos=EOS, audio_pad=PAD, audiogen_start=AG_START, audiogen_end=AG_END, eoa=K0, num_codebooks=C,
+    return ProtocolRules(eos=EOS, audio_pad=PAD, audiogen_start=AG_START, audiogen_end=AG_END, eoa=K0, num_codebooks=C,
                     strip=(STRINGS[EOS], STRINGS[AG_START], STRINGS[AG_END]),
                     config=pc, stops=Tables(), decode=lambda ids: "".join(STRINGS[i] for i in ids))
 
 
 def seq(prompt=(A, A, A), mode="spoken", max_len=10_000, pads=(), p=None, **kw):
-    s = Sequence(Request(list(prompt), mode=mode, **kw), p or proto(), "r", 0, max_len, list(pads))
+    s = Sequence(Request(list(prompt), mode=mode, **kw), p or rules(), "r", 0, max_len, list(pads))
     assert s.advance(s.pending)                  # prefill in one go: a decision is due
     return s
 
@@ -128,7 +128,7 @@ def test_zero_frame_segment_emits_nothing():
     text(s, A, AG_START)
     frames(s, EOA)                               # end of audio at frame 0 (correction 12)
     assert not any(isinstance(e, (AudioFrame, SegmentStart)) and getattr(e, "kind", "audio") == "audio"
-                   for e in s.events if not isinstance(e, TextDelta))
+                   for e in s.events if not isinstance(e, TextToken))
     assert not ends(s, "audio")
     assert s.phase == Phase.TEXT and s.tokens[-2:] == [AG_START, AG_END]
 
@@ -184,7 +184,7 @@ def test_tts_chunks():
 
 
 def test_tts_chunk_prefill_is_chunked():
-    s = Sequence(Request([A, AG_START], mode="tts", tts_chunks=[[X] * 5 + [AG_START]]), proto(), "r", 0, 100, [])
+    s = Sequence(Request([A, AG_START], mode="tts", tts_chunks=[[X] * 5 + [AG_START]]), rules(), "r", 0, 100, [])
     assert s.advance(2)
     s.on_frame(EOA)
     assert s.pending == 7                         # audiogen_end + the chunk
@@ -193,7 +193,7 @@ def test_tts_chunk_prefill_is_chunked():
 
 
 def test_max_rounds():
-    s = seq(p=proto(max_rounds=1))
+    s = seq(p=rules(max_rounds=1))
     text(s, AG_START)
     frames(s, FRAME, EOA)
     text(s, A, BANG)
@@ -261,7 +261,7 @@ def test_effects_mirror_token_changes():
 # ---------------------------------------------------------------------------- scheduler
 
 def _waiting(n, sched, sessions=None, sid=None):
-    s = Sequence(Request([A] * n, session_id=sid), proto(), f"r{n}", 0, 1000, [])
+    s = Sequence(Request([A] * n, session_id=sid), rules(), f"r{n}", 0, 1000, [])
     sched.add(s)
     return s
 
@@ -307,7 +307,7 @@ def test_sessions_lru_eviction():
     seqs = {}
     for sid in (s1, s2):
         t.reserve(sid)
-        q = Sequence(Request([A, A], session_id=sid), proto(), sid, 0, 100, [])
+        q = Sequence(Request([A, A], session_id=sid), rules(), sid, 0, 100, [])
         q.slot = t.acquire(sid)
         q.advance(2)
         t.release(q)
@@ -335,7 +335,7 @@ def test_common_prefix_compares_pad_codes():
 
 
 def test_reuse_keeps_the_last_prompt_token_to_run():
-    s = Sequence(Request([A, PAD, X]), proto(), "r", 0, 100, [FRAME])
+    s = Sequence(Request([A, PAD, X]), rules(), "r", 0, 100, [FRAME])
     s.reuse_prefix(3)
     assert s.kv_len == 2 and s.pads_fwd == 1 and s.pending == 1
     assert s.chunk(1) == ([X], [])

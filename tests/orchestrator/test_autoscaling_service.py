@@ -14,7 +14,7 @@ from services.common.entries import DECODER_JOBS, VOCODER_JOBS, DecodeJob
 # what the test stack's settings change: the decoder may grow to 2 replicas, and Serve looks
 # at the backlog every half second (its defaults: 10 s reports averaged over 30 s)
 AUTOSCALING = {"stages": {"decoder": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 2}},
-               "autoscaling": {"metrics_interval_s": 0.5, "look_back_period_s": 1.0, "downscale_delay_s": 600.0}}
+               "autoscaling": {"metrics_interval_s": 0.5, "look_back_period_s": 1.0}}
 JOBS, FRAMES = 200, 50          # about 20 s of work for one replica on this machine
 
 

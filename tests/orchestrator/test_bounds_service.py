@@ -125,7 +125,7 @@ def test_every_key_a_turn_writes_expires_and_every_stream_is_capped(stub, serve_
     writes = [c for c in commands if c[0] in WRITES and len(c) > 1]
     written = {c[1] for c in writes if c[0] not in ("del", "expire", "pexpire", "persist")}
     turn = events[-1].turn_id
-    assert {f"session:{sid}", f"turn:{turn}:events", f"turn:{turn}:llm", f"turn:{turn}:audio"} <= written
+    assert {f"session:alice:{sid}", f"turn:{turn}:events", f"turn:{turn}:llm", f"turn:{turn}:audio"} <= written
     assert any(k.startswith(f"result:decoder:{turn}:") for k in written)
     for c in writes:
         if c[0] == "xadd" and c[1] not in FIXED_KEYS:
@@ -205,11 +205,11 @@ def test_the_documented_redis_budget_of_a_turn_holds(stub, serve_stack, settings
     end, _ = check_turn(events)
     used = r.memory_usage(f"turn:{events[-1].turn_id}:events", samples=0)
     assert used <= 50_000 * end.audio_seconds + 20_000, (used, end.audio_seconds)
-    h = r.hgetall(f"session:{sid}")
+    h = r.hgetall(f"session:alice:{sid}")
     tokens, rows = len(h[b"tokens"]) // 4, len(h[b"codes"]) // 32
     assert rows == sum(1 for t in np.frombuffer(h[b"tokens"], "<i4") if t == audio_pad(serve_stack))
     budget = 4 * tokens + 32 * rows + len(h[b"history"]) + len(h[b"settings"]) + 1024
-    assert r.memory_usage(f"session:{sid}", samples=0) <= budget
+    assert r.memory_usage(f"session:alice:{sid}", samples=0) <= budget
 
 
 def audio_pad(serve_stack) -> int:

@@ -11,7 +11,7 @@ from tests.orchestrator.test_service import QUESTION
 def test_converse_transcribe_synthesize(serve_stack, tmp_path, capsys):
     for app in ("tokenizer", "llm", "decoder", "vocoder", "conversation"):
         serve_stack.deploy(app)
-    addr = ["--address", serve_stack.address]
+    addr = ["--address", serve_stack.address, "--api-key-file", str(serve_stack.api_keys_file)]
     out = tmp_path / "reply.wav"
     assert main(["converse", str(QUESTION), "-o", str(out), *addr]) == 0
     info = sf.info(str(out))

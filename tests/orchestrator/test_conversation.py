@@ -20,7 +20,7 @@ from services.common.text_tokenizer import DEFAULT_SYSTEM_PROMPT
 from services.llm.prompts import Audio, GeneratedAudio, Message, Prompt, PromptBuilder, ProtocolTokens
 from services.llm.protocol import Sequence
 from services.llm.publisher import TurnPublisher
-from tests.llm.test_scheduler import A, AG_END, AG_START, EOA, EOS, FRAME, PAD, X, frames, proto, text
+from tests.llm.test_scheduler import A, AG_END, AG_START, EOA, EOS, FRAME, PAD, X, frames, rules, text
 
 # ids shared with the protocol tests' vocabulary (PAD, AG_START, AG_END), the rest above it
 AUDIO = AudioTokenIds(audio_start=20, audio_end=21, audio_pad=PAD, audio_delim=22, audiotext_start=23,
@@ -32,7 +32,7 @@ NB = 3                                              # codebooks, as in the proto
 class CharTokenizer:
     """One id per character: enough to tell prompts apart."""
 
-    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = False, split_special_tokens: bool = True) -> list[int]:
         return [1000 + ord(c) for c in text]
 
 
@@ -46,7 +46,7 @@ def conv(max_text_chars: int = 100, context_tokens: int = 100_000, **limits) -> 
 
 
 def session(**settings) -> Session:
-    return Session("s1", SessionSettingsRecord(**settings), created_ms=0, expires_ms=0,
+    return Session("s1", SessionSettingsRecord(**settings), created_ms=0, expires_ms=0, owner="alice",
                    codes=np.zeros((0, NB), np.int32))
 
 
@@ -115,7 +115,8 @@ def test_one_request_type_for_turns_and_one_shots():
     assert tts.mode == "tts" and tts.greedy and tts.prompt_ids[-1] == AG_START and len(tts.tts_chunks) == 1
     assert not c.synthesize_request("t5", "hello", {"greedy": False, "audio_top_k": 3}).greedy
     turn = c.turn("t6", session(spoken=False, sampling={"greedy": True}), UserTurn(text="hi"), p)
-    assert turn.request.mode == "text" and turn.request.greedy and turn.request.session_id == "s1"
+    assert turn.request.mode == "text" and turn.request.greedy
+    assert turn.request.session_id == "alice:s1"    # the LLM's session: unique across identities
 
 
 # ---------------------------------------------------------------- history rules
@@ -235,7 +236,7 @@ def test_the_llm_stage_end_entry_is_the_next_prompt_prefix():
     user = UserTurn(codes=codes((9, 9, 9)))
     p = c.history_prompt(sess, user)
     turn = c.turn("t1", sess, user, p)
-    s = Sequence(turn.request, proto(), "t1", 0, 10_000, [tuple(r) for r in turn.request.audio_codes.tolist()])
+    s = Sequence(turn.request, rules(), "t1", 0, 10_000, [tuple(r) for r in turn.request.audio_codes.tolist()])
     assert s.advance(s.pending)
     text(s, A, AG_START)
     frames(s, FRAME, (6, 2, 3), EOA)

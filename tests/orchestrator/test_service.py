@@ -14,9 +14,10 @@ import torch
 from baichuan_audio.v1 import conversation_pb2 as pb
 from baichuan_audio.v1 import conversation_pb2_grpc as pb_grpc
 from tests.common.test_grpc_status import assert_clean
+from tests.conftest import metadata
 
 QUESTION = Path(__file__).resolve().parents[2] / "orchestrator" / "samples" / "question.wav"
-META = (("application", "conversation"),)
+META = metadata("alice")
 TIMEOUT = 180
 
 
@@ -133,7 +134,7 @@ def run_direct(engine, request) -> list:
 
 
 def test_asr_and_tts_round_trip(stub, direct):
-    from services.llm.protocol import Request, TextDelta
+    from services.llm.protocol import Request, TextToken
     from services.tokenizer.audio_io import read_audio
 
     r = stub.Transcribe(pb.TranscribeRequest(audio=pb.AudioInput(file=QUESTION.read_bytes())),
@@ -145,7 +146,7 @@ def test_asr_and_tts_round_trip(stub, direct):
     prompt = direct.prompts.asr(codes)
     events = run_direct(direct.engine, Request(prompt_ids=prompt.ids, mode="asr", audio_codes=prompt.audio_codes,
                                                greedy=True))
-    expected = "".join(e.text for e in events if isinstance(e, TextDelta))
+    expected = "".join(e.text for e in events if isinstance(e, TextToken))
     assert expected and r.text == expected
     events = list(stub.Synthesize(pb.SynthesizeRequest(text="你好，欢迎收听今天的节目。我们马上开始！"),
                                   metadata=META, timeout=TIMEOUT))
@@ -273,7 +274,7 @@ def test_faithful_history_re_encodes_the_assistant_audio(stub, serve_stack):
     end1, pcm1 = check_turn(events1)
     end2, _ = check_turn(converse(stub, sid))
     assert end1.reason == end2.reason == "complete"
-    turns = json.loads(redis.Redis.from_url(serve_stack.redis_url).get(f"session:{sid}:faithful"))
+    turns = json.loads(redis.Redis.from_url(serve_stack.redis_url).get(f"session:alice:{sid}:faithful"))
     assert len(turns) == 2 and "codes" in turns[0]["user"]
     first = turns[0]["assistant"]
     # every segment of turn 1 that had audio was re-encoded from its waveform for turn 2, and
@@ -331,12 +332,12 @@ def test_a_turn_abandoned_by_a_dead_replica_does_not_block_the_session(stub, ser
     r = redis.Redis.from_url(serve_stack.redis_url)
     # a turn whose orchestrator replica died: marked running, its caller stream silent for long
     ghost = "ghost-turn"
-    r.hset(f"session:{sid}", "active_turn", ghost)
+    r.hset(f"session:alice:{sid}", "active_turn", ghost)
     stale_ms = int(time.time() * 1000) - 3600 * 1000
     r.xadd(f"turn:{ghost}:events", ClientEvent(turn_id=ghost, payload=b"").encode(), id=f"{stale_ms}-0")
     check_turn(converse(stub, sid, text="Hello"))
     # while a turn really runs, a second one is refused
-    r.hset(f"session:{sid}", "active_turn", "live-turn")
+    r.hset(f"session:alice:{sid}", "active_turn", "live-turn")
     r.xadd("turn:live-turn:events", ClientEvent(turn_id="live-turn", payload=b"").encode())
     with pytest.raises(grpc.RpcError) as e:
         converse(stub, sid, text="Hello again")

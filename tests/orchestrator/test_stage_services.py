@@ -12,6 +12,7 @@ from baichuan_audio.v1 import stages_pb2, stages_pb2_grpc
 from services.common import entries as E
 from services.common.bus import Bus
 from services.decoder.runner import MAX_FRAMES
+from tests.conftest import metadata
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +68,7 @@ def test_llm_generate_streams_a_tts_reply(channel, cfg, serve_stack):
     stub = stages_pb2_grpc.LLMStub(channel)
     events = list(stub.Generate(stages_pb2.GenerateRequest(
         mode=stages_pb2.GENERATE_MODE_TTS, prompt_ids=chunks[0], tts_chunks=texts[1:]),
-        metadata=(("application", "llm"),), timeout=120))
+        metadata=metadata("internal", "llm"), timeout=120))
     frames = [e.frames for e in events if e.HasField("frames")]
     assert frames and all(len(f.codes.values) == cfg.audio.num_codebooks for f in frames)
     assert events[-1].HasField("done")
@@ -103,7 +104,7 @@ def test_llm_generate_is_cancelled_when_the_caller_leaves(channel, cfg, serve_st
     turn = f"gen-cancel-{time.time_ns()}"
     call = stages_pb2_grpc.LLMStub(channel).Generate(stages_pb2.GenerateRequest(
         mode=stages_pb2.GENERATE_MODE_TTS, turn_id=turn, prompt_ids=builder.tts_chunk(texts[0]),
-        tts_chunks=texts[1:]), metadata=(("application", "llm"),), timeout=120)
+        tts_chunks=texts[1:]), metadata=metadata("internal", "llm"), timeout=120)
     got = [next(call) for _ in range(5)]
     assert all(not e.HasField("done") for e in got)
     assert llm_status(turn) == "running"
@@ -120,10 +121,10 @@ def test_decode_and_vocode_directly(channel, cfg, hift):
     n = 6
     codes = random_codes(cfg, n)
     mel = stages_pb2_grpc.DecoderStub(channel).Decode(stages_pb2.DecodeRequest(codes=codes_msg(codes), seed=3),
-                                                      metadata=(("application", "decoder"),), timeout=60).mel
+                                                      metadata=metadata("internal", "decoder"), timeout=60).mel
     assert (mel.rows, mel.cols) == (cfg.flow.in_channels, mel_frames(n, cfg.audio.avg_pooler))
     r = stages_pb2_grpc.VocoderStub(channel).Vocode(stages_pb2.VocodeRequest(mel=mel, seed=3),
-                                                     metadata=(("application", "vocoder"),), timeout=60)
+                                                     metadata=metadata("internal", "vocoder"), timeout=60)
     assert r.sample_rate == hift.sampling_rate and len(r.pcm16) == 2 * hift.hop_samples * mel.cols
 
 
@@ -139,7 +140,7 @@ def test_decoder_bad_codes_are_invalid_argument(channel, cfg, frames, fix, words
         fix(codes, cfg)
     with pytest.raises(grpc.RpcError) as e:
         stages_pb2_grpc.DecoderStub(channel).Decode(stages_pb2.DecodeRequest(codes=codes_msg(codes)),
-                                                    metadata=(("application", "decoder"),), timeout=60)
+                                                    metadata=metadata("internal", "decoder"), timeout=60)
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert words in e.value.details()
 
@@ -148,7 +149,7 @@ def test_vocoder_bad_mel_is_invalid_argument(channel, hift):
     bad = stages_pb2.Tensor2D(rows=hift.in_channels, cols=3, float32_le=b"\x00" * 7)   # 7 bytes: not floats
     with pytest.raises(grpc.RpcError) as e:
         stages_pb2_grpc.VocoderStub(channel).Vocode(stages_pb2.VocodeRequest(mel=bad),
-                                                     metadata=(("application", "vocoder"),), timeout=60)
+                                                     metadata=metadata("internal", "vocoder"), timeout=60)
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 

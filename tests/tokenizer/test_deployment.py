@@ -14,11 +14,12 @@ import torch
 from baichuan_audio.v1 import conversation_pb2, stages_pb2, stages_pb2_grpc
 from services.common.checkpoint import Checkpoint
 from services.tokenizer.audio_io import DEFAULT_MAX_SECONDS, min_samples, read_audio
-from services.tokenizer.log_mel import chunk_lengths
+from services.tokenizer.log_mel import split_lengths
 from services.tokenizer.runner import TokenizerRunner
+from tests.conftest import metadata
 from tests.tokenizer.test_runner import assert_same_codes
 
-META = (("application", "tokenizer"),)
+META = metadata("internal", "tokenizer")   # a stage service: the internal key
 
 
 def wav_bytes(seconds: float, rate: int = 16000, channels: int = 1, fmt: str = "WAV",
@@ -54,7 +55,7 @@ def tokenize(stub, data: bytes):
 def test_tokenize_lengths_follow_the_reference_arithmetic(stub, audio):
     # 1.0 s at the model rate -> mel frames -> encoder frames -> tokens (reference §3.4; 12 for the real config)
     sr = audio.sampling_rate
-    tokens = chunk_lengths(sr, audio).bridge_length
+    tokens = split_lengths(sr, audio).bridge_length
     r = tokenize(stub, wav_bytes(1.0, rate=sr))
     assert (r.codes.frames, r.codes.codebooks) == (tokens, audio.num_codebooks)
     assert len(r.codes.values) == tokens * audio.num_codebooks
@@ -141,4 +142,4 @@ def test_raw_pcm16_input(stub, audio):
     pcm = (0.3 * np.sin(np.arange(sr) / sr * 2 * math.pi * 220) * 32767).astype("<i2").tobytes()   # 1 s
     req = stages_pb2.TokenizeRequest(audio=conversation_pb2.AudioInput(
         pcm16=conversation_pb2.RawPcm16(data=pcm, sample_rate=sr, channels=1)))
-    assert stub.Tokenize(req, metadata=META, timeout=60).codes.frames == chunk_lengths(sr, audio).bridge_length
+    assert stub.Tokenize(req, metadata=META, timeout=60).codes.frames == split_lengths(sr, audio).bridge_length

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from services.tokenizer.log_mel import (LogMel, chunk_lengths, plan_chunks, resampled_length, slaney_filterbank,
+from services.tokenizer.log_mel import (LogMel, split_lengths, plan_splits, resampled_length, slaney_filterbank,
                                        split_bounds, to_mono_16k)
 
 FX = "01_frontend"
@@ -97,7 +97,7 @@ def test_parity_long_chunks(fixtures, front):
         case = meta["cases"][name]
         mono = to_mono_16k(tiled_wave(t, meta, name), case["source_sample_rate"], a)
         assert mono.shape[0] == case["resampled_num_samples_16k"]
-        plan = plan_chunks(mono.shape[0], a)
+        plan = plan_splits(mono.shape[0], a)
         assert [(n.mel_frames, n.encoder_length, n.bridge_length) for _, _, n in plan] == \
             [(c["mel_frames"], c["encoder_length"], c["bridge_length"]) for c in case["chunks"]], name
         feats, lengths = LogMel(a)([mono[s:e] for s, e, _ in plan])
@@ -112,7 +112,7 @@ def test_parity_case_lengths(fixtures, front):
     for name, c in front[1]["cases"].items():
         n16 = resampled_length(c["source_num_samples"], c["source_sample_rate"], a.sampling_rate)
         assert n16 == c["resampled_num_samples_16k"], name
-        plan = plan_chunks(n16, a)
+        plan = plan_splits(n16, a)
         assert [{"mel_frames": n.mel_frames, "encoder_length": n.encoder_length, "bridge_length": n.bridge_length}
                 for _, _, n in plan] == c["chunks"], name
         total = sum(n.bridge_length for _, _, n in plan)
@@ -127,10 +127,10 @@ def test_parity_length_table(fixtures, front):
         if "chunks_samples" in row:
             assert [e - s for s, e in split_bounds(n, a)] == row["chunks_samples"], row
             continue
-        got = chunk_lengths(n, a)
+        got = split_lengths(n, a)
         assert (got.mel_frames, got.encoder_length, got.bridge_length) == \
             (row["valid_mel_frames"], row["encoder_length"], row["bridge_length"]), row
-        assert bool(plan_chunks(n, a)) == row["kept"], row
+        assert bool(plan_splits(n, a)) == row["kept"], row
 
 
 def test_resampled_length_matches_torchaudio(fixtures):

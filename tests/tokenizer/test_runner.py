@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 from services.common.checkpoint import PREFIX, Checkpoint, CheckpointError
 from services.common.layers import sinusoids
 from services.tokenizer.audio_io import AudioInputError, min_samples
-from services.tokenizer.log_mel import chunk_lengths, plan_chunks, to_mono_16k
+from services.tokenizer.log_mel import split_lengths, plan_splits, to_mono_16k
 from services.tokenizer.runner import TokenizerRunner
 from services.common.codebooks import codebooks
 from tests.tokenizer.test_parity_encoder_rvq import allowed_bf16_code_flips, batch_cases, sees_padding
@@ -64,8 +64,8 @@ def odd_crop(fixtures, waves, shorter_than: int) -> tuple[torch.Tensor, int]:
     a = fixtures.model_config.audio
     speech16 = waves["_int16"]["speech.wave_16k"]
     n = a.hop_length * 2 * max(1, shorter_than // 4)          # ~half the frames, n // hop even
-    assert chunk_lengths(n, a).bridge_length > 0 and n <= speech16.shape[-1]
-    assert sees_padding(chunk_lengths(n, a).mel_frames, shorter_than, a)
+    assert split_lengths(n, a).bridge_length > 0 and n <= speech16.shape[-1]
+    assert sees_padding(split_lengths(n, a).mel_frames, shorter_than, a)
     return speech16[:, :n], a.sampling_rate
 
 
@@ -82,7 +82,7 @@ def tie_safe_rows(runner: TokenizerRunner, item) -> torch.Tensor:
     a = runner.audio
     mono = to_mono_16k(wave, sr, a)
     out = []
-    for s, e, n in plan_chunks(mono.shape[0], a):
+    for s, e, n in plan_splits(mono.shape[0], a):
         feats, mel = runner.log_mel([mono[s:e]])
         stages: list[torch.Tensor] = []
         with torch.no_grad():
@@ -172,7 +172,7 @@ def test_joint_padding_reproduces_reference_collate(fixtures, waves, runner, bat
     runner.tokenize(items, joint_padding=True)
     runner.tokenize(items)
     (feats, enc_len, joint_conv), (_, _, own_conv) = seen
-    mel_len = torch.tensor([chunk_lengths(to_mono_16k(w, sr, a).shape[0], a).mel_frames for w, sr in items])
+    mel_len = torch.tensor([split_lengths(to_mono_16k(w, sr, a).shape[0], a).mel_frames for w, sr in items])
     assert joint_conv is None and own_conv.tolist() == mel_len.tolist()
     with torch.no_grad():
         joint, alone = forward(feats, enc_len), forward(feats, enc_len, mel_len)
@@ -286,13 +286,13 @@ def test_bench_smoke(fixtures, capsys):
     assert ModelConfig.from_dict(mid_config()).audio.codebook_sizes == real.audio.codebook_sizes
 
 
-def test_chunk_count_follows_the_reference_split(fixtures):
+def test_split_count_follows_the_reference_split(fixtures):
     from services.tokenizer.runner import TokenizerRunner
 
     a = fixtures.model_config.audio
     runner = TokenizerRunner(fixtures.model_config, None)
     for name, case in fixtures.json("01_frontend", "frontend.json")["cases"].items():
-        got = runner.chunk_count(case["source_num_samples"], case["source_sample_rate"])
+        got = runner.split_count(case["source_num_samples"], case["source_sample_rate"])
         assert got == len(case["chunks"]), name
-    one_chunk = a.sampling_rate * a.max_audio_seconds
-    assert runner.chunk_count(one_chunk + 1, a.sampling_rate) == 1       # the 1-sample tail is dropped
+    one_split = a.sampling_rate * a.max_audio_seconds
+    assert runner.split_count(one_split + 1, a.sampling_rate) == 1       # the 1-sample tail is dropped

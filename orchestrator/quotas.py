@@ -1,0 +1,129 @@
+"""Per-identity limits, kept in Redis so that every conversation replica sees the same counts.
+
+Each limit is checked and updated in one Lua script (atomic: two replicas admitting at once
+cannot both take the last place), with Redis's own clock (TIME), so replicas whose clocks
+differ agree. Over a limit a call gets QuotaExceeded: RESOURCE_EXHAUSTED with the seconds to
+wait (services/common/grpc_status.py sends them as trailing metadata where Serve lets it).
+
+- requests per minute and audio seconds per hour: GCRA (the generic cell rate algorithm, as
+  in redis-cell and most API gateways): one key per identity holds the theoretical arrival
+  time (TAT) of the next request. A request of cost c moves it by c * T (T = the period / the
+  limit); it is admitted while TAT - now stays within the period, so the whole limit may be
+  used in a burst and then refills evenly. The retry delay is exact.
+  Audio: what the tokenizer took in is charged before the turn runs (refused if over); what
+  the turn generated is charged when it ends, whatever it is (a long reply may overdraw; the
+  next request then waits).
+- concurrent turns: a sorted set of the identity's running turn ids. A turn leaves it when it
+  ends; one whose replica died leaves it when `turns.is_over` says so (its caller stream
+  ended or went silent), or at the latest after the turn TTL.
+- live sessions: in orchestrator/sessions.py (the same script that creates the session).
+
+Keys: quota:{identity}:rpm, quota:{identity}:audio (strings, expiring when spent budget has
+refilled), quota:{identity}:turns (sorted set, expiring with the turn TTL).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+from services.common.errors import QuotaExceeded, ResourceExhausted
+from services.common.settings import QuotasSettings
+
+# KEYS[1] the identity's TAT key. ARGV[1] T: ms per unit, ARGV[2] the period (ms), ARGV[3] cost
+# (units), ARGV[4] mode: "admit" (refuse what does not fit), "force" (record anyway), "check"
+# (cost 0, nothing written). Returns {admitted 0/1, retry after ms (string)}.
+_GCRA = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local tat = tonumber(redis.call('GET', KEYS[1]) or now)
+if tat < now then tat = now end
+local period = tonumber(ARGV[2])
+local new = tat + tonumber(ARGV[3]) * tonumber(ARGV[1])
+if ARGV[4] ~= 'force' and new - now > period then
+  return {0, tostring(new - now - period)}
+end
+if ARGV[4] == 'check' then return {1, '0'} end
+redis.call('SET', KEYS[1], tostring(new), 'PX', math.ceil(new - now) + 1000)
+return {1, '0'}
+"""
+
+# KEYS[1] the identity's running turns. ARGV[1] limit, ARGV[2] turn id, ARGV[3] the turn TTL
+# (s): older entries no longer count, and the set expires after it. Returns {admitted, retry
+# after ms}.
+_BEGIN_TURN = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], 0, now - tonumber(ARGV[3]) * 1000)
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then
+  return {0, '1000'}
+end
+redis.call('ZADD', KEYS[1], now, ARGV[2])
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+return {1, '0'}
+"""
+
+TURN_RETRY_S = 1.0   # a running turn's end is not predictable: look again after this
+
+
+def _key(identity: str, what: str) -> str:
+    return f"quota:{identity}:{what}"
+
+
+class Quotas:
+    def __init__(self, client, settings: QuotasSettings, *, turn_ttl_s: int):
+        self.r = client          # a redis.Redis, opened by the deployment
+        self.settings = settings
+        self.turn_ttl_s = turn_ttl_s
+        self._gcra = client.register_script(_GCRA)
+        self._begin = client.register_script(_BEGIN_TURN)
+
+    def _take(self, identity: str, what: str, limit: float, period_s: float, cost: float, mode: str,
+              refusal: str) -> None:
+        """Count `cost` in the identity's GCRA bucket `what` (`limit` per `period_s`); if it does
+        not fit, QuotaExceeded: `refusal` and the seconds until it would."""
+        ok, retry_ms = self._gcra(keys=[_key(identity, what)],
+                                  args=[period_s * 1000.0 / limit, period_s * 1000.0, cost, mode])
+        if not int(ok):
+            wait = float(retry_ms) / 1000.0
+            raise QuotaExceeded(f"{refusal}; retry after {wait:.1f} s", wait)
+
+    def request(self, identity: str) -> None:
+        """One call of `identity` (every call but health checks)."""
+        limit = self.settings.of(identity).requests_per_minute
+        self._take(identity, "rpm", limit, 60.0, 1, "admit", f"{identity} is over its limit of {limit} requests "
+                   "per minute (quotas.requests_per_minute)")
+
+    def check_audio(self, identity: str) -> None:
+        """Refuse a turn while the identity's audio budget is spent (by earlier replies)."""
+        limit = self.settings.of(identity).audio_seconds_per_hour
+        self._take(identity, "audio", limit, 3600.0, 0, "check", f"{identity} used its {limit:g} audio seconds "
+                   "of the last hour (quotas.audio_seconds_per_hour)")
+
+    def charge_audio(self, identity: str, seconds: float, *, force: bool = False) -> None:
+        """Charge `seconds` of audio: the input of a turn (refused if over the budget, not
+        charged then), or with force the generated reply (always charged)."""
+        if seconds <= 0:
+            return
+        limit = self.settings.of(identity).audio_seconds_per_hour
+        if seconds > limit and not force:   # never fits: no retry will help
+            raise ResourceExhausted(f"{identity}: this audio ({seconds:.1f} s) is longer than the hourly budget of "
+                                    f"{limit:g} audio seconds (quotas.audio_seconds_per_hour); send shorter audio")
+        self._take(identity, "audio", limit, 3600.0, seconds, "force" if force else "admit",
+                   f"{identity}: this audio ({seconds:.1f} s) does not fit what is left of the hourly budget of "
+                   f"{limit:g} audio seconds (quotas.audio_seconds_per_hour)")
+
+    def begin_turn(self, identity: str, turn_id: str, is_over: Callable[[str], bool]) -> None:
+        """Count `turn_id` as running; QuotaExceeded if the identity runs its limit already.
+        is_over(turn): the turn ended or was abandoned (turns.is_over)."""
+        limit = self.settings.of(identity).turns
+        key = _key(identity, "turns")
+        for member in self.r.zrange(key, 0, -1):
+            tid = member.decode() if isinstance(member, bytes) else member
+            if is_over(tid):          # ended, or its replica died (a turn setting up is not over)
+                self.r.zrem(key, tid)
+        ok, _ = self._begin(keys=[key], args=[limit, turn_id, self.turn_ttl_s])
+        if not int(ok):
+            raise QuotaExceeded(f"{identity} already runs {limit} turns at once (quotas.turns); wait for one "
+                                f"to end or Interrupt it; retry after {TURN_RETRY_S:.1f} s", TURN_RETRY_S)
+
+    def end_turn(self, identity: str, turn_id: str) -> None:
+        self.r.zrem(_key(identity, "turns"), turn_id)
