@@ -187,10 +187,11 @@ class LimitsSettings(_Section):
     max_system_prompt_chars: Annotated[int, Positive] = 2000  # longest session system prompt
     # what a session's history keeps (orchestrator/conversation.py, "History limits"): its last
     # turns, their audio, and room in the model's context; older turns are dropped
-    max_history_turns: Annotated[int, Positive] = 50         # turns kept (each turn's prompt: at most this - 1 earlier ones)
+    max_history_turns: Annotated[int, Positive] = 50         # turns kept (a prompt: at most this - 1 earlier ones)
     max_history_audio_seconds: Annotated[float, Positive] = 1200.0  # audio (user + assistant) a faithful history keeps
     reply_reserve_tokens: Annotated[int, Positive] = 1024    # context left free for the reply
-    context_trim_to: Annotated[float, Positive, _rule(lambda v: v <= 1, "must be <= 1")] = 0.5  # share of the context kept once full
+    # once the context is full, the share of it the history is trimmed to
+    context_trim_to: Annotated[float, Positive, _rule(lambda v: v <= 1, "must be <= 1")] = 0.5
     max_sessions: Annotated[int, Positive] = 1000           # live sessions; more is RESOURCE_EXHAUSTED
     session_ttl_s: Annotated[int, Positive] = 1800          # session (and its turn streams) expire after idle
     max_message_bytes: Annotated[int, Positive] = 64 * 1024 * 1024  # gRPC send/receive cap

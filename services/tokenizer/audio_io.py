@@ -86,8 +86,9 @@ def _check_size(frames: int, channels: int, sample_rate: int, limits: AudioLimit
         raise AudioInputError("too_long", f"audio lasts {frames / sample_rate:.1f} s; the limit is "
                               f"{limits.max_seconds:g} s (longer audio must be split by the caller)")
     if frames * channels > limits.max_samples:
-        raise AudioInputError("too_large", f"audio decodes to {frames * channels:,} samples ({frames / sample_rate:.1f} s "
-                              f"at {sample_rate} Hz, {channels} channel{'s' if channels > 1 else ''}); the limit is "
+        raise AudioInputError("too_large", f"audio decodes to {frames * channels:,} samples "
+                              f"({frames / sample_rate:.1f} s at {sample_rate} Hz, {channels} "
+                              f"channel{'s' if channels > 1 else ''}); the limit is "
                               f"{limits.max_samples:,} samples (limits.max_audio_samples): send mono audio, a lower "
                               "sample rate or a shorter clip")
 

@@ -113,7 +113,8 @@ def test_a_full_redis_refuses_every_write_as_redis_full(bus, uid):
         writes = [lambda: bus.publish(uid, "llm", TextDelta(uid, 0, "x")),
                   lambda: bus.add(f"test:{uid}", TextDelta(uid, 0, "x"), maxlen=10),
                   lambda: bus.submit(f"jobs:{uid}", DecodeJob.from_codes(uid, 0, 0, np.zeros((1, 8), np.int32))),
-                  lambda: bus.put_result_once(f"result:x:{uid}:0:0", bus.turn_stream(uid, "audio"), TextDelta(uid, 0, "x")),
+                  lambda: bus.put_result_once(f"result:x:{uid}:0:0", bus.turn_stream(uid, "audio"),
+                                              TextDelta(uid, 0, "x")),
                   bus.check_writable]
         for write in writes:
             with pytest.raises(RedisFull, match=r"memory limit \(maxmemory\)"):

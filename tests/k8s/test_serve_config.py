@@ -62,7 +62,8 @@ def test_local_serve_deploys_what_the_generator_writes():
         module, func = app.import_path.split(":")
         assert callable(getattr(__import__(module, fromlist=[func]), func))
         stage = getattr(settings.stages, app.stage)
-        assert entry["deployments"] == [{"name": app.deployment, **deployment_options(stage, app, settings.autoscaling)}]
+        options = deployment_options(stage, app, settings.autoscaling)
+        assert entry["deployments"] == [{"name": app.deployment, **options}]
 
 
 @pytest.mark.parametrize("app", APPLICATIONS, ids=lambda a: a.name)

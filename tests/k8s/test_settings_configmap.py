@@ -31,7 +31,8 @@ def test_settings_configmap_loads_and_agrees_with_serve(docs, tmp_path):
         auto = opts.get("autoscaling_config") or {}
         if (auto.get("policy") or {}).get("policy_function") == AUTOSCALING_POLICY:
             # as orchestrator/app.py builds it: Serve (2.60) would otherwise wait 30 s to add a replica
-            assert auto.get("upscale_delay_s") == 0, f"deployment {deployment}: the backlog policy needs upscale_delay_s: 0"
+            assert auto.get("upscale_delay_s") == 0, \
+                f"deployment {deployment}: the backlog policy needs upscale_delay_s: 0"
 
 
 def _secret_values(doc: Doc) -> dict[str, str]:
