@@ -196,7 +196,9 @@ def _turn_ended(url: str, turn_id: str) -> bool:
 def test_the_documented_redis_budget_of_a_turn_holds(stub, serve_stack, settings):
     """README "Redis memory": a finished turn keeps its events (the reply's PCM once more: about
     48 KB per second of audio, plus overhead), the session hash its settings, history and the
-    model's tokens (4 bytes each) and codes (32 bytes per audio frame)."""
+    model's tokens (4 bytes each) and codes (32 bytes per audio frame). The events' PCM is 48 KB
+    a second; Redis stores each entry in its own allocation (rounded up to the allocator's size
+    class) with its field names, so the README gives ~60 KB (measured: 118 KB for 1.94 s)."""
     import redis
 
     r = redis.Redis.from_url(serve_stack.redis_url)
@@ -204,7 +206,7 @@ def test_the_documented_redis_budget_of_a_turn_holds(stub, serve_stack, settings
     events = converse(stub, sid)
     end, _ = check_turn(events)
     used = r.memory_usage(f"turn:{events[-1].turn_id}:events", samples=0)
-    assert used <= 50_000 * end.audio_seconds + 20_000, (used, end.audio_seconds)
+    assert used <= 62_000 * end.audio_seconds + 20_000, (used, end.audio_seconds)
     h = r.hgetall(f"session:alice:{sid}")
     tokens, rows = len(h[b"tokens"]) // 4, len(h[b"codes"]) // 32
     assert rows == sum(1 for t in np.frombuffer(h[b"tokens"], "<i4") if t == audio_pad(serve_stack))
