@@ -1,13 +1,14 @@
-"""`baichuan-audio bench gpu`: spoken conversations through the serving path on one device.
+"""`baichuan-audio bench gpu`: spoken conversations through the serving path on one or more devices.
 
 Every stage runs in its own process, as its deployment's replicas do, with the code that
 deployment runs, at the chosen dimensions with random weights: the tokenizer runner (batched
 like the tokenizer deployment) and the prompt builder, the LLM engine (decode steps as CUDA
 graphs on a GPU, captured at start) with the turn publisher that cuts audio into decode jobs,
 the decoder's `decode_pieces` (CFM solves captured at start) and the vocoder runner with each
-job's seed and left context. On one GPU the processes share the card. Only the transport
-differs: multiprocessing queues instead of Serve handles and Redis streams (that hop is
-measured on the CPU by `bench hops`).
+job's seed and left context. `--placement` puts each stage on its device (any number of GPUs,
+as Ray gives each replica its card in serving); processes on one GPU share the card. Only the
+transport differs: multiprocessing queues instead of Serve handles and Redis streams (that hop
+is measured on the CPU by `bench hops`).
 
 Conversations arrive as a Poisson process; each is one spoken turn: a question of
 `--question-s` seconds, then a reply on a fixed schedule (random weights decide nothing useful:
@@ -23,6 +24,8 @@ Imports only model, runner and engine code (the GPU machine has no Ray, Redis or
 
     python -m orchestrator.bench_gpu --size tiny --concurrency 1,2          # CPU smoke run
     python -m orchestrator.bench_gpu --size real --device cuda --concurrency 1,8,32,64,128,256,512
+    python -m orchestrator.bench_gpu --size real --concurrency 64,128,256,512 \\
+        --placement gpus=1 --placement gpus=2         # one card against the LLM on its own card
 """
 from __future__ import annotations
 
@@ -58,6 +61,54 @@ from services.vocoder.runner import VocoderRunner
 
 STAGES = ("tokenizer", "llm", "decoder", "vocoder")
 MAX_JOBS = 16                    # decode / vocode jobs per batch, the deployments' default scale
+
+
+# ---------------------------------------------------------------------------- placement
+def spread(n_gpus: int) -> dict[str, str]:
+    """The production layout on n GPUs: the LLM alone on the first card (it is memory-bandwidth
+    bound and its step time sets every stream's pace); the decoder, vocoder and tokenizer share
+    the others, the decoder (the heaviest of them) first."""
+    if n_gpus < 1:
+        raise ValueError("--gpus must be at least 1")
+    rest = [f"cuda:{i}" for i in range(1, n_gpus)] or ["cuda:0"]
+    return {"llm": "cuda:0", **{s: rest[i % len(rest)] for i, s in enumerate(("decoder", "vocoder", "tokenizer"))}}
+
+
+def placement(spec: str, default: str = "cpu") -> dict[str, str]:
+    """'llm=cuda:0,decoder+vocoder+tokenizer=cuda:1' (stages not named run on `default`), or
+    'gpus=N' for `spread(N)`. Checks stage names and that each device exists here."""
+    spec = spec.strip()
+    if spec.startswith("gpus="):
+        try:
+            out = spread(int(spec[5:]))
+        except ValueError as e:
+            raise ValueError(f"placement {spec!r}: {e if 'least' in str(e) else 'gpus=N wants a whole number'}") from None
+    else:
+        out = {s: default for s in STAGES}
+        for part in filter(None, (x.strip() for x in spec.split(","))):
+            names, eq, dev = part.partition("=")
+            if not eq or not dev.strip():
+                raise ValueError(f"placement {spec!r}: {part!r} is not STAGE[+STAGE...]=DEVICE")
+            for n in names.split("+"):
+                if n.strip() not in STAGES:
+                    raise ValueError(f"placement {spec!r}: unknown stage {n.strip()!r} (stages: {', '.join(STAGES)})")
+                out[n.strip()] = dev.strip()
+    for dev in set(out.values()):
+        d = torch.device(dev)                        # raises on a malformed device string
+        if d.type == "cuda" and (d.index or 0) >= torch.cuda.device_count():
+            raise ValueError(f"placement {spec!r}: {dev} does not exist here "
+                             f"({torch.cuda.device_count()} CUDA device(s) visible)")
+    return out
+
+
+def describe(devices: dict[str, str]) -> str:
+    """'llm cuda:0; tokenizer, decoder, vocoder cuda:1' (or 'all on cpu')."""
+    by_dev: dict[str, list[str]] = {}
+    for s in STAGES:
+        by_dev.setdefault(devices[s], []).append(s)
+    if len(by_dev) == 1:
+        return f"all on {next(iter(by_dev))}"
+    return "; ".join(f"{', '.join(by_dev[k])} {k}" for k in sorted(by_dev))
 
 
 # ---------------------------------------------------------------------------- one conversation
@@ -147,8 +198,10 @@ def _take(q, n: int, wait: float = 0.01) -> list:
 def _stage(name: str, opts: dict, inbox, outbox, marks) -> None:
     """One stage's process: build it (reporting its GPU memory), then serve its inbox until None.
     The string "flush" asks for the stage's statistics since the last flush."""
-    dev = torch.device(opts["device"])
-    if dev.type != "cuda":
+    dev = torch.device(opts["devices"][name])
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)                   # graphs, pools and streams on the stage's card
+    else:
         torch.set_num_threads(1)
     try:
         with tempfile.TemporaryDirectory() as tmp:
@@ -422,19 +475,46 @@ def run_level(stack: Stack, C: int, rate: float, question_s: float, reply: str, 
 # ---------------------------------------------------------------------------- report
 def bench_gpu(size: str = "tiny", device: str = "cpu", concurrency=(1, 2), rate: float = 0.0,
               question_s: float = 5.0, reply: str = "8,60,4,40", attn: str | None = None,
-              reference: bool = True, max_batch: int = 512, print_fn=print) -> list[dict]:
-    dev = torch.device(device)
-    attn = attn or ("sdpa" if dev.type == "cuda" else "math")
-    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU"
+              reference: bool = True, max_batch: int = 512, placements: list[dict[str, str]] | None = None,
+              print_fn=print) -> list[dict]:
+    """Runs every concurrency level once per placement (stage -> device; default: every stage on
+    `device`) and, with several placements, prints them side by side. Returns the rows, each
+    with its placement."""
+    placements = placements or [{s: device for s in STAGES}]
     sched = _schedule(reply)
     audio_s = 0.08 * sum(n for k, n in sched if k == "audio")
-    print_fn(f"# bench gpu: {size} dimensions, random weights, {dev} ({name}), LLM attention {attn}; "
-             f"one process per stage")
+    print_fn(f"# bench gpu: {size} dimensions, random weights; one process per stage")
     print_fn(f"# each conversation: a {question_s:g} s spoken question, then a forced reply {sched} "
              f"({audio_s:.1f} s of audio), low-latency decoding; arrivals Poisson at "
              f"{'C/2' if rate <= 0 else rate} per second")
+    rows = []
+    for devices in placements:
+        rows += _bench_placement(devices, size, concurrency, rate, question_s, reply, attn, reference, max_batch,
+                                 print_fn)
+    if len(placements) > 1:
+        print_fn("# side by side: first audio p50/p95 s, speed p50/min x, underrun s")
+        names = [describe(d) for d in placements]
+        print_fn(f"{'C':>4} | " + " | ".join(f"{n:>40}" for n in names))
+        for C in concurrency:
+            cells = []
+            for devices in placements:
+                r = next(r for r in rows if r["C"] == C and r["placement"] == devices)
+                cells.append(f"{r['ttfa'][0]:6.3f}/{r['ttfa'][1]:6.3f} {r['speed'][0]:5.2f}/{r['speed'][1]:5.2f}x "
+                             f"{r['underrun']:6.3f}")
+            print_fn(f"{C:>4} | " + " | ".join(f"{c:>40}" for c in cells))
+    return rows
+
+
+def _bench_placement(devices, size, concurrency, rate, question_s, reply, attn, reference, max_batch,
+                     print_fn) -> list[dict]:
+    llm_dev = torch.device(devices["llm"])
+    attn = attn or ("sdpa" if llm_dev.type == "cuda" else "math")
+    cards = {d: (torch.cuda.get_device_name(torch.device(d)) if torch.device(d).type == "cuda" else "CPU")
+             for d in dict.fromkeys(devices.values())}
+    print_fn(f"## placement: {describe(devices)} ({', '.join(f'{d} {n}' for d, n in cards.items())}); "
+             f"LLM attention {attn}")
     t = time.perf_counter()
-    stack = Stack({"size": size, "device": device, "attn": attn, "slots": max(concurrency), "max_batch": max_batch,
+    stack = Stack({"size": size, "devices": devices, "attn": attn, "slots": max(concurrency), "max_batch": max_batch,
                    "question_s": question_s, "reply": reply})
     try:
         llm, dec = stack.info["llm"], stack.info["decoder"]
@@ -442,8 +522,9 @@ def bench_gpu(size: str = "tiny", device: str = "cpu", concurrency=(1, 2), rate:
                  f"{llm['max_len']} tokens ({llm['kv_gib']:.2f} GiB), batch ladder {llm['ladder']}, KV ladder "
                  f"{llm['kv_ladder']}, warm-up {llm['start_s']:.1f} s; decoder: {dec['shapes']} CFM solve shapes "
                  f"captured in {dec['start_s']:.1f} s")
-        if dev.type == "cuda":
-            print_fn("# GPU memory: " + ", ".join(f"{k} {v:.2f} GiB" for k, v in stack.memory.items()))
+        if any(torch.device(d).type == "cuda" for d in devices.values()):
+            print_fn("# GPU memory: " + ", ".join(f"{k} {v:.2f} GiB ({devices[k.split()[0]]})"
+                                                  for k, v in stack.memory.items()))
         # one untimed turn first: allocator pools, lazy initialisations
         run_level(stack, min(2, max(concurrency)), 10.0, question_s, reply, seed=99)
         print_fn(f"{'C':>4} {'done':>4} | {'audio step p50/p95 ms':>21} {'text step':>15} | "
@@ -452,6 +533,7 @@ def bench_gpu(size: str = "tiny", device: str = "cpu", concurrency=(1, 2), rate:
         rows = []
         for C in concurrency:
             r = run_level(stack, C, rate if rate > 0 else max(1.0, C / 2.0), question_s, reply)
+            r["placement"] = devices
             rows.append(r)
             st = r["steps"]
 
@@ -485,9 +567,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--attn", choices=["math", "sdpa"], default=None)
     p.add_argument("--no-reference", action="store_true")
     p.add_argument("--max-batch", type=int, default=512, help="the engine's largest decode batch")
+    p.add_argument("--placement", action="append", metavar="SPEC",
+                   help="stages per device, e.g. 'llm=cuda:0,decoder+vocoder+tokenizer=cuda:1', or 'gpus=N' "
+                        "(the LLM alone on cuda:0, the other stages over the other cards); stages not named "
+                        "run on --device. Repeat to compare layouts side by side in one run")
     a = p.parse_args(argv)
+    try:
+        places = [placement(x, a.device) for x in a.placement] if a.placement else None
+    except (ValueError, RuntimeError) as e:
+        p.error(str(e))
     bench_gpu(a.size, a.device, tuple(int(c) for c in a.concurrency.split(",")), a.rate, a.question_s,
-              a.reply, a.attn, reference=not a.no_reference, max_batch=a.max_batch)
+              a.reply, a.attn, reference=not a.no_reference, max_batch=a.max_batch, placements=places)
 
 
 if __name__ == "__main__":

@@ -244,8 +244,9 @@ def check_references(docs: list[Doc]) -> None:
                         f"{cwhere}: volumeMount {m['name']!r} names no volume of the pod"
                 for e in c.get("env", []):
                     ref = e.get("valueFrom", {})
-                    if "secretKeyRef" in ref:
-                        need(secrets, "Secret", ref["secretKeyRef"]["name"], ref["secretKeyRef"]["key"], cwhere)
+                    if "secretKeyRef" in ref:     # an optional key may be absent, its Secret may not
+                        k = ref["secretKeyRef"]
+                        need(secrets, "Secret", k["name"], None if k.get("optional") else k["key"], cwhere)
                     if "configMapKeyRef" in ref:
                         need(configmaps, "ConfigMap", ref["configMapKeyRef"]["name"],
                              ref["configMapKeyRef"]["key"], cwhere)

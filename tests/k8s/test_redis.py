@@ -47,9 +47,11 @@ def test_redis_durable_with_password(docs):
         f"Secret url {url!r} does not point at Service {name_of(svc)}"
 
 
-def test_redis_container_starts_from_rendered_config(tmp_path):
+@pytest.mark.parametrize("previous", [None, "old-pass_word+/="])
+def test_redis_container_starts_from_rendered_config(tmp_path, previous):
     """Runs the rendered container command and redis.conf with the local redis-server (paths
-    moved into tmp_path, a free port): password required, AOF on, maxmemory from the limit."""
+    moved into tmp_path, a free port): password required, AOF on, maxmemory from the limit.
+    During a password rotation (previous_password in the Secret) the old password works too."""
     server = shutil.which("redis-server")
     if server is None:
         missing("redis-server not found (Debian: apt-get install redis-server)")
@@ -75,6 +77,11 @@ def test_redis_container_starts_from_rendered_config(tmp_path):
     password = "pa ss-word+/="  # a space and base64 characters survive the config quoting
     env = {"PATH": os.environ.get("PATH", ""), "REDIS_PASSWORD": password,
            "MEMORY_LIMIT_MIB": str(limit_mib)}
+    env_names = {e["name"]: e for e in c["env"]}
+    ref = env_names["REDIS_PREVIOUS_PASSWORD"]["valueFrom"]["secretKeyRef"]
+    assert ref["key"] == "previous_password" and ref.get("optional") is True   # absent outside rotations
+    if previous is not None:
+        env["REDIS_PREVIOUS_PASSWORD"] = previous
     proc = subprocess.Popen(["sh", "-c", script], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     try:
@@ -94,6 +101,13 @@ def test_redis_container_starts_from_rendered_config(tmp_path):
         assert int(client.config_get("maxmemory")["maxmemory"]) == (limit_mib * 3 // 4) * 2**20
         with pytest.raises(redis.AuthenticationError):
             redis.Redis(host="127.0.0.1", port=port, socket_timeout=2).ping()
+        for other in ("old-pass_word+/=", "wrong"):
+            old_client = redis.Redis(host="127.0.0.1", port=port, password=other, socket_timeout=2)
+            if other == previous:
+                assert old_client.ping()
+            else:
+                with pytest.raises(redis.AuthenticationError):
+                    old_client.ping()
         client.xadd("jobs:test", {"k": "v"})
         # The readiness probe, pointed at this port, passes with REDISCLI_AUTH.
         probe = sts["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["exec"]["command"]

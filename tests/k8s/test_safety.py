@@ -1,6 +1,7 @@
 """Safe defaults of the pods this repository runs: non-root, no privilege escalation, no
 capabilities, read-only root filesystems with writable emptyDirs where Ray writes, and
-disruption budgets for the Ray worker groups. (Redis's pod is checked by its own tests.)"""
+disruption budgets for the Ray worker groups and Redis. (Redis's security context is checked
+by its own tests.)"""
 from __future__ import annotations
 
 import copy
@@ -60,6 +61,12 @@ def check_disruption_budgets(docs: list[Doc]) -> None:
         labels = spec["template"]["metadata"]["labels"]
         assert any(p["spec"]["selector"]["matchLabels"].items() <= labels.items() for p in pdbs), \
             f"{name_of(rs)} group {group}: no PodDisruptionBudget selects its pods"
+    # Redis is one pod holding every turn's state: a drain must not take it unannounced.
+    for sts in find(docs, "StatefulSet"):
+        labels = sts["spec"]["template"]["metadata"]["labels"]
+        held = [p for p in pdbs if p["spec"]["selector"]["matchLabels"].items() <= labels.items()]
+        assert any(p["spec"].get("minAvailable") == sts["spec"].get("replicas", 1) for p in held), \
+            f"{name_of(sts)}: needs a PodDisruptionBudget with minAvailable equal to its replicas"
 
 
 def test_security_contexts(docs):
@@ -87,6 +94,10 @@ def _ray_spec(docs, group: int):
      check_disruption_budgets, "group gpu"),
     (lambda d: find(d, "PodDisruptionBudget")[0]["spec"]["selector"]["matchLabels"].update(tier="x"),
      check_disruption_budgets, "matches no pod"),
+    (lambda d: d.remove(find(d, "PodDisruptionBudget", "baichuan-audio-redis")[0]),
+     check_disruption_budgets, "baichuan-audio-redis: needs a PodDisruptionBudget"),
+    (lambda d: find(d, "PodDisruptionBudget", "baichuan-audio-redis")[0]["spec"].update(minAvailable=0),
+     check_disruption_budgets, "minAvailable equal to its replicas"),
 ])
 def test_checks_catch_unsafe_pods(mutation, check, message):
     docs = copy.deepcopy(render("overlays/prod"))

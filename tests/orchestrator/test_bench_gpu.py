@@ -1,10 +1,14 @@
 """`baichuan-audio bench gpu` at tiny size on the CPU: conversations go through the serving
-path's runners, engine, publisher and job functions, and every measurement is reported."""
+path's runners, engine, publisher and job functions, and every measurement is reported; the
+placement code (stages on several devices) runs on the CPU through the same path."""
 from __future__ import annotations
 
 import math
 
-from orchestrator.bench_gpu import Turn, bench_gpu
+import pytest
+import torch
+
+from orchestrator.bench_gpu import STAGES, Turn, bench_gpu, describe, main, placement, spread
 
 
 def test_underrun_and_speed_of_a_player():
@@ -13,10 +17,43 @@ def test_underrun_and_speed_of_a_player():
     assert math.isclose(t.underrun(), 0.5) and math.isclose(t.speed(), 2.0 / 1.5)
 
 
+def test_spread_puts_the_llm_alone_on_the_first_card():
+    assert set(spread(1).values()) == {"cuda:0"}
+    two = spread(2)
+    assert two["llm"] == "cuda:0" and {two[s] for s in STAGES if s != "llm"} == {"cuda:1"}
+    four = spread(4)
+    assert four["llm"] == "cuda:0" and four["decoder"] == "cuda:1" and four["vocoder"] == "cuda:2"
+    assert "cuda:0" not in {four[s] for s in STAGES if s != "llm"}
+    assert describe(two) == "llm cuda:0; tokenizer, decoder, vocoder cuda:1"
+    assert describe(spread(1)) == "all on cuda:0"
+
+
+def test_placement_spec():
+    assert placement("", "cpu") == {s: "cpu" for s in STAGES}
+    assert placement("decoder+vocoder=cpu", "cpu")["decoder"] == "cpu"
+    for bad, says in (("vocder=cpu", "unknown stage 'vocder'"), ("llm", "STAGE[+STAGE...]=DEVICE"),
+                      ("llm=", "STAGE[+STAGE...]=DEVICE"), ("gpus=x", "whole number"), ("gpus=0", "at least 1")):
+        with pytest.raises(ValueError, match=says.replace("[", r"\[").replace("+", r"\+").replace(".", r"\.")):
+            placement(bad, "cpu")
+    missing = f"cuda:{torch.cuda.device_count()}"
+    with pytest.raises(ValueError, match="does not exist here"):
+        placement(f"llm={missing}", "cpu")
+
+
+def test_cli_refuses_a_bad_placement_before_starting_anything(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--placement", "llm=cpu,talker=cpu"])
+    assert e.value.code == 2 and "unknown stage 'talker'" in capsys.readouterr().err
+
+
 def test_bench_runs_conversations_through_the_serving_path(capsys):
-    rows = bench_gpu("tiny", "cpu", concurrency=(1, 2), question_s=1.0, reply="3,12,2,6", reference=False)
-    assert [r["C"] for r in rows] == [1, 2] and all(r["completed"] == r["C"] for r in rows)
+    places = [placement("", "cpu"), placement("llm=cpu,decoder+vocoder+tokenizer=cpu", "cpu")]
+    rows = bench_gpu("tiny", "cpu", concurrency=(1, 2), question_s=1.0, reply="3,12,2,6", reference=False,
+                     placements=places)
+    assert [r["C"] for r in rows] == [1, 2, 1, 2] and all(r["completed"] == r["C"] for r in rows)
+    assert [r["placement"] for r in rows] == [places[0]] * 2 + [places[1]] * 2
     for r in rows:
         assert 0 < r["ttfa"][0] <= r["ttfa"][1] and r["speed"][1] > 0 and "audio" in r["steps"]
     out = capsys.readouterr().out
     assert "first audio p50/p95" in out and "underrun" in out
+    assert out.count("## placement: all on cpu") == 2 and "# side by side" in out
