@@ -487,22 +487,18 @@ def bench_gpu(size: str = "tiny", device: str = "cpu", concurrency=(1, 2), rate:
     print_fn(f"# each conversation: a {question_s:g} s spoken question, then a forced reply {sched} "
              f"({audio_s:.1f} s of audio), low-latency decoding; arrivals Poisson at "
              f"{'C/2' if rate <= 0 else rate} per second")
-    rows = []
-    for devices in placements:
-        rows += _bench_placement(devices, size, concurrency, rate, question_s, reply, attn, reference, max_batch,
-                                 print_fn)
-    if len(placements) > 1:
+    runs = [_bench_placement(devices, size, concurrency, rate, question_s, reply, attn, reference, max_batch,
+                             print_fn) for devices in placements]
+    if len(runs) > 1:
         print_fn("# side by side: first audio p50/p95 s, speed p50/min x, underrun s")
-        names = [describe(d) for d in placements]
-        print_fn(f"{'C':>4} | " + " | ".join(f"{n:>40}" for n in names))
-        for C in concurrency:
-            cells = []
-            for devices in placements:
-                r = next(r for r in rows if r["C"] == C and r["placement"] == devices)
-                cells.append(f"{r['ttfa'][0]:6.3f}/{r['ttfa'][1]:6.3f} {r['speed'][0]:5.2f}/{r['speed'][1]:5.2f}x "
-                             f"{r['underrun']:6.3f}")
-            print_fn(f"{C:>4} | " + " | ".join(f"{c:>40}" for c in cells))
-    return rows
+        print_fn(f"{'C':>4} | " + " | ".join(f"{describe(d):>40}" for d in placements))
+        for i, C in enumerate(concurrency):
+            print_fn(f"{C:>4} | " + " | ".join(f"{side_by_side(run[i]):>40}" for run in runs))
+    return [r for run in runs for r in run]
+
+
+def side_by_side(r: dict) -> str:
+    return f"{r['ttfa'][0]:6.3f}/{r['ttfa'][1]:6.3f} {r['speed'][0]:5.2f}/{r['speed'][1]:5.2f}x {r['underrun']:6.3f}"
 
 
 def _bench_placement(devices, size, concurrency, rate, question_s, reply, attn, reference, max_batch,

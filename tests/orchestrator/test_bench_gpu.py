@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from orchestrator.bench_gpu import STAGES, Turn, bench_gpu, describe, main, placement, spread
+from orchestrator.bench_gpu import STAGES, Turn, bench_gpu, describe, main, placement, side_by_side, spread
 
 
 def test_underrun_and_speed_of_a_player():
@@ -57,3 +57,7 @@ def test_bench_runs_conversations_through_the_serving_path(capsys):
     out = capsys.readouterr().out
     assert "first audio p50/p95" in out and "underrun" in out
     assert out.count("## placement: all on cpu") == 2 and "# side by side" in out
+    table = out.split("# side by side")[1].splitlines()[2:4]       # each placement's own figures
+    for C, line in zip((1, 2), table):
+        cells = [c.strip() for c in line.split("|")]
+        assert cells == [str(C)] + [side_by_side(r).strip() for r in rows if r["C"] == C]
