@@ -5,7 +5,8 @@ deployment runs, at the chosen dimensions with random weights: the tokenizer run
 like the tokenizer deployment) and the prompt builder, the LLM engine (decode steps as CUDA
 graphs on a GPU, captured at start) with the turn publisher that cuts audio into decode jobs,
 the decoder's `decode_pieces` (CFM solves captured at start) and the vocoder runner with each
-job's seed and left context. `--placement` puts each stage on its device (any number of GPUs,
+job's seed and left context, each taking a turn's first audio from its urgent lane first as
+their workers do. `--placement` puts each stage on its device (any number of GPUs,
 as Ray gives each replica its card in serving); processes on one GPU share the card. Only the
 transport differs: multiprocessing queues instead of Serve handles and Redis streams (that hop
 is measured on the CPU by `bench hops`).
@@ -30,6 +31,7 @@ Imports only model, runner and engine code (the GPU machine has no Ray, Redis or
 from __future__ import annotations
 
 import argparse
+from collections import deque
 import multiprocessing as mp
 import queue
 import random
@@ -43,6 +45,7 @@ import numpy as np
 import torch
 
 from services.common.dtypes import default_dtype
+from services.common.entries import URGENT, VOCODER_JOBS, next_lane
 from services.common.model_config import HiFTConfig, ModelConfig
 from services.common.tiny_checkpoint import TINY_HIFT, random_hift_state, tiny_config_dict
 from services.decoder.bench import decoder_config, random_tensors
@@ -195,6 +198,36 @@ def _take(q, n: int, wait: float = 0.01) -> list:
     return items
 
 
+class Lanes:
+    """A work stream's jobs as the stage's worker claims them (worker.run_worker over
+    entries.lanes): the urgent lane (a turn's first audio) before the rest, each in order."""
+
+    def __init__(self):
+        self.urgent: deque = deque()
+        self.rest: deque = deque()
+        self.control: list = []                      # None (stop) and "flush" requests
+
+    def claim(self, inbox, n: int, wait: float = 0.01) -> list[tuple[str, object]]:
+        """Everything waiting in `inbox` joins its lane; then up to n (lane, job) pairs."""
+        items: list = []
+        try:
+            if not (self.urgent or self.rest):
+                items.append(inbox.get(timeout=wait))
+            while True:
+                items.append(inbox.get_nowait())
+        except queue.Empty:
+            pass
+        for it in items:
+            if it is None or isinstance(it, str):
+                self.control.append(it)
+            else:
+                (self.urgent if it[0].endswith(URGENT) else self.rest).append(it)
+        out = []
+        while len(out) < n and (self.urgent or self.rest):
+            out.append((self.urgent or self.rest).popleft())
+        return out
+
+
 def _stage(name: str, opts: dict, inbox, outbox, marks) -> None:
     """One stage's process: build it (reporting its GPU memory), then serve its inbox until None.
     The string "flush" asks for the stage's statistics since the last flush."""
@@ -269,7 +302,7 @@ def _llm_stage(opts, dev, tmp, cfgs, inbox, outbox, marks) -> None:
                 if tid not in jobbed:
                     jobbed.add(tid)
                     marks.put(("first_job", tid, time.perf_counter()))
-                outbox.put(entry)
+                outbox.put((target, entry))             # its lane of jobs:decoder
         return emit
 
     texted: set[str] = set()
@@ -316,19 +349,20 @@ def _decoder_stage(opts, dev, tmp, cfgs, inbox, outbox, marks) -> None:
     shapes = runner.warm_up(max(n for k, n in _schedule(opts["reply"]) if k == "audio"))
     marks.put(("ready", "decoder", {"decoder": _allocated(dev)}, {"shapes": shapes, "start_s": time.perf_counter() - t}))
     captures = runner.graphs.stats["captures"]
+    work = Lanes()
     while True:
-        items = _take(inbox, MAX_JOBS)
-        jobs = [j for j in items if not (j is None or isinstance(j, str))]
-        if jobs:
-            pieces = [(j.codes.tensor("int64"), j.context_frames, j.seed) for j in jobs]
-            for j, (mel, vctx) in zip(jobs, decode_pieces(runner, pieces)):
+        claimed = work.claim(inbox, MAX_JOBS)
+        if claimed:
+            pieces = [(j.codes.tensor("int64"), j.context_frames, j.seed) for _, j in claimed]
+            for (lane, j), (mel, vctx) in zip(claimed, decode_pieces(runner, pieces)):
                 marks.put(("first_mel", j.turn_id, time.perf_counter()))
-                outbox.put((j.turn_id, j.seed, j.final, mel.numpy(), vctx))
-        if "flush" in items:
+                outbox.put((next_lane(lane, VOCODER_JOBS), (j.turn_id, j.seed, j.final, mel.numpy(), vctx)))
+        if "flush" in work.control:
             marks.put(("stats", "decoder", {"captures": runner.graphs.stats["captures"] - captures}))
             captures = runner.graphs.stats["captures"]
-        if None in items:
+        if None in work.control:
             return
+        work.control.clear()
 
 
 def _vocoder_stage(opts, dev, tmp, cfgs, inbox, outbox, marks) -> None:
@@ -336,9 +370,10 @@ def _vocoder_stage(opts, dev, tmp, cfgs, inbox, outbox, marks) -> None:
     runner = VocoderRunner(hift_cfg, random_hift_state(hift_cfg, 0), device=dev, max_batch=MAX_JOBS)
     marks.put(("ready", "vocoder", {"vocoder": _allocated(dev)}, {}))
     rate = hift_cfg.sampling_rate
+    work = Lanes()
     while True:
-        items = _take(inbox, MAX_JOBS)
-        jobs = [j for j in items if isinstance(j, tuple)]
+        jobs = [j for _, j in work.claim(inbox, MAX_JOBS)]
+        items = work.control
         if jobs:
             waves = runner.vocode([torch.from_numpy(m) for _, _, _, m, _ in jobs], seed=[s for _, s, _, _, _ in jobs],
                                   context_frames=[c for *_, c in jobs])
@@ -349,6 +384,7 @@ def _vocoder_stage(opts, dev, tmp, cfgs, inbox, outbox, marks) -> None:
             marks.put(("stats", "vocoder", {}))
         if None in items:
             return
+        items.clear()
 
 
 # ---------------------------------------------------------------------------- the stack

@@ -11,8 +11,9 @@ Two kinds of stream:
         When a turn ends, its stage streams are deleted and its events kept for resume for
         `finished_turn_ttl_s` (`end_turn`).
 
-    jobs:decoder, jobs:vocoder
-        Work queues read through one consumer group per stream. A replica claims a job
+    jobs:decoder, jobs:vocoder (and their urgent lanes jobs:decoder:urgent, jobs:vocoder:urgent)
+        Work queues read through one consumer group per stream; a worker serves a stage's urgent
+        lane before its other jobs (a turn's first audio, entries.urgent_lane). A replica claims a job
         (XREADGROUP '>'), publishes its results, then acks (XACK + XDEL, so the stream length
         is the backlog). A job whose replica died is re-claimed after the visibility timeout
         (XAUTOCLAIM); after `max_deliveries` deliveries it goes to `jobs:{name}:dead` instead of
@@ -38,7 +39,7 @@ from __future__ import annotations
 import logging
 import time
 from contextlib import contextmanager
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import redis
 
@@ -321,14 +322,31 @@ class Bus:
             if "BUSYGROUP" not in str(e):
                 raise
 
-    def claim_next(self, stream: str, group: str, consumer: str, block_ms: int | None = None,
+    def claim_next(self, stream: str | Sequence[str], group: str, consumer: str, block_ms: int | None = None,
                    count: int = 1) -> list[Job]:
         """Up to `count` jobs never delivered to the group (XREADGROUP '>'), waiting up to
-        `block_ms`. They stay pending for `consumer` until acked."""
+        `block_ms`. They stay pending for `consumer` until acked.
+
+        Several streams are lanes in priority order: the batch is filled from the first lane,
+        then the next; only when all are empty does it wait, on all of them (a wait that wakes
+        on several lanes at once may return up to `count` jobs per lane)."""
         self._check_block(block_ms)
-        reply = self.redis.xreadgroup(group, consumer, {stream: ">"}, count=count, block=block_ms)
+        streams = [stream] if isinstance(stream, str) else list(stream)
+        jobs: list[Job] = []
+        for s in streams:
+            if len(jobs) >= count:
+                break
+            jobs += self._claim({s: ">"}, group, consumer, count - len(jobs), None)
+        if not jobs and block_ms is not None:
+            jobs = self._claim({s: ">" for s in streams}, group, consumer, count, block_ms)
+        return jobs
+
+    def _claim(self, streams: dict[str, str], group: str, consumer: str, count: int,
+               block_ms: int | None) -> list[Job]:
+        reply = self.redis.xreadgroup(group, consumer, streams, count=count, block=block_ms)
         jobs = []
-        for _name, entries in reply or []:
+        for name, entries in reply or []:
+            stream = _s(name)
             for eid, fields in entries:
                 try:
                     entry = decode_entry(fields)

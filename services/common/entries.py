@@ -21,6 +21,25 @@ import numpy as np
 SCHEMA_VERSION = 2        # 2: every array carries its dtype (`{name}_dtype`); tokens and PCM are arrays
 DECODER_JOBS = "jobs:decoder"
 VOCODER_JOBS = "jobs:vocoder"
+URGENT = ":urgent"
+
+
+def urgent_lane(stream: str) -> str:
+    """`jobs:{stage}:urgent`: the lane of a work stream whose jobs a worker takes first. A turn's
+    first piece of audio travels in it through the decoder and the vocoder, so a new turn's
+    first audio does not queue behind the later chunks of running turns, which a player has
+    buffered audio for."""
+    return stream if stream.endswith(URGENT) else stream + URGENT
+
+
+def lanes(stream: str) -> tuple[str, str]:
+    """(urgent lane, stream): a work stream's lanes in the order a worker serves them."""
+    return urgent_lane(stream), stream
+
+
+def next_lane(job_stream: str, next_stream: str) -> str:
+    """The next stage's lane for a job's result: urgent work stays urgent."""
+    return urgent_lane(next_stream) if job_stream.endswith(URGENT) else next_stream
 TURN_KINDS = ("llm", "audio", "events")
 
 

@@ -1,4 +1,5 @@
-"""The work-stream side of a stage replica: a thread that serves `jobs:{stage}` (worker.run_worker).
+"""The work-stream side of a stage replica: a thread that serves `jobs:{stage}` and its urgent
+lane (worker.run_worker, entries.lanes).
 
 Used by the decoder and vocoder deployments: each replica is one consumer of the stage's
 consumer group, so replicas share the work, and a replica that dies leaves its jobs to be
@@ -13,7 +14,7 @@ from typing import Callable
 
 from services.common.autoscaling import BACKLOG_METRIC
 from services.common.bus import Bus
-from services.common.entries import Job, TurnError
+from services.common.entries import Job, TurnError, lanes
 from services.common.errors import Status
 from services.common.telemetry import get_metrics
 from services.common.settings import Settings
@@ -49,7 +50,7 @@ class StageWorker:
 
     def start(self) -> "StageWorker":
         # run_worker retries whatever fails around the handler, so the thread lives until stop()
-        self._thread = start_worker(self.bus, self.stream, GROUP, self.consumer, self._handler,
+        self._thread = start_worker(self.bus, lanes(self.stream), GROUP, self.consumer, self._handler,
                                     self._stop, **self._kw)
         return self
 
@@ -79,10 +80,13 @@ class WorkStreamReplica:
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         """Serve calls this on every replica; the backlog drives autoscaling.backlog_policy
-        (acked jobs are deleted, so the stream's length is what waits or runs)."""
+        (acked jobs are deleted, so the lanes' lengths are what waits or runs)."""
         if self.worker is None:
             return {BACKLOG_METRIC: 0.0}
-        backlog = float(self.worker.bus.redis.xlen(self.worker.stream))
+        pipe = self.worker.bus.redis.pipeline(transaction=False)
+        for s in lanes(self.worker.stream):
+            pipe.xlen(s)
+        backlog = float(sum(pipe.execute()))
         (self.worker.bus.metrics or get_metrics()).record_backlog(self.worker.stage, backlog)
         return {BACKLOG_METRIC: backlog}
 

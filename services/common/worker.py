@@ -106,7 +106,7 @@ def _run_jobs(bus: Bus, jobs: list[Job], handler: Callable, batched: bool, stats
 
 def run_worker(
     bus: Bus,
-    stream: str,
+    stream: "str | Sequence[str]",
     group: str,
     consumer: str,
     handler: "Handler | BatchHandler",
@@ -122,7 +122,9 @@ def run_worker(
     stats: WorkerStats | None = None,
 ) -> WorkerStats:
     """Serve a work stream until `stop_event` is set; returns what it did (`stats`, updated
-    while it runs, or a new WorkerStats).
+    while it runs, or a new WorkerStats). Several streams are lanes in priority order
+    (entries.lanes: the urgent lane first): reclaims and claims take the first lane's jobs
+    before the next's.
 
     Each round: every `reclaim_interval_ms`, jobs idle for `visibility_timeout_ms` are
     reclaimed (and poison ones dead-lettered), else up to `count` new jobs are claimed, waiting
@@ -144,7 +146,9 @@ def run_worker(
     a second worker (harmless for the client thanks to the once-only results, wasted work).
     `worker_options(settings)` gives these timings from the settings.
     """
-    stage = stage or stream.split(":")[-1]
+    streams = [stream] if isinstance(stream, str) else list(stream)
+    name = streams[-1]
+    stage = stage or name.split(":")[-1]
     stats = WorkerStats() if stats is None else stats
     metrics = bus.metrics or get_metrics()
 
@@ -160,29 +164,33 @@ def run_worker(
     while not stop_event.is_set():
         try:
             if not has_group:
-                bus.ensure_group(stream, group)
+                for s in streams:
+                    bus.ensure_group(s, group)
                 has_group = True
             jobs: list[Job] = []
             now = time.monotonic()
             if now >= next_reclaim:
                 next_reclaim = now + reclaim_interval_ms / 1000.0
-                jobs = bus.reclaim_stale(stream, group, consumer, visibility_timeout_ms,
-                                         count=count, max_deliveries=max_deliveries,
-                                         on_dead_letter=dead_lettered)
+                for s in streams:
+                    if len(jobs) < count:
+                        jobs += bus.reclaim_stale(s, group, consumer, visibility_timeout_ms,
+                                                  count=count - len(jobs), max_deliveries=max_deliveries,
+                                                  on_dead_letter=dead_lettered)
                 stats.reclaimed += len(jobs)
             if not jobs:
-                jobs = bus.claim_next(stream, group, consumer, block_ms=block_ms, count=count)
+                jobs = bus.claim_next(streams, group, consumer, block_ms=block_ms, count=count)
                 stats.claimed += len(jobs)
                 for job in jobs:
                     metrics.record_queue_lag(stage, job.lag_ms)
-            if jobs:
+            for i in range(0, len(jobs), count):   # a wait that woke on several lanes: batches of count
+                batch = jobs[i:i + count]
                 try:
-                    _run_jobs(bus, jobs, handler, batched, stats, stage, dead_lettered, metrics)
+                    _run_jobs(bus, batch, handler, batched, stats, stage, dead_lettered, metrics)
                 except (redis.ConnectionError, redis.TimeoutError):
                     raise
                 except Exception:  # publishing failed: the jobs stay pending for a retry
-                    log.exception("%s: could not publish the results of jobs %s", stream,
-                                  [j.id for j in jobs])
+                    log.exception("%s: could not publish the results of jobs %s", name,
+                                  [j.id for j in batch])
                     stats.failed += 1
             backoff = 0.1
         except Exception as e:  # noqa: BLE001 - the worker must outlive any failed round
@@ -191,9 +199,9 @@ def run_worker(
                 continue
             stats.restarts += 1
             if isinstance(e, (redis.ConnectionError, redis.TimeoutError)):
-                log.warning("%s: redis unavailable (%s); retrying in %.1f s", stream, e, backoff)
+                log.warning("%s: redis unavailable (%s); retrying in %.1f s", name, e, backoff)
             else:
-                log.exception("%s: worker round failed; retrying in %.1f s", stream, backoff)
+                log.exception("%s: worker round failed; retrying in %.1f s", name, backoff)
             stop_event.wait(backoff)
             backoff = min(MAX_BACKOFF_S, backoff * 2)
     return stats
@@ -206,7 +214,7 @@ def worker_options(settings: Any) -> dict[str, int]:
             "reclaim_interval_ms": b.reclaim_interval_ms, "max_deliveries": b.max_deliveries}
 
 
-def start_worker(bus: Bus, stream: str, group: str, consumer: str, handler: "Handler | BatchHandler",
+def start_worker(bus: Bus, stream: "str | Sequence[str]", group: str, consumer: str, handler: "Handler | BatchHandler",
                  stop_event: threading.Event, **kw: Any) -> threading.Thread:
     """`run_worker` on a daemon thread named after the consumer; `thread.stats` is its
     WorkerStats, updated while it runs."""

@@ -16,7 +16,7 @@ from ray import serve
 from baichuan_audio.v1 import stages_pb2
 from services.common.auth import Authenticator
 from services.common.bus import Bus
-from services.common.entries import DECODER_JOBS, VOCODER_JOBS, Job, PermanentError, VocodeJob
+from services.common.entries import DECODER_JOBS, VOCODER_JOBS, Job, PermanentError, VocodeJob, next_lane
 from services.common.grpc_status import grpc_errors
 from services.common.runtime import device_and_dtype, open_checkpoint, start_replica
 from services.common.stage_worker import WorkStreamReplica
@@ -57,7 +57,8 @@ class DecoderDeployment(WorkStreamReplica):
             e = jobs[i].entry
             job = VocodeJob.from_mel(e.turn_id, e.segment, e.chunk, mel, final=e.final, context_frames=vctx,
                                      seed=e.seed, session_id=e.session_id)
-            outcomes[i] = [(VOCODER_JOBS, job, Bus.result_key("decoder", e.turn_id, e.segment, e.chunk))]
+            outcomes[i] = [(next_lane(jobs[i].stream, VOCODER_JOBS), job,
+                            Bus.result_key("decoder", e.turn_id, e.segment, e.chunk))]
         return outcomes
 
     @grpc_errors

@@ -23,7 +23,7 @@ from ray import serve
 from baichuan_audio.v1 import conversation_pb2, stages_pb2
 from services.common.auth import Authenticator
 from services.common.bus import Bus, RedisFull
-from services.common.entries import DECODER_JOBS, TurnError
+from services.common.entries import DECODER_JOBS, TurnError, lanes
 from services.common.errors import Status
 from services.common.grpc_status import grpc_errors
 from services.common.runtime import device_and_dtype, open_checkpoint, start_replica
@@ -148,8 +148,8 @@ class LLMDeployment:
 
     def _emit(self, turn_id: str):
         def emit(target: str, entry) -> None:
-            if target == DECODER_JOBS:
-                self.bus.submit(DECODER_JOBS, entry)
+            if target in lanes(DECODER_JOBS):
+                self.bus.submit(target, entry)
             else:
                 self.bus.publish(turn_id, target, entry)
         return emit

@@ -22,7 +22,8 @@ from services.common.chunking import chunk_plan
 from services.common.errors import Status
 from services.llm.protocol import AudioFrame, Done, Event, SegmentEnd, SegmentStart, TextToken
 
-# emit(target, entry): target is "llm" (the turn's LLM stream) or entries.DECODER_JOBS
+# emit(target, entry): target is "llm" (the turn's LLM stream) or one of entries.lanes(DECODER_JOBS):
+# the turn's first decode job goes to the urgent lane (its first audio), the others to the stream
 Emit = Callable[[str, entries.Entry], None]
 
 
@@ -59,10 +60,13 @@ class TurnPublisher:
     _sent_chunks: int = 0          # decode jobs sent for the current audio segment
     _sent_tokens: int = 0          # frames of the current segment covered by those jobs
     _audio_segment: int = -1
+    _jobs: int = 0                 # decode jobs sent for the turn
 
     def _job(self, segment: int, chunk: int, start: int, end: int, final: bool) -> None:
         codes = np.asarray(self._frames[:end], dtype=np.int32)
-        self.emit(entries.DECODER_JOBS, entries.DecodeJob.from_codes(
+        lane = entries.urgent_lane(entries.DECODER_JOBS) if self._jobs == 0 else entries.DECODER_JOBS
+        self._jobs += 1
+        self.emit(lane, entries.DecodeJob.from_codes(
             self.turn_id, segment, chunk, codes, final=final, context_frames=start,
             seed=segment_seed(self.turn_id, segment, self.seed), session_id=self.session_id))
         self._sent_chunks += 1

@@ -203,6 +203,33 @@ def test_two_consumers_share_a_group(bus, uid):
     assert bus.claim_next(stream, "g", "a", block_ms=50) == []
 
 
+def test_lanes_are_claimed_in_priority_order(bus, uid):
+    """A work stream's urgent lane is served first: a batch fills from it, then from the stream,
+    and a worker waiting on both wakes for either."""
+    from services.common.entries import lanes
+
+    urgent, normal = lanes(f"jobs:{uid}")
+    for s in range(3):
+        bus.submit(normal, decode_job(uid, s))       # queued first
+    bus.submit(urgent, decode_job(uid, 10))
+    for st in (urgent, normal):
+        bus.ensure_group(st, "g")
+    first = bus.claim_next([urgent, normal], "g", "a", count=2)
+    assert [(j.stream, j.entry.segment) for j in first] == [(urgent, 10), (normal, 0)]
+    rest = bus.claim_next([urgent, normal], "g", "a", count=5)
+    assert [(j.stream, j.entry.segment) for j in rest] == [(normal, 1), (normal, 2)]
+    assert all(bus.ack(j) for j in first + rest)
+
+    def later():
+        time.sleep(0.2)
+        bus.submit(urgent, decode_job(uid, 11))     # another connection of the pool
+    t = threading.Thread(target=later)
+    t.start()
+    woke = bus.claim_next([urgent, normal], "g", "a", block_ms=3000, count=4)
+    t.join()
+    assert [(j.stream, j.entry.segment) for j in woke] == [(urgent, 11)]
+
+
 def test_put_result_once(bus, uid):
     out, key = bus.turn_stream(uid, "llm"), Bus.result_key("llm", uid, 0, 0)
     ok1, id1 = bus.put_result_once(key, out, TextDelta(uid, 0, "a"))

@@ -49,6 +49,42 @@ def test_workers_share_jobs_and_publish_each_result_once(bus, redis_url, uid):
     assert bus.redis.xpending(stream, "g")["pending"] == 0
 
 
+def test_worker_serves_the_urgent_lane_first(bus, redis_url, uid):
+    """A backlog in the stream, then an urgent job: the worker's next batch is the urgent one,
+    and a job of the urgent lane whose consumer died is reclaimed like any other."""
+    from services.common.entries import lanes
+
+    urgent, normal = lanes(f"jobs:{uid}")
+    for st in (urgent, normal):
+        bus.ensure_group(st, "g")
+    bus.submit(urgent, decode_job(uid, 99))
+    [held] = bus.claim_next([urgent, normal], "g", "dying")     # then "dies"
+    for s in range(6):
+        bus.submit(normal, decode_job(uid, s))
+    order: list[int] = []
+    gate = threading.Event()
+
+    def handler(job: Job):
+        if job.entry.segment == 0:
+            bus.submit(urgent, decode_job(uid, 50))     # arrives behind five queued jobs
+            gate.set()
+        order.append(job.entry.segment)
+        return []
+
+    stop = threading.Event()
+    t = start_worker(Bus(redis_url), [urgent, normal], "g", "w", handler, stop, block_ms=20, count=1,
+                     visibility_timeout_ms=300, reclaim_interval_ms=100)
+    deadline = time.monotonic() + 10
+    while len(order) < 8 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    stop.set()
+    t.join(5)
+    assert order.index(50) < order.index(1), order   # before segments 1..5 that waited longer
+    assert sorted(order) == [0, 1, 2, 3, 4, 5, 50, 99] and t.stats.reclaimed == 1
+    assert held.entry.segment == 99 and gate.is_set()
+    assert bus.redis.xlen(urgent) == 0 and bus.redis.xlen(normal) == 0
+
+
 def test_dead_consumer_job_is_reclaimed_and_completed_exactly_once(bus, redis_url, uid):
     stream, out = f"jobs:{uid}", bus.turn_stream(uid, "audio")
     bus.ensure_group(stream, "g")

@@ -57,7 +57,7 @@ def test_a_capped_segment_loses_its_last_pad_and_its_row():
     text(s, A, EOS)
     frames(s, F3, EOA)
     out = publish(s)
-    jobs = [e for t, e in out if t == entries.DECODER_JOBS]
+    jobs = [e for t, e in out if t in entries.lanes(entries.DECODER_JOBS)]
     assert [j.codes.numpy().tolist() for j in jobs] == [[list(FRAME), list(F2)], [list(F3)]]
     end = end_of(out)
     assert end.codes.numpy().tolist() == [list(FRAME), list(F3)]
@@ -101,17 +101,39 @@ def test_no_per_frame_entries_and_text_carries_its_token_ids():
     text(s, X, EOS)
     frames(s, FRAME, EOA)
     out = publish(s, ChunkPolicy(first=1, growth=2.0, max_chunk=50))
-    assert {t for t, _ in out} == {"llm", entries.DECODER_JOBS}
+    assert {t for t, _ in out} == {"llm", *entries.lanes(entries.DECODER_JOBS)}
     assert not any(type(e).TYPE == "audio_frames" for _, e in out)
     texts = [entries.decode_entry(e.encode()) for t, e in out if isinstance(e, entries.TextDelta)]
     assert [(d.text, d.tokens.numpy().tolist()) for d in texts] == [("a", [A]), (" b", [SP_B]), ("x", [X])]
     # the decoder still gets every frame: low-latency chunks of segment 0, then segment 1 whole
-    jobs = [e for t, e in out if t == entries.DECODER_JOBS]
+    jobs = [e for t, e in out if t in entries.lanes(entries.DECODER_JOBS)]
     seg0 = [j for j in jobs if j.segment == 0]
     assert len(seg0) >= 2 and seg0[-1].codes.numpy().tolist() == [list(FRAME), list(F2), list(F3)]
     assert [j.codes.numpy().tolist() for j in jobs if j.segment == 1] == [[list(FRAME)]]
     bounds = [e for _, e in out if isinstance(e, entries.SegmentBoundary) and e.kind == "audio"]
     assert [(b.audio_frames, b.chunks) for b in bounds] == [(3, len(seg0)), (1, 1)]
+
+
+@pytest.mark.parametrize("chunks", [ChunkPolicy(), ChunkPolicy(first=1, growth=2.0, max_chunk=50)])
+def test_only_the_turns_first_decode_job_is_urgent(chunks):
+    """Its first audio: the decoder and vocoder take it before the later chunks of running
+    turns. Everything after it has the audio before it playing ahead of it."""
+    s = seq()
+    text(s, A, AG_START)
+    frames(s, FRAME, F2, F3, EOA)
+    text(s, X, EOS)
+    frames(s, FRAME, EOA)
+    targets = [(t, e.segment, e.chunk) for t, e in publish(s, chunks) if isinstance(e, entries.DecodeJob)]
+    assert len(targets) >= 2
+    assert targets[0] == (entries.urgent_lane(entries.DECODER_JOBS), 0, 0)
+    assert {t for t, *_ in targets[1:]} == {entries.DECODER_JOBS}
+
+
+def test_lanes():
+    d = entries.DECODER_JOBS
+    assert entries.lanes(d) == (d + ":urgent", d) and entries.urgent_lane(d + ":urgent") == d + ":urgent"
+    assert entries.next_lane(d + ":urgent", entries.VOCODER_JOBS) == entries.VOCODER_JOBS + ":urgent"
+    assert entries.next_lane(d, entries.VOCODER_JOBS) == entries.VOCODER_JOBS
 
 
 def test_end_entry_codes_are_checked():

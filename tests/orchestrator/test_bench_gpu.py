@@ -61,3 +61,22 @@ def test_bench_runs_conversations_through_the_serving_path(capsys):
     for C, line in zip((1, 2), table):
         cells = [c.strip() for c in line.split("|")]
         assert cells == [str(C)] + [side_by_side(r).strip() for r in rows if r["C"] == C]
+
+
+def test_lanes_claim_a_turns_first_audio_first():
+    """The benchmark's stages claim jobs as the workers do: the urgent lane first, each in order."""
+    import queue
+
+    from orchestrator.bench_gpu import Lanes
+    from services.common.entries import DECODER_JOBS, urgent_lane
+
+    q: queue.Queue = queue.Queue()
+    for i in range(3):
+        q.put((DECODER_JOBS, f"later-{i}"))
+    q.put((urgent_lane(DECODER_JOBS), "first"))
+    q.put("flush")
+    work = Lanes()
+    assert [j for _, j in work.claim(q, 2)] == ["first", "later-0"] and work.control == ["flush"]
+    q.put((urgent_lane(DECODER_JOBS), "first-b"))
+    assert [j for _, j in work.claim(q, 5)] == ["first-b", "later-1", "later-2"]
+    assert work.claim(q, 5, wait=0.01) == []

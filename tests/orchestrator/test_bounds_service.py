@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from baichuan_audio.v1 import conversation_pb2 as pb
+from services.common.entries import DECODER_JOBS, VOCODER_JOBS, lanes
 from tests.orchestrator.redis_monitor import Monitor
 from tests.orchestrator.test_service import QUESTION, META, TIMEOUT, check_turn, converse, session, stub  # noqa: F401
 
@@ -102,7 +103,7 @@ def test_a_caller_that_leaves_mid_turn_can_resume_the_finished_turn_then_it_is_f
 
 
 # keys the stack writes that are not per session or turn: bounded in length, not in time
-FIXED_KEYS = {"jobs:decoder", "jobs:vocoder"}
+FIXED_KEYS = {*lanes(DECODER_JOBS), *lanes(VOCODER_JOBS)}
 WRITES = {"set", "hset", "hsetnx", "xadd", "zadd", "sadd", "lpush", "rpush", "incr", "incrby", "setex",
           "hincrby", "append", "xgroup", "expire", "pexpire", "del", "xack", "xdel", "xtrim", "persist"}
 

@@ -201,6 +201,39 @@ def test_one_trace_spans_the_stages(channel, serve_stack):
     assert len(ids) == 1
 
 
+def test_a_turns_first_audio_takes_the_urgent_lanes(channel, serve_stack):
+    """The turn's first decode job goes to jobs:decoder:urgent, its mel to jobs:vocoder:urgent;
+    every later piece (low-latency chunks here) to the plain streams (seen in Redis as the
+    stages write them)."""
+    from baichuan_audio.v1 import conversation_pb2 as pb
+    from baichuan_audio.v1 import conversation_pb2_grpc as pb_grpc
+    from tests.orchestrator.redis_monitor import Monitor
+    from tests.orchestrator.test_service import META, QUESTION
+
+    stub = pb_grpc.ConversationServiceStub(channel)
+    sid = stub.CreateSession(pb.CreateSessionRequest(settings=pb.SessionSettings(low_latency_audio=True)),
+                             metadata=META, timeout=30).session_id
+    req = pb.ConverseRequest(session_id=sid)
+    req.audio.file = QUESTION.read_bytes()
+    mon = Monitor(serve_stack.redis_url)
+    try:
+        events = list(stub.Converse(req, metadata=META, timeout=180))
+    finally:
+        mon.close()
+    turn = events[-1].turn_id
+
+    def pieces(stream: str) -> list[tuple[str, str]]:
+        out = []
+        for c in mon.writes_to(stream):
+            if c[0] in ("xadd", "evalsha", "eval") and turn in c:
+                out.append((c[c.index("segment") + 1], c[c.index("chunk") + 1]))
+        return out
+    for stage in ("decoder", "vocoder"):
+        urgent, rest = pieces(f"jobs:{stage}:urgent"), pieces(f"jobs:{stage}")
+        assert urgent == [("0", "0")], (stage, urgent)
+        assert rest and ("0", "0") not in rest, (stage, rest)
+
+
 def test_standard_health_check(channel):
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
