@@ -278,7 +278,7 @@ def _llm_stage(opts, dev, tmp, cfgs, inbox, outbox, marks) -> None:
     engine = Engine(model, tok, config=EngineConfig(       # paged KV, as the LLM deployment runs it
         num_slots=slots, max_len=max_len, paged=True,
         kv_budget_bytes=slots * max_len * KVCache.block_bytes(llm_cfg, 1, default_dtype(dev)),
-        prefill_budget=2048, max_batch=min(slots, opts["max_batch"])))
+        prefill_budget=2048, max_batch=min(slots, opts["max_batch"]), compile_backend=opts.get("compile")))
     if dev.type == "cuda":
         engine.warm_up()                                 # as the LLM deployment does at start
     info = {"slots": engine.num_slots, "max_len": engine.config.max_len, "kv_gib": engine.cache.nbytes() / 2**30,
@@ -512,7 +512,7 @@ def run_level(stack: Stack, C: int, rate: float, question_s: float, reply: str, 
 def bench_gpu(size: str = "tiny", device: str = "cpu", concurrency=(1, 2), rate: float = 0.0,
               question_s: float = 5.0, reply: str = "8,60,4,40", attn: str | None = None,
               reference: bool = True, max_batch: int = 512, placements: list[dict[str, str]] | None = None,
-              print_fn=print) -> list[dict]:
+              compile_backend: str | None = None, print_fn=print) -> list[dict]:
     """Runs every concurrency level once per placement (stage -> device; default: every stage on
     `device`) and, with several placements, prints them side by side. Returns the rows, each
     with its placement."""
@@ -524,7 +524,7 @@ def bench_gpu(size: str = "tiny", device: str = "cpu", concurrency=(1, 2), rate:
              f"({audio_s:.1f} s of audio), low-latency decoding; arrivals Poisson at "
              f"{'C/2' if rate <= 0 else rate} per second")
     runs = [_bench_placement(devices, size, concurrency, rate, question_s, reply, attn, reference, max_batch,
-                             print_fn) for devices in placements]
+                             compile_backend, print_fn) for devices in placements]
     if len(runs) > 1:
         print_fn("# side by side: first audio p50/p95 s, speed p50/min x, underrun s")
         print_fn(f"{'C':>4} | " + " | ".join(f"{describe(d):>40}" for d in placements))
@@ -538,7 +538,7 @@ def side_by_side(r: dict) -> str:
 
 
 def _bench_placement(devices, size, concurrency, rate, question_s, reply, attn, reference, max_batch,
-                     print_fn) -> list[dict]:
+                     compile_backend, print_fn) -> list[dict]:
     llm_dev = torch.device(devices["llm"])
     attn = attn or ("sdpa" if llm_dev.type == "cuda" else "math")
     cards = {d: (torch.cuda.get_device_name(torch.device(d)) if torch.device(d).type == "cuda" else "CPU")
@@ -547,7 +547,7 @@ def _bench_placement(devices, size, concurrency, rate, question_s, reply, attn, 
              f"LLM attention {attn}")
     t = time.perf_counter()
     stack = Stack({"size": size, "devices": devices, "attn": attn, "slots": max(concurrency), "max_batch": max_batch,
-                   "question_s": question_s, "reply": reply})
+                   "question_s": question_s, "reply": reply, "compile": compile_backend})
     try:
         llm, dec = stack.info["llm"], stack.info["decoder"]
         print_fn(f"# stages up in {time.perf_counter() - t:.1f} s; LLM engine: {llm['slots']} KV slots of "
@@ -599,6 +599,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--attn", choices=["math", "sdpa"], default=None)
     p.add_argument("--no-reference", action="store_true")
     p.add_argument("--max-batch", type=int, default=512, help="the engine's largest decode batch")
+    p.add_argument("--compile", default=None, metavar="BACKEND",
+                   help="the LLM's decode pieces compiled with this torch.compile backend (llm.compile_backend)")
     p.add_argument("--placement", action="append", metavar="SPEC",
                    help="stages per device, e.g. 'llm=cuda:0,decoder+vocoder+tokenizer=cuda:1', or 'gpus=N' "
                         "(the LLM alone on cuda:0, the other stages over the other cards); stages not named "
@@ -609,7 +611,8 @@ def main(argv: list[str] | None = None) -> None:
     except (ValueError, RuntimeError) as e:
         p.error(str(e))
     bench_gpu(a.size, a.device, tuple(int(c) for c in a.concurrency.split(",")), a.rate, a.question_s,
-              a.reply, a.attn, reference=not a.no_reference, max_batch=a.max_batch, placements=places)
+              a.reply, a.attn, reference=not a.no_reference, max_batch=a.max_batch, placements=places,
+              compile_backend=a.compile)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Any, Callable, Literal, Mapping, get_args
+from typing import Annotated, Any, Callable, Literal, Mapping, Optional, get_args
 from urllib.parse import urlsplit, urlunsplit
 
 import yaml
@@ -208,6 +208,9 @@ class LLMEngineSettings(_Section):
     # attention on CUDA: sdpa (fused kernels, faster) or math (the reference's numerics: fp32
     # scores; the only choice whose CUDA-graph replay equals eager execution bit for bit)
     attention: Literal["sdpa", "math"] = "sdpa"
+    # torch.compile the decode step's pieces on CUDA ("inductor": fused elementwise kernels
+    # inside the CUDA graphs; compiles at start). Off until measured: `bench llm --compile inductor`.
+    compile_backend: Optional[Literal["inductor"]] = None
 
     def context_tokens(self, max_position_embeddings: int) -> int:
         """The longest sequence (prompt + reply) a replica takes: the model's positions or the KV budget."""

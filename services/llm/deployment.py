@@ -74,6 +74,7 @@ class LLMDeployment:
                                                  paged=True,
                                                  kv_budget_bytes=s.kv_budget_tokens * KVCache.block_bytes(model.cfg, 1, dtype),
                                                  prefill_budget=s.prefill_chunk_tokens,
+                                                 compile_backend=s.compile_backend if device.type == "cuda" else None,
                                                  # sequences decoded together in one step
                                                  max_batch=min(s.max_slots, self.settings.stages.llm.max_batch_size)))
         if device.type == "cuda":          # capture every decode shape now, not on a user's turn

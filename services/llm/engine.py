@@ -60,6 +60,7 @@ class EngineConfig:
     kv_bucket: int = 128                 # attended KV length rounded up (prefill: to a multiple of
                                          # it; decode: to it times a power of two): few distinct shapes
     cuda_graphs: Optional[bool] = None   # decode steps replayed as CUDA graphs (None: on CUDA)
+    compile_backend: Optional[str] = None  # torch.compile backend for the decode pieces ("inductor": fused kernels)
 
 
 class Handle:
@@ -166,7 +167,8 @@ class Engine:
         self.scheduler = Scheduler(self.sessions, max_batch, config.prefill_budget)
         self.runner = DecodeRunner(model, self.cache, self.counts, self.codes, audio_pad=self.rules.audio_pad,
                                    eos=self.rules.eos, eoa=self.rules.eoa, max_batch=max_batch,
-                                   kv_bucket=config.kv_bucket, cuda_graphs=config.cuda_graphs)
+                                   kv_bucket=config.kv_bucket, cuda_graphs=config.cuda_graphs,
+                                   compile_backend=config.compile_backend)
         self.handles: dict[str, Handle] = {}
         self._ids = itertools.count()
         self._lock = threading.RLock()

@@ -23,7 +23,7 @@ Plain PyTorch; the engine (engine.py) decides what runs, this module only comput
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -76,7 +76,7 @@ class DecodeRunner:
 
     def __init__(self, model: AudioLLM, cache, counts: sampler.TokenCounts, codes: sampler.CodeHistory, *,
                  audio_pad: int, eos: int, eoa: int, max_batch: int, kv_bucket: int = 128,
-                 cuda_graphs: Optional[bool] = None):
+                 cuda_graphs: Optional[bool] = None, compile_backend: "str | Callable | None" = None):
         self.model, self.cache, self.counts, self.codes = model, cache, counts, codes
         self.audio_pad, self.eos, self.eoa = audio_pad, eos, eoa
         w = model.lm_head.weight
@@ -109,6 +109,17 @@ class DecodeRunner:
         self.audio_out = torch.zeros(n, self.C, dtype=long, device=dev)
         self.graphs = GraphCache(self.device, cuda_graphs)
         self.stats = self.graphs.stats
+        if compile_backend:
+            # Each piece is one graph without breaks (tests/llm/test_runner.py), so a compiler
+            # can fuse its elementwise chains (norms, RoPE, residuals, the samplers' masks)
+            # into few kernels; batch and KV length stay symbolic (one compile, not one per
+            # shape), and the CUDA graphs then capture the compiled kernels.
+            # Sizes 1 and "the whole buffer" are specialised (batch and KV blocks): up to 9
+            # variants of the backbone, over dynamo's default limit of 8 per function.
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 16)
+            for name in ("_backbone", "_text_tail", "_audio_tail"):
+                setattr(self, name, torch.compile(getattr(self, name), backend=compile_backend,
+                                                  fullgraph=True, dynamic=True))
 
     # ------------------------------------------------------------------ the pieces
     def _backbone(self, B: int, L: int) -> None:
