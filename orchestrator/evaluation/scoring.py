@@ -123,7 +123,7 @@ def markdown(report: dict) -> str:
             f"| {_fmt(c.get('wer'))} / {_fmt(c.get('cer'))} |")
     errs = [(s["subset"], e) for s in report["subsets"] for e in s["error_samples"]]
     if errs:
-        lines += ["", "Errors (first of each subset; every one is in records.jsonl):", ""]
+        lines += ["", "Errors (up to five distinct ones per subset; every one is in records.jsonl):", ""]
         lines += [f"- {sub}: {e}" for sub, e in errs]
     return "\n".join(lines) + "\n"
 

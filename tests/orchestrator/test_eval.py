@@ -32,7 +32,9 @@ TINY = {
     "trivia_qa": [{"question": "Which planet is known as the red planet?", "answers": "['Mars', 'planet Mars']"}],
     "alpaca_eval": [{"instruction": "Tell me a short story about a cat."}],
 }
-BROKEN = "trivia_qa_1.mp3"       # a second trivia item whose file is not audio: its error is recorded
+BROKEN = "trivia_qa_1.mp3"       # a trivia item whose file is not audio: its error is recorded
+ABSENT = "trivia_qa_2.mp3"       # and one whose file is missing
+FAILING = ["trivia_qa/1", "trivia_qa/2"]
 
 
 def speak(text: str, path: Path) -> None:
@@ -58,6 +60,7 @@ def bench(tmp_path_factory) -> Path:
             speak(r[spec.question], folder / "audios" / r["audio_filename"])
         if subset == "trivia_qa":
             rows.append({"question": "broken", "answers": "['x']", "audio_filename": BROKEN})
+            rows.append({"question": "absent", "answers": "['y']", "audio_filename": ABSENT})
             (folder / "audios" / BROKEN).write_bytes(b"ID3 this is not an mp3 file" * 10)
         with (folder / f"{subset}.csv").open("w", newline="", encoding="utf-8") as f:
             w = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -140,7 +143,7 @@ def judge_key_file(tmp_path) -> Path:
 
 def test_published_layout_and_columns(bench, tmp_path):
     items = load_items(bench, "trivia_qa")
-    assert [i.id for i in items] == ["trivia_qa/0", "trivia_qa/1"]
+    assert [i.id for i in items] == ["trivia_qa/0", "trivia_qa/1", "trivia_qa/2"]
     assert items[0].references == ["Mars", "planet Mars"] and items[0].question.startswith("Which planet")
     wav = items[0].wav()
     assert wav[:4] == b"RIFF" and sf.info(str(items[0].audio_path)).format == "MP3"
@@ -243,13 +246,14 @@ def test_eval_openaudiobench_s2s_resume_and_report(serve_stack, bench, judge_ser
     args = ["eval", "openaudiobench", str(bench), "--mode", "s2s", "--concurrency", "2", "--out", str(out),
             "--address", serve_stack.address, "--api-key-file", str(key), "--judge-url", judge_server.url,
             "--judge-model", "judge-x", "--judge-api-key-file", str(judge_key_file), "--no-progress"]
-    assert main(args) == 2                            # one item failed; the others ran
+    assert main(args) == 2                            # two items failed; the others ran
     records = read_jsonl(out / "records.jsonl")
     assert sorted(r["id"] for r in records) == ["alpaca_eval/0", "llama_questions/0", "llama_questions/1",
-                                                "trivia_qa/0", "trivia_qa/1"]
-    broken = next(r for r in records if r["id"] == "trivia_qa/1")
-    assert BROKEN in broken["error"] and "reply_text" not in broken
-    good = [r for r in records if r["id"] != "trivia_qa/1"]
+                                                "trivia_qa/0", *FAILING]
+    errors = {r["id"]: r.get("error") for r in records if r["id"] in FAILING}
+    assert errors["trivia_qa/1"].startswith(f"cannot decode {BROKEN} as audio")
+    assert errors["trivia_qa/2"] == f"audio file missing: {ABSENT}"
+    good = [r for r in records if r["id"] not in FAILING]
     rate = None
     for r in good:
         assert "error" not in r, r
@@ -264,7 +268,7 @@ def test_eval_openaudiobench_s2s_resume_and_report(serve_stack, bench, judge_ser
     assert report["run"]["concurrency"] == 2 and report["run"]["judge_model"] == "judge-x"
     by = {s["subset"]: s for s in report["subsets"]}
     assert set(by) == set(TINY)
-    assert (by["trivia_qa"]["items"], by["trivia_qa"]["errors"]) == (2, 1)
+    assert (by["trivia_qa"]["items"], by["trivia_qa"]["errors"]) == (3, 2)
     for name, s in by.items():
         assert s["published"] == SUBSETS[name].published[1]                 # the S->S column
         assert s["ttfa_ms"]["p50"] <= s["ttfa_ms"]["p95"] and s["rtf"]["p50"] > 0
@@ -282,11 +286,11 @@ def test_eval_openaudiobench_s2s_resume_and_report(serve_stack, bench, judge_ser
     assert "| alpaca_eval | 1 | 0 |" in md and "69.6" in md and BROKEN in md
     assert md in capsys.readouterr().out
 
-    # a re-run skips what is done: only the failed item runs again, the judge is asked nothing new
+    # a re-run skips what is done: only the failed items run again, the judge is asked nothing new
     asked = len(judge_server.requests)
     assert main(args) == 2
     again = read_jsonl(out / "records.jsonl")
-    assert len(again) == len(records) + 1 and again[-1]["id"] == "trivia_qa/1"
+    assert sorted(r["id"] for r in again[len(records):]) == FAILING
     assert len(judge_server.requests) == asked
     # an interrupted run (its record lost) runs that item only
     lines = (out / "records.jsonl").read_text().splitlines()
@@ -295,7 +299,7 @@ def test_eval_openaudiobench_s2s_resume_and_report(serve_stack, bench, judge_ser
     (out / "records.jsonl").write_text("\n".join(lines[:first_ok] + lines[first_ok + 1:]) + "\n")
     assert main(args) == 2
     after = read_jsonl(out / "records.jsonl")
-    assert sorted(r["id"] for r in after[len(lines) - 1:]) == sorted([dropped, "trivia_qa/1"])
+    assert sorted(r["id"] for r in after[len(lines) - 1:]) == sorted([dropped, *FAILING])
 
 
 def test_eval_s2t_text_replies(serve_stack, bench, tmp_path, capsys):
