@@ -42,12 +42,8 @@ class JudgeSettings(BaseSettings):
     max_tokens: int = Field(512, ge=16)
 
     @classmethod
-    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,
-                                   file_secret_settings):
-        return env_settings, init_settings      # the environment overrides the file
-
-    @classmethod
     def load(cls, path: str | Path | None = None, **overrides: Any) -> "JudgeSettings":
+        """The file's settings, then the environment's, then `overrides` (the flags; None: unset)."""
         data: dict[str, Any] = {}
         if path:
             data = yaml.safe_load(Path(path).read_text()) or {}
@@ -56,8 +52,9 @@ class JudgeSettings(BaseSettings):
             if "api_key" in data:
                 raise JudgeError(f"{path}: the judge's key goes in BAICHUAN_AUDIO_JUDGE_API_KEY or a file "
                                  "named by api_key_file, never in the settings file")
-        data.update({k: v for k, v in overrides.items() if v is not None})
         try:
+            data.update(cls().model_dump(exclude_unset=True))       # what the environment sets
+            data.update({k: v for k, v in overrides.items() if v is not None})
             return cls(**data)
         except ValidationError as e:
             raise JudgeError(f"judge settings: {e}") from None

@@ -226,6 +226,7 @@ def test_judge_settings_file_and_environment(tmp_path, monkeypatch):
     s = JudgeSettings.load(cfg)
     assert (s.url, s.model, s.concurrency, s.key()) == ("http://127.0.0.1:1/v1", "from-env", 2, "env-key-0123")
     assert "env-key-0123" not in repr(s)
+    assert JudgeSettings.load(cfg, model="from-flag").model == "from-flag"     # a flag beats both
     cfg.write_text("url: http://x/v1\napi_key: sk-in-a-file\n")
     with pytest.raises(JudgeError, match="never in the settings file"):
         JudgeSettings.load(cfg)
