@@ -63,7 +63,8 @@ def subset_report(subset: str, mode: str, items: dict[str, Item], records: list[
     spec = SUBSETS[subset]
     ok = [r for r in records if not r.get("error")]
     rep: dict = {
-        "subset": subset, "mode": mode, "items": len(records), "errors": len(records) - len(ok),
+        "subset": subset, "mode": mode, "items": len(records), "published_items": spec.size,
+        "errors": len(records) - len(ok),
         "published": spec.published[0 if mode == "s2t" else 1],
         "published_source": "Baichuan-Audio tech report, Table 8 (GPT-4o judge)",
         "third_party": spec.third_party if mode == "s2t" else None,

@@ -272,6 +272,7 @@ def test_eval_openaudiobench_s2s_resume_and_report(serve_stack, bench, judge_ser
     assert (by["trivia_qa"]["items"], by["trivia_qa"]["errors"]) == (3, 2)
     for name, s in by.items():
         assert s["published"] == SUBSETS[name].published[1]                 # the S->S column
+        assert s["published_items"] == SUBSETS[name].size
         assert s["ttfa_ms"]["p50"] <= s["ttfa_ms"]["p95"] and s["rtf"]["p50"] > 0
         assert s["consistency"]["replies"] == s["items"] - s["errors"]
         assert s["judge_graded"] == s["items"] - s["errors"]
