@@ -259,7 +259,9 @@ def test_eval_openaudiobench_s2s_resume_and_report(serve_stack, bench, judge_ser
     for r in good:
         assert "error" not in r, r
         assert r["mode"] == "s2s" and r["turn_id"] and isinstance(r["reply_text"], str) and isinstance(r["asr_text"], str)
-        assert 0 < r["ttft_ms"] <= r["wall_s"] * 1000 and 0 < r["ttfa_ms"] <= r["wall_s"] * 1000
+        assert 0 < r["ttfa_ms"] <= r["wall_s"] * 1000
+        if r["reply_text"]:             # the random tiny model sometimes speaks without any text
+            assert 0 < r["ttft_ms"] <= r["wall_s"] * 1000
         assert r["rtf"] > 0 and r["audio_seconds"] > 0
         info = sf.info(str(out / r["reply_audio"]))
         rate = rate or info.samplerate
