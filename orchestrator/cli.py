@@ -57,6 +57,12 @@ def _cmd_client(args: argparse.Namespace) -> int:
     return client_main(args)
 
 
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from orchestrator.evaluation.cli import eval_main
+
+    return eval_main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="baichuan-audio", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -112,6 +118,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-o", "--output", default="tts.wav")
     client_args(s)
     s.set_defaults(func=_cmd_client, client="synthesize")
+
+    s = sub.add_parser("eval", help="quality and speed of a running server on a benchmark")
+    benches = s.add_subparsers(dest="benchmark", required=True)
+    b = benches.add_parser("openaudiobench", help="OpenAudioBench (published layout) through the gRPC API: "
+                                                  "records, scores, judge, report")
+    from orchestrator.evaluation.cli import add_arguments   # no gRPC, judge or scoring imports: --help stays instant
+    add_arguments(b)
+    client_args(b)
+    b.set_defaults(func=_cmd_eval)
 
     s = sub.add_parser("bench", help="benchmarks that print figures: tokenizer, llm, decoder, vocoder, "
                                      "gpu (the whole serving path), hops (Ray/Redis transport)", add_help=False)

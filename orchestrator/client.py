@@ -92,6 +92,10 @@ class Client:
         return self.stub.CreateSession(pb.CreateSessionRequest(settings=settings), metadata=self.metadata,
                                        timeout=30).session_id
 
+    def delete_session(self, session_id: str) -> bool:
+        return self.stub.DeleteSession(pb.DeleteSessionRequest(session_id=session_id), metadata=self.metadata,
+                                       timeout=30).deleted
+
     def _collect(self, events, on_text: Callable[[str], None] | None,
                  on_audio: Callable[[Reply], None] | None) -> Reply:
         reply = Reply()

@@ -12,15 +12,21 @@ from orchestrator.client import (
 )
 
 
+def connect(args: argparse.Namespace) -> Client:
+    """A client from the common options (address, key, TLS); OSError or ValueError when a file
+    named there cannot be read."""
+    key = find_api_key(args.api_key_file)
+    tls = args.tls or args.ca_file or args.cert_file or args.key_file
+    creds = channel_credentials(args.ca_file, args.cert_file, args.key_file) if tls else None
+    return Client(args.address, timeout=args.timeout, api_key=key, credentials=creds)
+
+
 def client_main(args: argparse.Namespace) -> int:
     try:
-        key = find_api_key(args.api_key_file)
-        tls = args.tls or args.ca_file or args.cert_file or args.key_file
-        creds = channel_credentials(args.ca_file, args.cert_file, args.key_file) if tls else None
+        client = connect(args)
     except (OSError, ValueError) as e:        # KeyRingError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         return 1
-    client = Client(args.address, timeout=args.timeout, api_key=key, credentials=creds)
     try:
         if args.client == "converse":
             sid = args.session or client.create_session(text_only=args.text_only, voice=args.voice)

@@ -71,7 +71,10 @@ def test_shared_logic_imports_no_serving_framework():
 # sessions.py deal in plain types (the deployment converts protobuf); merge.py makes the caller's
 # protobuf events, but reads and writes nothing
 NO_IO = ("ray", "redis", "grpc", "grpc_health", "grpc_reflection")
-PURE_ORCHESTRATOR = {"conversation.py": SERVING, "sessions.py": SERVING, "merge.py": NO_IO}
+PURE_ORCHESTRATOR = {"conversation.py": SERVING, "sessions.py": SERVING, "merge.py": NO_IO,
+                     # the evaluation's dataset, records, judge and scoring: scored without a server
+                     "evaluation/dataset.py": SERVING, "evaluation/records.py": SERVING,
+                     "evaluation/judge.py": SERVING, "evaluation/scoring.py": SERVING}
 
 
 def reached(path: Path) -> set[str]:
