@@ -385,9 +385,10 @@ class Conversation:
                     break
                 n_text += 1
             kept.append(x)
-        open_audio = [x for x in kept if x in (a.audiogen_start, a.audiogen_end)][-1:] == [a.audiogen_start]
-        if open_audio:
-            kept.append(a.audiogen_end)
+        if kept and kept[-1] == a.audiogen_start:          # an audio segment not begun: dropped
+            kept.pop()
+        elif [x for x in kept if x in (a.audiogen_start, a.audiogen_end)][-1:] == [a.audiogen_start]:
+            kept.append(a.audiogen_end)                       # one cut short: closed
         before = sum(1 for x in tokens[:start] if x == a.audio_pad)
         entry = dict(last, text=last["text"][:keep_chars], audio_seconds=round(keep_s, 4), truncated=True,
                      reply_tokens=len(kept), timeline=[])
