@@ -7,11 +7,12 @@ PYTEST_ARGS ?=
 
 .PHONY: install system-deps test demo parity parity-kernels proto clean
 
-# redis-server (tests and demo start their own) and venv support, from Debian's packages
-# when missing and we may install them.
+# redis-server (tests and demo start their own), venv support and chromium (the voice page's
+# browser test), from Debian's packages when missing and we may install them.
 system-deps:
 	@missing=""; \
 	command -v redis-server >/dev/null 2>&1 || missing="$$missing redis-server"; \
+	command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
 	$(PYTHON) -c "import ensurepip, venv" >/dev/null 2>&1 || missing="$$missing $(PYTHON)-venv"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \

@@ -1,11 +1,15 @@
-"""The Realtime API (/v1/realtime) through the real stack, driven by clients nobody here wrote:
-the official `openai` SDK's realtime client and a plain `websockets` client. One Serve stack
-(the session's), the tiny checkpoint, the bundled spoken question."""
+"""The Realtime API (/v1/realtime) and its voice page (/) through the real stack, driven by
+clients nobody here wrote: the official `openai` SDK's realtime client, a plain `websockets`
+client, and Debian's chromium (headless, driven by Playwright, a fake microphone playing the
+bundled spoken sample). One Serve stack (the session's), the tiny checkpoint. A screenshot of the
+page after a turn is kept under pytest's temporary folder (the path is printed)."""
 from __future__ import annotations
 
 import asyncio
 import base64
 import json
+import os
+import wave
 from pathlib import Path
 
 import grpc
@@ -19,7 +23,7 @@ import websockets
 from baichuan_audio.v1 import conversation_pb2 as pb
 from baichuan_audio.v1 import conversation_pb2_grpc as pb_grpc
 from tests.conftest import TEST_KEYS, metadata
-from tests.orchestrator.test_service import direct, long_reply  # noqa: F401 - the fixture
+from tests.orchestrator.test_service import LONG_REPLIES, direct, long_reply  # noqa: F401 - the fixture
 
 QUESTION = Path(__file__).resolve().parents[2] / "orchestrator" / "samples" / "question.wav"
 RATE = 24000
@@ -62,6 +66,22 @@ async def until(conn, kind: str, timeout: float = TIMEOUT) -> list:
             out.append(ev)
             if (ev["type"] if isinstance(ev, dict) else ev.type) == kind:
                 return out
+
+
+@pytest.fixture(scope="module")
+def long_session(stub, request):
+    """A new gRPC session whose typed "Hello" gets a long spoken reply from the tiny model (a
+    sampling seed found with the engine, test_service's, once per test session), and that
+    reply's length in seconds."""
+    sampling = {"audio_temperature": 2.0}
+    key = ("Hello", tuple(sorted(sampling.items())), 40)
+    seed, full_s = LONG_REPLIES.get(key) or long_reply(request.getfixturevalue("direct"), "Hello", sampling)
+
+    def make() -> str:
+        return stub.CreateSession(pb.CreateSessionRequest(settings=pb.SessionSettings(
+            sampling=pb.SamplingOverrides(audio_temperature=2.0, seed=seed))), metadata=metadata("alice"),
+            timeout=30).session_id
+    return make, full_s
 
 
 def openai_client(http: str):
@@ -121,15 +141,13 @@ def test_openai_sdk_spoken_typed_truncate(realtime, stub):
     assert s.history[-1].audio_seconds < reply_s
 
 
-def test_openai_sdk_cancel_and_reconnect(realtime, stub, direct):  # noqa: F811
+def test_openai_sdk_cancel_and_reconnect(realtime, stub, long_session):
     """A session made over gRPC (sampled so the tiny model speaks long) resumed over the
     Realtime API (?session_id=), its response cancelled after the first audio (response.done
     says cancelled, before the whole reply), then truncated to half of what was played: the
     history marks it interrupted and keeps only that."""
-    seed, full_s = long_reply(direct, "Hello", {"audio_temperature": 2.0})
-    sid = stub.CreateSession(pb.CreateSessionRequest(settings=pb.SessionSettings(
-        sampling=pb.SamplingOverrides(audio_temperature=2.0, seed=seed))), metadata=metadata("alice"),
-        timeout=30).session_id
+    make, full_s = long_session
+    sid = make()
 
     async def main():
         client = openai_client(realtime.http)
@@ -235,3 +253,157 @@ def test_auth_as_the_grpc_api(realtime):
         assert closed.value.rcvd.code == 1008 and "session_id" in closed.value.rcvd.reason
 
     asyncio.run(main())
+
+
+def speech_with_silence(before_s: float = 0.5, after_s: float = 1.0) -> bytes:
+    silence = lambda s: b"\0\0" * int(s * RATE)  # noqa: E731
+    return silence(before_s) + question_pcm() + silence(after_s)
+
+
+async def append_all(ws, pcm: bytes, piece_s: float = 0.1) -> None:
+    n = int(piece_s * RATE) * 2
+    for i in range(0, len(pcm), n):
+        await ws.send(json.dumps({"type": "input_audio_buffer.append", "audio": b64(pcm[i:i + n])}))
+
+
+def test_server_vad_turn(realtime):
+    """server_vad (the default): the spoken sample between silences is detected, committed and
+    answered without any client commit or response.create."""
+    async def main():
+        ws = await _ws(realtime.http)
+        created = json.loads(await ws.recv())
+        assert created["session"]["audio"]["input"]["turn_detection"]["type"] == "server_vad"
+        await ws.send(json.dumps({"type": "session.update", "session": {"audio": {"input": {"turn_detection": {
+            "type": "server_vad", "threshold": 0.5, "prefix_padding_ms": 200, "silence_duration_ms": 600}}}}}))
+        await until(ws, "session.updated")
+        await append_all(ws, speech_with_silence())
+        events = await until(ws, "response.done")
+        kinds = [e["type"] for e in events]
+        for k in ("input_audio_buffer.speech_started", "input_audio_buffer.speech_stopped",
+                  "input_audio_buffer.committed", "response.created"):
+            assert k in kinds, kinds
+        started = next(e for e in events if e["type"] == "input_audio_buffer.speech_started")
+        stopped = next(e for e in events if e["type"] == "input_audio_buffer.speech_stopped")
+        speech_ms = len(question_pcm()) / 2 / RATE * 1000
+        assert 500 <= started["audio_start_ms"] < 500 + speech_ms
+        assert started["audio_start_ms"] + 600 <= stopped["audio_end_ms"] <= 500 + speech_ms + 1000
+        assert stopped["item_id"] == started["item_id"] == next(
+            e for e in events if e["type"] == "input_audio_buffer.committed")["item_id"]
+        assert events[-1]["response"]["status"] == "completed"
+        await ws.close()
+
+    asyncio.run(main())
+
+
+def test_barge_in_cancels_the_reply(realtime, stub, long_session):
+    """Speech while a long reply plays cancels it (server_vad's interrupt_response): the reply
+    ends cancelled, and after the client's truncate the history keeps what it played."""
+    make, full_s = long_session
+    sid = make()
+
+    async def main():
+        ws = await _ws(realtime.http, query=f"?session_id={sid}")
+        await until(ws, "session.created")
+        await ws.send(json.dumps({"type": "session.update", "session": {"audio": {"input": {"turn_detection": {
+            "type": "server_vad", "silence_duration_ms": 400, "create_response": False}}}}}))
+        await until(ws, "session.updated")
+        await ws.send(json.dumps({"type": "conversation.item.create", "item": {
+            "type": "message", "role": "user", "content": [{"type": "input_text", "text": "Hello"}]}}))
+        await ws.send(json.dumps({"type": "response.create"}))
+        events = await until(ws, "response.output_audio.delta")
+        await append_all(ws, speech_with_silence(0.2, 0.0))      # the user speaks over the reply
+        events += await until(ws, "response.done")
+        kinds = [e["type"] for e in events]
+        assert kinds.index("input_audio_buffer.speech_started") < kinds.index("response.done")
+        done = events[-1]["response"]
+        assert done["status"] == "cancelled"
+        played = sum(len(base64.b64decode(e["delta"])) for e in events if e["type"] == "response.output_audio.delta")
+        assert played / 2 / RATE < full_s
+        await ws.send(json.dumps({"type": "conversation.item.truncate", "item_id": done["output"][0]["id"],
+                                  "content_index": 0, "audio_end_ms": int(played / 2 / RATE * 1000)}))
+        await until(ws, "conversation.item.truncated")
+        await ws.close()
+        return played / 2 / RATE
+
+    played_s = asyncio.run(main())
+    s = stub.GetSession(pb.GetSessionRequest(session_id=sid), metadata=metadata("alice"), timeout=30)
+    assert s.history[-1].interrupted and abs(s.history[-1].audio_seconds - played_s) < 1e-3
+
+
+# ---------------------------------------------------------------- the voice page in chromium
+
+CHROMIUM = "/usr/bin/chromium"       # Debian's package (make system-deps); Playwright downloads nothing
+WAIT_MS = 180_000
+
+
+@pytest.fixture(scope="module")
+def mic_file(tmp_path_factory):
+    """The spoken sample then 1 s of silence, as the fake microphone's WAV (chromium loops it)."""
+    path = tmp_path_factory.mktemp("mic") / "question.wav"
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(RATE)
+        w.writeframes(question_pcm() + b"\0\0" * RATE)
+    return path
+
+
+@pytest.fixture(scope="module")
+def browser(mic_file):
+    if not os.path.exists(CHROMIUM):
+        pytest.fail("chromium is not installed: run `make system-deps` as root (Debian's chromium package)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
+            "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
+            f"--use-file-for-fake-audio-capture={mic_file}", "--autoplay-policy=no-user-gesture-required"])
+        yield b
+        b.close()
+
+
+def open_page(browser, realtime, query: str = ""):
+    page = browser.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(f"http://{realtime.http}/?key={KEY}{query}")
+    page.click("#connect")
+    page.wait_for_function("document.getElementById('status').textContent === 'ready'", timeout=60_000)
+    return page, errors
+
+
+def test_press_to_talk_turn_streams_text_and_plays(browser, realtime, tmp_path):
+    page, errors = open_page(browser, realtime)
+    page.hover("#talk")
+    page.mouse.down()
+    page.wait_for_timeout(len(question_pcm()) / 2 / RATE * 1000 + 300)      # hold while the sample plays
+    page.mouse.up()
+    page.wait_for_function("window.voice.reply && window.voice.reply.done", timeout=WAIT_MS)
+    page.wait_for_function("window.voice.reply.firstPlayAt > 0", timeout=30_000)        # playback started
+    reply = page.evaluate("window.voice.reply.text")
+    assert reply and page.locator(".turn .text").last.inner_text() == reply
+    assert page.locator(".ttfa").count() == 1 and "first audio" in page.locator(".ttfa").inner_text()
+    shot = tmp_path / "voice-page.png"
+    page.screenshot(path=str(shot), full_page=True)
+    print(f"screenshot of the voice page after a turn: {shot}")
+    assert shot.stat().st_size > 0 and not errors, errors
+    page.close()
+
+
+def test_speaking_over_the_reply_stops_it(browser, realtime, long_session):
+    """A typed turn with a long reply; while it plays, hands-free mode opens the (fake)
+    microphone: the server hears speech, the page stops playback and the reply is cancelled."""
+    make, full_s = long_session
+    page, errors = open_page(browser, realtime, f"&session_id={make()}")
+    page.fill("#typed", "Hello")
+    page.press("#typed", "Enter")
+    page.wait_for_function("window.voice.playing === true", timeout=WAIT_MS)
+    page.check("input[value=vad]")
+    page.wait_for_function("window.voice.reply.done && window.voice.reply.cancelled && !window.voice.playing",
+                           timeout=60_000)
+    assert page.locator("#status").get_attribute("data-playing") == "false"
+    assert page.locator("#status").inner_text().startswith("interrupted")
+    played_s = page.evaluate("window.voice.reply.playedSamples") / RATE
+    assert 0 < played_s < full_s
+    assert not errors, errors
+    page.close()
