@@ -84,7 +84,7 @@ function onEvent(ev) {
       break;
     case "input_audio_buffer.speech_stopped": state.sentAt = performance.now(); status("thinking…"); break;
     case "conversation.item.added":
-      if (ev.item.role === "user" && ev.item.content[0].type === "input_audio") addTurn("you", "🎤 (spoken)");
+      if (ev.item.role === "user" && ev.item.content[0].type === "input_audio") addTurn("you", "(spoken)");
       break;
     case "response.created":
       state.reply = { id: ev.response.id, el: addTurn("model", ""), text: "", startedAt: state.sentAt || performance.now() };

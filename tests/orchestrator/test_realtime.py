@@ -9,6 +9,7 @@ import asyncio
 import base64
 import json
 import os
+import time
 import wave
 from pathlib import Path
 
@@ -106,8 +107,13 @@ def test_openai_sdk_spoken_typed_truncate(realtime, stub):
             for i in range(0, len(pcm), 9600):                  # 200 ms appends, as a microphone sends
                 await conn.input_audio_buffer.append(audio=b64(pcm[i:i + 9600]))
             await conn.input_audio_buffer.commit()
+            t0 = time.perf_counter()
             await conn.response.create()
-            spoken = await until(conn, "response.done")
+            spoken = await until(conn, "response.output_audio.delta")
+            first_audio_ms = (time.perf_counter() - t0) * 1000
+            spoken += await until(conn, "response.done")
+            print(f"realtime spoken turn: time to first audio {first_audio_ms:.0f} ms after response.create "
+                  "(tiny model; the client's view through the WebSocket)")
             types = [e.type for e in spoken]
             assert "input_audio_buffer.committed" in types and "response.created" in types
             done = spoken[-1].response
