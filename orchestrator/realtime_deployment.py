@@ -136,12 +136,6 @@ class RealtimeDeployment:
         self.settings = start_replica(config)
         self.auth = Authenticator.public(self.settings.auth)
         self.conversation = serve.get_app_handle("conversation")
-        self._vad_model = None
-
-    def _vad(self):
-        if self._vad_model is None:      # one TorchScript model; each connection resets its state
-            self._vad_model = load_model()
-        return self._vad_model
 
     @app.get("/", response_class=HTMLResponse)
     async def index(self) -> Response:
@@ -178,7 +172,7 @@ class RealtimeDeployment:
                 return
             existing = await backend.open_session(sid) if sid else None
             conn = RealtimeConnection(backend, ws.send_json, session_id=sid or uuid.uuid4().hex, existing=existing,
-                                      vad_model_loader=self._vad,
+                                      vad_model_loader=load_model,   # its own: silero keeps state
                                       max_audio_seconds=self.settings.limits.max_audio_seconds,
                                       max_text_chars=self.settings.limits.max_text_chars)
             await conn.start()
