@@ -389,6 +389,7 @@ def test_press_to_talk_turn_streams_text_and_plays(browser, realtime, tmp_path):
     reply = page.evaluate("window.voice.reply.text")
     assert reply and page.locator(".turn .text").last.inner_text() == reply
     assert page.locator(".ttfa").count() == 1 and "first audio" in page.locator(".ttfa").inner_text()
+    print(f"voice page, press to talk: {page.locator('.ttfa').inner_text()} after the button's release")
     shot = tmp_path / "voice-page.png"
     page.screenshot(path=str(shot), full_page=True)
     print(f"screenshot of the voice page after a turn: {shot}")
