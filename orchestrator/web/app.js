@@ -153,7 +153,7 @@ function talk(on) {
   }
 }
 
-$("key").value = params.get("key") || localStorage.getItem("baichuan-audio-key") || "";
+$("key").value = localStorage.getItem("baichuan-audio-key") || "";   // never from the URL: logs and history keep URLs
 $("voice").onchange = () => { $("prompt").hidden = $("voice").value !== "custom"; };
 $("connect").onclick = connect;
 $("disconnect").onclick = () => state.ws && state.ws.close(1000, "bye");

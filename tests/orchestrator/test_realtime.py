@@ -372,7 +372,8 @@ def open_page(browser, realtime, query: str = ""):
     page = browser.new_page()
     errors: list[str] = []
     page.on("pageerror", lambda e: errors.append(str(e)))
-    page.goto(f"http://{realtime.http}/?key={KEY}{query}")
+    page.goto(f"http://{realtime.http}/{query}")
+    page.fill("#key", KEY)
     page.click("#connect")
     page.wait_for_function("document.getElementById('status').textContent === 'ready'", timeout=60_000)
     return page, errors
@@ -401,7 +402,7 @@ def test_speaking_over_the_reply_stops_it(browser, realtime, long_session):
     """A typed turn with a long reply; while it plays, hands-free mode opens the (fake)
     microphone: the server hears speech, the page stops playback and the reply is cancelled."""
     make, full_s = long_session
-    page, errors = open_page(browser, realtime, f"&session_id={make()}")
+    page, errors = open_page(browser, realtime, f"?session_id={make()}")
     page.fill("#typed", "Hello")
     page.press("#typed", "Enter")
     page.wait_for_function("window.voice.playing === true", timeout=WAIT_MS)
