@@ -71,7 +71,9 @@ def test_shared_logic_imports_no_serving_framework():
 # sessions.py deal in plain types (the deployment converts protobuf); merge.py makes the caller's
 # protobuf events, but reads and writes nothing
 NO_IO = ("ray", "redis", "grpc", "grpc_health", "grpc_reflection")
-PURE_ORCHESTRATOR = {"conversation.py": SERVING, "sessions.py": SERVING, "merge.py": NO_IO}
+PURE_ORCHESTRATOR = {"conversation.py": SERVING, "sessions.py": SERVING, "merge.py": NO_IO,
+                     # the Realtime protocol (it makes no call itself: its Backend does) and server VAD
+                     "realtime.py": NO_IO, "vad.py": SERVING}
 
 
 def reached(path: Path) -> set[str]:
