@@ -5,20 +5,28 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: install system-deps test demo parity parity-kernels proto clean
+.PHONY: install system-deps test-deps test demo parity parity-kernels proto clean
 
-# redis-server (tests and demo start their own), espeak-ng (the evaluation tests speak their
-# questions with it) and venv support, from Debian's packages when missing and we may install them.
-system-deps:
+# Debian packages, installed when missing and we may (root with apt-get), else named.
+# Serving needs redis-server (tests and demo start their own) and venv support; the tests also
+# need espeak-ng (the evaluation tests speak their questions) and chromium (the voice page's
+# browser test).
+define apt_need
 	@missing=""; \
-	command -v redis-server >/dev/null 2>&1 || missing="$$missing redis-server"; \
-	command -v espeak-ng >/dev/null 2>&1 || missing="$$missing espeak-ng"; \
+	for c in $(1); do command -v $$c >/dev/null 2>&1 || missing="$$missing $$c"; done; \
 	$(PYTHON) -c "import ensurepip, venv" >/dev/null 2>&1 || missing="$$missing $(PYTHON)-venv"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	    echo "installing$$missing"; apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; \
 	  else echo "please install:$$missing (e.g. sudo apt-get install$$missing)"; exit 1; fi; \
 	fi
+endef
+
+system-deps:
+	$(call apt_need,redis-server)
+
+test-deps:
+	$(call apt_need,redis-server espeak-ng chromium)
 
 $(STAMP): pyproject.toml setup.py $(wildcard proto/baichuan_audio/v1/*.proto)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,7 +38,7 @@ install: system-deps $(STAMP)
 
 # The whole suite against a private redis-server on a free port (started and stopped here),
 # then the parity tests again on other CPU kernels (see parity-kernels).
-test: install
+test: test-deps install
 	$(PY) -m services.common.redis_server -- $(PY) -m pytest -q $(PYTEST_ARGS)
 	@$(MAKE) --no-print-directory parity-kernels
 

@@ -50,7 +50,12 @@ APPLICATIONS = (  # the conversation app last: it looks up the others' handles
             options={"max_ongoing_requests": 128, "graceful_shutdown_timeout_s": 120}),
 )
 APP_NAMES = tuple(a.name for a in APPLICATIONS)
-APPS = {a.name: a for a in APPLICATIONS}
+# The Realtime API and the voice page: an HTTP ingress on Serve's HTTP proxy at /, reaching the
+# conversation app through its handle (deployed after it, with serving.realtime). Not in the
+# Kubernetes manifests yet (they open only the gRPC port).
+REALTIME = AppSpec("realtime", "Realtime", "orchestrator",
+                   options={"max_ongoing_requests": 256, "graceful_shutdown_timeout_s": 30})
+APPS = {a.name: a for a in APPLICATIONS + (REALTIME,)}
 
 # The gRPC services on Serve's proxy: the public ones always; the stage services only with
 # serving.stage_services (they bypass the conversation service's limits; each call also needs
@@ -128,5 +133,10 @@ def conversation_app(args: dict | None = None) -> Application:
     return _build(ConversationDeployment, "conversation", args)
 
 
+def realtime_app(args: dict | None = None) -> Application:
+    from orchestrator.realtime_deployment import RealtimeDeployment
+    return _build(RealtimeDeployment, "realtime", args)
+
+
 BUILDERS = {"tokenizer": tokenizer_app, "llm": llm_app, "decoder": decoder_app,
-            "vocoder": vocoder_app, "conversation": conversation_app}
+            "vocoder": vocoder_app, "conversation": conversation_app, "realtime": realtime_app}

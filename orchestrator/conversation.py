@@ -161,6 +161,8 @@ class Reply:
     reply_codes: np.ndarray | None = None           # [frames, codebooks]: the reply's audio pads in `history`
     text_tokens: list[int] = field(default_factory=list)              # ids of the text the caller got
     segments: list[tuple[str, bytes]] = field(default_factory=list)   # (text, 24 kHz PCM16) per segment
+    segment_tokens: list[int] = field(default_factory=list)           # text tokens per segment (0: audio)
+    segment_seconds: list[float] = field(default_factory=list)        # audio per segment (0: text)
 
 
 @dataclass
@@ -337,6 +339,63 @@ class Conversation:
         return llm_request(turn_id, "tts", Prompt(chunks[0]), sampling=sampling, greedy=True, tts_chunks=chunks[1:])
 
     # ---------------------------------------------------------------- after the turn
+    def truncate(self, sess: Session, audio_end_ms: float) -> TurnRecord:
+        """The session's last reply cut to what the caller heard: its first `audio_end_ms` of
+        audio (the OpenAI Realtime `conversation.item.truncate`). From the reply's timeline (text
+        and audio segments in order, recorded by `finish`): a text segment was heard when
+        playback passed the point where its speech starts (the model speaks a segment's text in
+        the audio segment after it); audio is kept frame by frame, at the reply's own seconds
+        per frame. The model history keeps the reply's tokens up to the first one not heard (an
+        open audio segment closed), the readable history the heard text and audio length.
+        Returns the record to store (entries: the whole readable history)."""
+        if audio_end_ms < 0:
+            raise ValueError(f"audio_end_ms={audio_end_ms:g} is negative")
+        last = sess.history[-1] if sess.history else {}
+        if last.get("role") != "assistant" or "timeline" not in last:
+            raise ValueError("the session's last item is not a finished reply of this session's model history "
+                             "(nothing to truncate; faithful_history sessions cannot be truncated)")
+        total_s = sum(seg[1] for seg in last["timeline"])
+        if audio_end_ms / 1000.0 > total_s + 1e-3:
+            raise ValueError(f"audio_end_ms={audio_end_ms:g} is past the reply's audio of {total_s * 1000:.0f} ms")
+        heard, t = audio_end_ms / 1000.0, 0.0
+        keep_tokens = keep_chars = 0
+        keep_s = 0.0
+        for n_tokens, seconds, chars in last["timeline"]:
+            if n_tokens and heard > t:                 # its speech starts at t: heard
+                keep_tokens += n_tokens
+                keep_chars += chars
+            keep_s += min(seconds, max(0.0, heard - t))
+            t += seconds
+        tokens = list(sess.tokens)
+        start = len(tokens) - last["reply_tokens"]
+        a = self.prompts.tokens.audio
+        specials = {a.audiogen_start, a.audiogen_end, a.audio_pad}
+        reply = tokens[start:]
+        pads = sum(1 for x in reply if x == a.audio_pad)
+        keep_frames = round(keep_s * pads / total_s) if pads and total_s else 0
+        kept: list[int] = []
+        n_text = n_pads = 0
+        for x in reply:
+            if x == a.audio_pad:
+                if n_pads == keep_frames:
+                    break
+                n_pads += 1
+            elif x not in specials:
+                if n_text == keep_tokens:
+                    break
+                n_text += 1
+            kept.append(x)
+        if kept and kept[-1] == a.audiogen_start:          # an audio segment not begun: dropped
+            kept.pop()
+        elif [x for x in kept if x in (a.audiogen_start, a.audiogen_end)][-1:] == [a.audiogen_start]:
+            kept.append(a.audiogen_end)                       # one cut short: closed
+        before = sum(1 for x in tokens[:start] if x == a.audio_pad)
+        entry = dict(last, text=last["text"][:keep_chars], audio_seconds=round(keep_s, 4), truncated=True,
+                     reply_tokens=len(kept), timeline=[])
+        history = sess.history[:-1] + [entry]
+        return TurnRecord(history, tokens[:start] + kept, sess.codes[:before + n_pads].copy(),
+                          turn_starts=list(sess.turn_starts) or None)
+
     def history_after(self, prompt: Prompt, reply: Reply) -> tuple[list[int] | None, np.ndarray | None]:
         """(tokens, codes) of the session's model history after the turn; (None, None) keeps
         the one before it."""
@@ -364,6 +423,11 @@ class Conversation:
         entry = {"role": "assistant", "text": reply.text, "audio_seconds": reply.audio_seconds,
                  "interrupted": reply.interrupted}
         tokens, codes = self.history_after(turn.prompt, reply)
+        if tokens is not None and not turn.session.settings.faithful_history:
+            # what `truncate` needs: the reply's length in the model history and its timeline
+            entry["reply_tokens"] = len(tokens) - len(turn.prompt.ids)
+            entry["timeline"] = [[n, round(sec, 4), len(text)] for (text, _), n, sec
+                                 in zip(reply.segments, reply.segment_tokens, reply.segment_seconds)]
         faithful = (self.faithful_record(turn.user, reply)
                     if turn.session.settings.faithful_history and reply.error is None else None)
         starts = getattr(turn.prompt, "turn_starts", None) if tokens is not None else None

@@ -25,7 +25,7 @@ from ray import serve
 from baichuan_audio.v1 import conversation_pb2 as pb
 from services.common.auth import Authenticator
 from services.common.bus import Bus
-from services.common.errors import NotFound
+from services.common.errors import NotFound, ResourceExhausted
 from services.common.grpc_status import grpc_errors
 from services.common.runtime import open_checkpoint, start_replica
 from services.common.telemetry import inject_context, start_span
@@ -38,6 +38,7 @@ from orchestrator.quotas import Quotas
 from orchestrator.sessions import SessionSettingsRecord, SessionStore, uid as session_uid
 
 log = logging.getLogger(__name__)
+TRUNCATE_WAIT_S = 10.0     # a truncate right after a cancel waits this long for the turn's record
 
 
 def _sampling(msg: pb.SamplingOverrides) -> dict:
@@ -254,6 +255,32 @@ class ConversationDeployment:
             flag.set()
         await self.llm_app.options(multiplexed_model_id=sess.uid).cancel.remote(turn_id)
         return pb.InterruptResponse(interrupted=True, turn_id=turn_id)
+
+    @grpc_errors
+    async def truncate(self, request: dict, grpc_context=None) -> dict:
+        """Cut the session's last reply to what the caller heard, its first `audio_end_ms`
+        (conversation.truncate); a handle call of the Realtime ingress (its
+        conversation.item.truncate). A turn still being recorded (just interrupted) is waited for."""
+        who = self._caller(grpc_context)
+        sess = self.sessions.get(who, request["session_id"])
+        deadline = time.monotonic() + TRUNCATE_WAIT_S
+        while sess.active_turn and not self._is_over(sess.active_turn):
+            if time.monotonic() > deadline:
+                raise ResourceExhausted(f"session {sess.session_id} has a running turn; truncate its reply after "
+                                        "it ends (or cancel it first)")
+            await asyncio.sleep(0.05)
+            sess = self.sessions.get(who, request["session_id"])
+        rec = self.conversation.truncate(sess, float(request["audio_end_ms"]))
+        self.sessions.rewrite(sess, history=rec.entries, tokens=rec.tokens, codes=rec.codes,
+                              turn_starts=rec.turn_starts)
+        last = rec.entries[-1]
+        return {"text": last["text"], "audio_seconds": last["audio_seconds"]}
+
+    @grpc_errors
+    async def rate_limits(self, request: dict | None = None, grpc_context=None) -> list[dict]:
+        """The caller's quotas left (Quotas.remaining; not charged as a request): a handle call
+        of the Realtime ingress (its rate_limits.updated)."""
+        return self.quotas.remaining(self.auth.caller(grpc_context))
 
     # ---------------------------------------------------------------- ASR / TTS
     async def _one_shot(self, who: str, make_request, spoken: bool) -> str:

@@ -55,6 +55,7 @@ class ReplyMerger:
         self.finished = False
         self.marks: dict[str, float] = {}
         self.segment_text: dict[int, str] = {}            # reply text per text segment
+        self.segment_tokens: dict[int, int] = {}          # text tokens per text segment
         self.segment_audio: dict[int, list[np.ndarray]] = {}  # emitted samples per audio segment (no crossfade)
 
     # ------------------------------------------------------------------ helpers
@@ -81,8 +82,10 @@ class ReplyMerger:
                 if m:
                     out.append(m)
                 self.text.append(entry.text)
-                self.text_tokens.extend(entry.tokens.numpy().tolist())
+                ids = entry.tokens.numpy().tolist()
+                self.text_tokens.extend(ids)
                 self.segment_text[entry.segment] = self.segment_text.get(entry.segment, "") + entry.text
+                self.segment_tokens[entry.segment] = self.segment_tokens.get(entry.segment, 0) + len(ids)
                 out.append(pb.TurnEvent(turn_id=self.turn_id, text=pb.TextDelta(text=entry.text, segment=entry.segment)))
         elif isinstance(entry, SegmentBoundary):
             if entry.kind == "text":

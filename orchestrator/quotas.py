@@ -125,5 +125,22 @@ class Quotas:
             raise QuotaExceeded(f"{identity} already runs {limit} turns at once (quotas.turns); wait for one "
                                 f"to end or Interrupt it; retry after {TURN_RETRY_S:.1f} s", TURN_RETRY_S)
 
+    def remaining(self, identity: str) -> list[dict]:
+        """What is left of the identity's rate limits now, as the OpenAI Realtime
+        `rate_limits.updated` lists them: name, limit, remaining, reset_seconds (until the
+        whole limit is back). Read only: nothing is charged."""
+        q = self.settings.of(identity)
+        sec, usec = self.r.time()
+        now = sec * 1000.0 + usec / 1000.0
+        out = []
+        for what, name, limit, period_s in (("rpm", "requests", q.requests_per_minute, 60.0),
+                                            ("audio", "audio_seconds", q.audio_seconds_per_hour, 3600.0)):
+            raw = self.r.get(_key(identity, what))
+            used_ms = max(0.0, float(raw) - now) if raw else 0.0       # TAT - now: the spent part
+            spent = used_ms / (period_s * 1000.0 / limit)
+            out.append({"name": name, "limit": limit, "remaining": max(0, int(limit - spent)),
+                        "reset_seconds": round(used_ms / 1000.0, 3)})
+        return out
+
     def end_turn(self, identity: str, turn_id: str) -> None:
         self.r.zrem(_key(identity, "turns"), turn_id)

@@ -42,7 +42,7 @@ def local_api_key(settings: Settings, log=print) -> dict[str, str]:
 
 
 def start_serve(settings_path: str | None, *, address: str | None = None, grpc_port: int | None = None,
-                http_port: int = 8000, env: dict[str, str] | None = None, num_cpus: int | None = None,
+                http_port: int | None = None, env: dict[str, str] | None = None, num_cpus: int | None = None,
                 log=print, **ray_init: object) -> tuple[int, dict[str, str | None]]:
     """Start (or join) Ray and start Serve with its gRPC proxy as the settings say, without
     deploying anything. Returns the gRPC port and the app builders' args.
@@ -72,12 +72,13 @@ def start_serve(settings_path: str | None, *, address: str | None = None, grpc_p
     else:
         ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env={"env_vars": env}, log_to_driver=False,
                  **ray_init)
-    serve.start(grpc_options=grpc_options(settings, port), http_options={"host": settings.serving.host, "port": http_port})
+    serve.start(grpc_options=grpc_options(settings, port), http_options={"host": settings.serving.host,
+                                                                           "port": http_port or settings.serving.http_port})
     return port, {"config": env.get(CONFIG_ENV)}
 
 
 def start_stack(settings_path: str | None, *, address: str | None = None, grpc_port: int | None = None,
-                http_port: int = 8000, env: dict[str, str] | None = None, num_cpus: int | None = None,
+                http_port: int | None = None, env: dict[str, str] | None = None, num_cpus: int | None = None,
                 log=print) -> int:
     """Start (or join) Ray, start Serve with its gRPC proxy and deploy every application.
     Returns the gRPC port."""
@@ -90,6 +91,9 @@ def start_stack(settings_path: str | None, *, address: str | None = None, grpc_p
     for name in APP_NAMES:  # the conversation app last: it looks up the others' handles
         log(f"  starting {name} ...")
         serve.run(BUILDERS[name](args), name=name, route_prefix=f"/{name}")
+    if Settings.load(settings_path).serving.realtime:
+        log("  starting realtime (the Realtime API and the voice page on the HTTP port) ...")
+        serve.run(BUILDERS["realtime"](args), name="realtime", route_prefix="/")
     return port
 
 

@@ -255,6 +255,16 @@ class SessionStore:
             self.r.hset(_key(sess.uid), mapping=self._encode(sess))
             self.touch(sess)
 
+    def rewrite(self, sess: Session, *, history: list[dict[str, Any]], tokens: list[int], codes: np.ndarray,
+                turn_starts: list[int] | None = None) -> None:
+        """Replace the session's history (a truncated last reply, conversation.truncate); no turn
+        may run meanwhile (the caller checked)."""
+        sess.history, sess.tokens, sess.codes = list(history), list(tokens), codes
+        sess.turn_starts = list(turn_starts or [])
+        if self.r.exists(_key(sess.uid)):  # deleted meanwhile: do not resurrect it
+            self.r.hset(_key(sess.uid), mapping=self._encode(sess))
+            self.touch(sess)
+
     # ---------------------------------------------------------------- encoding
     def _encode(self, s: Session) -> dict[str, bytes | str]:
         codes = np.ascontiguousarray(s.codes, dtype="<i4")

@@ -124,6 +124,8 @@ def produce(bus: Bus, merger, turn_id: str, *, interrupted: Callable[[], bool],
     for k in sorted(set(merger.segment_text) | set(merger.segment_audio)):
         pcm = to_pcm16(np.concatenate(merger.segment_audio[k]), limit=1.0) if k in merger.segment_audio else b""
         out.segments.append((merger.segment_text.get(k, ""), pcm))
+        out.segment_tokens.append(merger.segment_tokens.get(k, 0))
+        out.segment_seconds.append(sum(len(x) for x in merger.segment_audio.get(k, ())) / merger.sample_rate)
     return out
 
 

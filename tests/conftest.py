@@ -121,15 +121,17 @@ def serve_stack(tmp_path_factory, redis_url, tiny_checkpoint):
     # what `baichuan-audio serve` does, from the settings file (the gRPC message cap too)
     env = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "MODEL_PATH": str(tiny_checkpoint),
            "REDIS_URL": redis_url, "OTEL_BSP_SCHEDULE_DELAY": "500"}
-    port, args = start_serve(str(cfg), grpc_port=free_port(), http_port=free_port(), env=env, num_cpus=2,
+    http_port = free_port()
+    port, args = start_serve(str(cfg), grpc_port=free_port(), http_port=http_port, env=env, num_cpus=2,
                              object_store_memory=200 * 1024 * 1024)
     deployed: set[str] = set()
 
     def deploy(name: str) -> None:
         if name not in deployed:
-            serve.run(BUILDERS[name](args), name=name, route_prefix=f"/{name}")
+            # the Realtime API's HTTP ingress serves / (its page) and /v1/realtime
+            serve.run(BUILDERS[name](args), name=name, route_prefix="/" if name == "realtime" else f"/{name}")
             deployed.add(name)
 
-    yield types.SimpleNamespace(address=f"127.0.0.1:{port}", deploy=deploy, settings_path=cfg,
+    yield types.SimpleNamespace(address=f"127.0.0.1:{port}", http=f"127.0.0.1:{http_port}", deploy=deploy, settings_path=cfg,
                                 checkpoint=tiny_checkpoint, redis_url=redis_url, api_keys_file=keys)
     ray.shutdown()

@@ -74,7 +74,9 @@ NO_IO = ("ray", "redis", "grpc", "grpc_health", "grpc_reflection")
 PURE_ORCHESTRATOR = {"conversation.py": SERVING, "sessions.py": SERVING, "merge.py": NO_IO,
                      # the evaluation's dataset, records, judge and scoring: scored without a server
                      "evaluation/dataset.py": SERVING, "evaluation/records.py": SERVING,
-                     "evaluation/judge.py": SERVING, "evaluation/scoring.py": SERVING}
+                     "evaluation/judge.py": SERVING, "evaluation/scoring.py": SERVING,
+                     # the Realtime protocol (it makes no call itself: its Backend does) and server VAD
+                     "realtime.py": NO_IO, "vad.py": SERVING}
 
 
 def reached(path: Path) -> set[str]:

@@ -25,7 +25,16 @@ log = logging.getLogger(__name__)
 
 
 class StatusError(Exception):
-    """Raised by `grpc_errors` after the status was set on the context; picklable."""
+    """Raised by `grpc_errors` after the status was set on the context; picklable. `code`:
+    the status's name (e.g. "NOT_FOUND"), for callers through a Serve handle, which get this
+    exception and not the context (the Realtime ingress)."""
+
+    def __init__(self, message: str, code: str = ""):
+        super().__init__(message)
+        self.code = code
+
+    def __reduce__(self):
+        return type(self), (str(self), self.code)
 
 
 def _from_ray(exc: BaseException) -> bool:
@@ -165,7 +174,7 @@ def grpc_errors(fn):
             except Exception as e:  # noqa: BLE001 - mapped to a status, then re-raised
                 status = _set(grpc_context, e, fn.__qualname__)
                 await _abort(grpc_context, status)
-                raise StatusError(status[1]) from None
+                raise StatusError(status[1], status[0].name) from None
         return agen
 
     if inspect.iscoroutinefunction(fn):
@@ -180,7 +189,7 @@ def grpc_errors(fn):
                 if _returns_status(grpc_context, e):
                     return _NoMessage()
                 await _abort(grpc_context, status)
-                raise StatusError(status[1]) from None
+                raise StatusError(status[1], status[0].name) from None
         return coro
 
     @functools.wraps(fn)
@@ -190,7 +199,8 @@ def grpc_errors(fn):
             get_metrics().record_call(fn.__qualname__, "OK")
             return out
         except Exception as e:  # noqa: BLE001
-            raise StatusError(_set(grpc_context, e, fn.__qualname__)[1]) from None
+            code, msg = _set(grpc_context, e, fn.__qualname__)
+            raise StatusError(msg, code.name) from None
     return plain
 
 

@@ -251,6 +251,9 @@ class ServingSettings(_Section):
     # the stage services (Tokenizer, LLM, Decoder, Vocoder) on the gRPC proxy too; they bypass
     # every limit of the conversation service, so each call also needs an internal key
     stage_services: bool = False
+    http_port: Annotated[int, TcpPort] = 8000
+    # the Realtime API (/v1/realtime, WebSocket) and the voice page (/) on Serve's HTTP proxy
+    realtime: bool = True
 
 
 class AuthSettings(_Section):

@@ -142,7 +142,8 @@ def test_normal_turn_keeps_what_the_llm_says_and_the_next_prompt_extends_it():
     assert sess.tokens == history and sess.codes.tolist() == [[9, 9, 9], [5, 1, 2], [6, 2, 3]]
     assert sess.codes.dtype == np.int32
     assert sess.history == [{"role": "user", "text": "", "audio_seconds": 0.08},
-                            {"role": "assistant", "text": "a", "audio_seconds": 0.16, "interrupted": False}]
+                            {"role": "assistant", "text": "a", "audio_seconds": 0.16, "interrupted": False,
+                             "reply_tokens": 5, "timeline": []}]      # for truncate (no segments given)
     nxt = c.history_prompt(sess, UserTurn(text="more"))
     assert nxt.ids == history + PROMPTS.chat([Message("user", "more")]).ids
     assert nxt.audio_codes.tolist() == sess.codes.tolist()
@@ -167,7 +168,8 @@ def test_interrupted_turn_keeps_the_prompt_and_the_tokens_of_the_text_sent():
                   reply_codes=np.array([(5, 1, 2)], np.int32))
     record(c, sess, c.turn("t1", sess, user, p), reply)
     assert sess.tokens == p.ids + [A, X] and sess.codes.shape == (0, NB)
-    assert sess.history[-1] == {"role": "assistant", "text": "Hey", "audio_seconds": 0.0, "interrupted": True}
+    assert sess.history[-1] == {"role": "assistant", "text": "Hey", "audio_seconds": 0.0, "interrupted": True,
+                                "reply_tokens": 2, "timeline": []}
     spoken = UserTurn(codes=codes((9, 9, 9)))
     p2 = c.history_prompt(sess, spoken)
     record(c, sess, c.turn("t2", sess, spoken, p2), Reply(interrupted=True, text_tokens=[X], error="lost"))
@@ -255,3 +257,61 @@ def test_the_llm_stage_end_entry_is_the_next_prompt_prefix():
     nxt = c.history_prompt(sess, UserTurn(text="more"))
     assert pads(nxt.ids) == len(nxt.audio_codes)
     assert nxt.ids[:len(s.tokens) - 1] == s.tokens[:s.kv_len]            # everything turn 1 cached
+
+
+# ---------------------------------------------------------------- truncate (Realtime API)
+
+def spoken_reply_session(c: Conversation, interrupted: bool = False):
+    """A session after one spoken reply: text "ab" (2 tokens), 2 frames (0.16 s) of audio, text
+    "c" (1 token), 2 more frames. Interrupted: the history holds the text tokens only."""
+    sess = session()
+    user = UserTurn(text="hi")
+    p = c.history_prompt(sess, user)
+    reply_ids = [A, X, AG_START, PAD, PAD, AG_END, A, AG_START, PAD, PAD, AG_END]
+    pcm = b"\0\0" * 3840                                        # 0.16 s at 24 kHz
+    reply = Reply(text="abc", audio_seconds=0.32, interrupted=interrupted, text_tokens=[A, X, A],
+                  history=p.ids + reply_ids, reply_codes=np.arange(4 * NB, dtype=np.int32).reshape(4, NB),
+                  segments=[("ab", b""), ("", pcm), ("c", b""), ("", pcm)], segment_tokens=[2, 0, 1, 0],
+                  segment_seconds=[0.0, 0.16, 0.0, 0.16])
+    record(c, sess, c.turn("t1", sess, user, p), reply)
+    return sess, p
+
+
+@pytest.mark.parametrize("end_ms, reply, text, frames", [
+    (0, [], "", 0),                                               # nothing heard
+    (100, [A, X, AG_START, PAD, AG_END], "ab", 1),                # into the first audio: cut and closed
+    (200, [A, X, AG_START, PAD, PAD, AG_END, A], "abc", 2),       # "c" heard, its audio not begun
+    (320, [A, X, AG_START, PAD, PAD, AG_END, A, AG_START, PAD, PAD, AG_END], "abc", 4),   # all
+])
+def test_truncate_keeps_what_was_heard(end_ms, reply, text, frames):
+    c = conv()
+    sess, p = spoken_reply_session(c)
+    rec = c.truncate(sess, end_ms)
+    assert rec.tokens == p.ids + reply
+    assert rec.codes.tolist() == np.arange(4 * NB).reshape(4, NB)[:frames].tolist()
+    last = rec.entries[-1]
+    assert (last["text"], last["truncated"]) == (text, True)
+    assert abs(last["audio_seconds"] - min(end_ms, 320) / 1000) < 1e-6
+    assert rec.entries[:-1] == sess.history[:-1]
+    # the next prompt extends the truncated history
+    sess.tokens, sess.codes, sess.history = rec.tokens, rec.codes, rec.entries
+    assert c.history_prompt(sess, UserTurn(text="more")).ids[:len(rec.tokens)] == rec.tokens
+
+
+def test_truncate_an_interrupted_reply_keeps_the_heard_text():
+    c = conv()
+    sess, p = spoken_reply_session(c, interrupted=True)
+    assert sess.tokens == p.ids + [A, X, A]
+    rec = c.truncate(sess, 100)
+    assert rec.tokens == p.ids + [A, X] and rec.entries[-1]["text"] == "ab"
+
+
+def test_truncate_refuses_what_it_cannot_cut():
+    c = conv()
+    sess, _ = spoken_reply_session(c)
+    with pytest.raises(ValueError, match="past the reply's audio of 320 ms"):
+        c.truncate(sess, 400)
+    with pytest.raises(ValueError, match="negative"):
+        c.truncate(sess, -1)
+    with pytest.raises(ValueError, match="nothing to truncate"):
+        c.truncate(session(), 10)
