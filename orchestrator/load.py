@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import ipaddress
 import math
+import random
 import socket
 import sys
 import time
@@ -150,7 +151,8 @@ class LoadGenerator:
                 if e.code() != REFUSED:
                     raise
                 self.report.refused[what] += 1
-                await asyncio.sleep(retry_after_s(e))
+                # the server's wait, spread out so that the refused do not all come back at once
+                await asyncio.sleep(retry_after_s(e) * random.uniform(0.5, 1.5))
         self.report.errors["RESOURCE_EXHAUSTED (refused every retry)"] += 1
         return None
 
