@@ -304,17 +304,25 @@ def rss_bytes(pid: int) -> int | None:
 
 def stack_processes(ray_address: str = "auto", redis_url: str | None = None) -> dict[str, int]:
     """name -> pid of the stack's processes on this machine: every live Ray actor (Serve
-    replicas, proxy, controller; through Ray's state API) and redis-server (its INFO)."""
+    replicas, proxy, controller) and redis-server (its INFO). Actors come from Ray's state API,
+    which needs the dashboard; a cluster started without one (`serve`, the tests) is asked
+    through its GCS actor table instead (Ray is pinned, so that table's shape is known)."""
     import ray
-    from ray.util.state import list_actors
 
     if not ray.is_initialized():
         ray.init(address=ray_address, logging_level="ERROR", log_to_driver=False)
     out: dict[str, int] = {}
-    for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000):
-        name = a.name or a.class_name
-        if a.pid:
-            out[f"{name} (pid {a.pid})"] = a.pid
+    try:
+        from ray.util.state import list_actors
+        actors = [(a.name or a.class_name, a.pid) for a in list_actors(
+            address=ray_address, filters=[("state", "=", "ALIVE")], limit=1000)]
+    except Exception:  # noqa: BLE001 - no dashboard: the GCS table
+        from ray._private import state
+        actors = [(a.get("Name") or a.get("ActorClassName"), a.get("Pid")) for a in state.actors().values()
+                  if a.get("State") == "ALIVE"]
+    for name, pid in actors:
+        if pid:
+            out[f"{name} (pid {pid})"] = int(pid)
     if redis_url:
         import redis
         client = redis.Redis.from_url(redis_url)
