@@ -79,6 +79,7 @@ def _load_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--allow-remote", action="store_true", help="allow a non-loopback --address")
     s.add_argument("--rss", action="store_true", help="report the resident memory of the stack's processes at start "
                    "and end (Ray actors through the state API of --ray-address, and redis-server at --redis-url)")
+    s.add_argument("--rss-every-s", type=float, default=60.0, help="--rss: also sample this often (default 60)")
     s.add_argument("--ray-address", default="auto", help="the Ray cluster, for --rss (default: auto)")
     s.add_argument("--redis-url", help="the stack's Redis, for --rss")
 

@@ -336,6 +336,17 @@ def rss_table(pids: dict[str, int]) -> dict[str, int | None]:
     return {name: rss_bytes(pid) for name, pid in pids.items()}
 
 
+def rss_report(samples: list[tuple[float, dict]]) -> str:
+    """Resident memory (MiB) of each process at the start, after the first sample (warmed up:
+    the first turns allocate what a process keeps) and at the end."""
+    fmt = lambda v: "gone" if v is None else f"{v / 2**20:.0f}"   # noqa: E731
+    (t0, start), (tw, warm), (te, end) = samples[0], samples[min(1, len(samples) - 1)], samples[-1]
+    lines = [f"resident memory (MiB) at {t0:.0f} s / {tw:.0f} s / {te:.0f} s (end):"]
+    for name in sorted(start):
+        lines.append(f"  {name[:70]:72s} {fmt(start[name]):>6} {fmt(warm.get(name)):>6} {fmt(end.get(name)):>6}")
+    return "\n".join(lines)
+
+
 def _is_loopback(address: str) -> bool:
     host = address.rsplit(":", 1)[0].strip("[]")
     try:
@@ -360,10 +371,20 @@ def load_main(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    before = None
-    if args.rss:
+    samples: list[tuple[float, dict]] = []
+    sampler = None
+    if args.rss:   # memory at the start, then every --rss-every-s on a thread, and at the end
+        import threading
         pids = stack_processes(args.ray_address, args.redis_url)
-        before = rss_table(pids)
+        stop = threading.Event()
+        t0 = time.monotonic()
+        samples.append((0.0, rss_table(pids)))
+
+        def sample() -> None:
+            while not stop.wait(args.rss_every_s):
+                samples.append((time.monotonic() - t0, rss_table(pids)))
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
     print(f"load: {args.sessions} sessions x {args.turns} turns against {args.address}"
           f"{f' for {args.duration_s:.0f} s' if args.duration_s else ''}", file=sys.stderr)
     report = asyncio.run(run_load(args.address, sessions=args.sessions, turns=args.turns, api_key=key, audio=audio,
@@ -371,11 +392,8 @@ def load_main(args: argparse.Namespace) -> int:
                                   duration_s=args.duration_s, deadline_s=args.deadline_s,
                                   progress_s=args.progress_s, credentials=creds, turn_timeout_s=args.timeout))
     print(report.summary())
-    if before is not None:
-        after = rss_table(pids)
-        print("resident memory (MiB) at start -> end:")
-        for name in sorted(pids):
-            b, a = before[name], after[name]
-            fmt = lambda v: "gone" if v is None else f"{v / 2**20:.0f}"   # noqa: E731
-            print(f"  {name:60s} {fmt(b):>6} -> {fmt(a):>6}")
+    if sampler is not None:
+        stop.set()
+        samples.append((time.monotonic() - t0, rss_table(pids)))
+        print(rss_report(samples))
     return 0 if report.error_count == 0 and not report.problems else 1

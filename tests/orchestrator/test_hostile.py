@@ -159,15 +159,21 @@ def test_damaged_question(stub, sid, bystander, data):
 
 
 # ---------------------------------------------------------------- every public message field
-FLOATS = st.floats(allow_nan=True, allow_infinity=True, width=32)
+# each field: inside its documented range (edges included) or anything at all
+FLOATS = st.one_of(st.floats(0.05000000074505806, 1.0, width=32), st.floats(allow_nan=True, allow_infinity=True, width=32))
+TOP_K = st.one_of(st.integers(1, 1000), st.integers(-2**31, 2**31 - 1))
 SAMPLING = st.builds(
-    pb.SamplingOverrides, text_temperature=FLOATS, text_top_k=st.integers(-2**31, 2**31 - 1),
-    text_top_p=FLOATS, audio_temperature=FLOATS, audio_top_k=st.integers(-2**31, 2**31 - 1),
-    audio_top_p=FLOATS, seed=st.integers(0, 2**64 - 1), greedy=st.booleans())
+    pb.SamplingOverrides, text_temperature=FLOATS, text_top_k=TOP_K, text_top_p=FLOATS,
+    audio_temperature=FLOATS, audio_top_k=TOP_K, audio_top_p=FLOATS,
+    seed=st.one_of(st.sampled_from([0, 2**63 - 1, 2**63, 2**64 - 1]), st.integers(0, 2**64 - 1)),
+    greedy=st.booleans())
+# a message's fields one at a time (others unset: their defaults), or all of them at once
+ONE_FIELD = st.sampled_from([f.name for f in pb.SamplingOverrides.DESCRIPTOR.fields]).flatmap(
+    lambda name: SAMPLING.map(lambda m: pb.SamplingOverrides(**{name: getattr(m, name)})))
 SETTINGS = st.builds(
     pb.SessionSettings, system_prompt=st.one_of(TEXT, SPECIAL), reply_mode=st.integers(-5, 5),
     faithful_history=st.booleans(), low_latency_audio=st.booleans(), ttl_seconds=st.integers(0, 2**32 - 1),
-    sampling=st.one_of(st.just(pb.SamplingOverrides()), SAMPLING))
+    sampling=st.one_of(st.just(pb.SamplingOverrides()), ONE_FIELD, SAMPLING))
 
 
 @given(settings_msg=SETTINGS, session_id=st.one_of(st.just(""), IDS))
