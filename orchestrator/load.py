@@ -337,13 +337,12 @@ def rss_table(pids: dict[str, int]) -> dict[str, int | None]:
 
 
 def rss_report(samples: list[tuple[float, dict]]) -> str:
-    """Resident memory (MiB) of each process at the start, after the first sample (warmed up:
-    the first turns allocate what a process keeps) and at the end."""
+    """Resident memory (MiB) of each process at every sample: the start, every --rss-every-s
+    (the first turns allocate what a process keeps: compare the later columns) and the end."""
     fmt = lambda v: "gone" if v is None else f"{v / 2**20:.0f}"   # noqa: E731
-    (t0, start), (tw, warm), (te, end) = samples[0], samples[min(1, len(samples) - 1)], samples[-1]
-    lines = [f"resident memory (MiB) at {t0:.0f} s / {tw:.0f} s / {te:.0f} s (end):"]
-    for name in sorted(start):
-        lines.append(f"  {name[:70]:72s} {fmt(start[name]):>6} {fmt(warm.get(name)):>6} {fmt(end.get(name)):>6}")
+    lines = ["resident memory (MiB) at " + " / ".join(f"{t:.0f}" for t, _ in samples) + " s:"]
+    for name in sorted(samples[0][1]):
+        lines.append(f"  {name[:60]:62s} " + " ".join(f"{fmt(m.get(name)):>5}" for _, m in samples))
     return "\n".join(lines)
 
 
