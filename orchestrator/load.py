@@ -5,8 +5,8 @@ is up), over grpc.aio on one channel. Every turn's events are checked as a clien
 them: one turn id, event ids unique and increasing, audio `sequence` 0, 1, 2, ... without a gap
 or a repeat, exactly one end (or error) and nothing after it, and as much audio as the end says.
 A refusal (RESOURCE_EXHAUSTED: admission control or a quota) is not an error: the session
-waits the time the server names and tries again, as a well-behaved client does; the refusals
-are counted. It prints a progress line every few seconds and, at the end, time to first audio
+waits the time the server names, with exponential backoff and jitter, and tries again, as a
+well-behaved client does; the refusals are counted. It prints a progress line every few seconds and, at the end, time to first audio
 and first text (client side, from sending the request), the real-time factor, refusals and
 errors by status code. It stops by itself (`--deadline-s`), talks to loopback addresses only
 unless told otherwise (it is load, not a probe of someone else's server), and with `--rss`
@@ -34,6 +34,7 @@ from services.common.errors import Status
 
 SAMPLE = Path(__file__).resolve().parent / "samples" / "question.wav"
 REFUSED = grpc.StatusCode.RESOURCE_EXHAUSTED
+MAX_BACKOFF = 8      # a refused call waits the server's retry delay x 1, 2, 4, 8, 8, ...
 
 
 def _event_key(event_id: str) -> tuple[int, int]:
@@ -144,15 +145,17 @@ class LoadGenerator:
 
     async def _refusable(self, what: str, call):
         """call() until it is not refused (at most max_refusals times); None if it never was."""
-        for _ in range(self.max_refusals + 1):
+        for attempt in range(self.max_refusals + 1):
             try:
                 return await call()
             except grpc.aio.AioRpcError as e:
                 if e.code() != REFUSED:
                     raise
                 self.report.refused[what] += 1
-                # the server's wait, spread out so that the refused do not all come back at once
-                await asyncio.sleep(retry_after_s(e) * random.uniform(0.5, 1.5))
+                # the server's wait, doubled for each refusal in a row up to 8x (every refusal
+                # costs the stack a request) and spread out so the refused do not return at once
+                backoff = retry_after_s(e) * min(2 ** attempt, MAX_BACKOFF)
+                await asyncio.sleep(backoff * random.uniform(0.5, 1.5))
         self.report.errors["RESOURCE_EXHAUSTED (refused every retry)"] += 1
         return None
 
