@@ -63,6 +63,33 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return eval_main(args)
 
 
+def _cmd_load(args: argparse.Namespace) -> int:
+    from orchestrator.load import load_main
+
+    return load_main(args)
+
+
+def _load_args(s: argparse.ArgumentParser) -> None:
+    """`load`'s options (here: no import of grpc for --help)."""
+    s.add_argument("--sessions", type=int, default=50, help="concurrent sessions (default 50)")
+    s.add_argument("--turns", type=int, default=3, help="turns per session (default 3)")
+    s.add_argument("--input", help="WAV/FLAC user turn (default: the bundled question)")
+    s.add_argument("--text", help="send this typed turn instead of audio")
+    s.add_argument("--text-only", action="store_true", help="ask for text-only replies")
+    s.add_argument("--low-latency", action="store_true", help="sessions with low_latency_audio")
+    s.add_argument("--duration-s", type=float, default=0.0,
+                   help="keep starting new sessions until this many seconds have passed (a soak)")
+    s.add_argument("--deadline-s", type=float, default=900.0, help="stop whatever is left after this (default 900)")
+    s.add_argument("--progress-s", type=float, default=5.0, help="seconds between progress lines")
+    s.add_argument("--api-key", help="the API key (else --api-key-file, $BAICHUAN_AUDIO_API_KEY or serve's local key)")
+    s.add_argument("--allow-remote", action="store_true", help="allow a non-loopback --address")
+    s.add_argument("--rss", action="store_true", help="report the resident memory of the stack's processes at start "
+                   "and end (Ray actors through the state API of --ray-address, and redis-server at --redis-url)")
+    s.add_argument("--rss-every-s", type=float, default=60.0, help="--rss: also sample this often (default 60)")
+    s.add_argument("--ray-address", default="auto", help="the Ray cluster, for --rss (default: auto)")
+    s.add_argument("--redis-url", help="the stack's Redis, for --rss")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="baichuan-audio", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -127,6 +154,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(b)
     client_args(b)
     b.set_defaults(func=_cmd_eval)
+
+    s = sub.add_parser("load", help="a bounded load generator: N concurrent sessions x T turns against a running "
+                                    "stack, checking every audio chunk; prints latency figures and errors")
+    client_args(s)
+    _load_args(s)
+    s.set_defaults(func=_cmd_load)
 
     s = sub.add_parser("bench", help="benchmarks that print figures: tokenizer, llm, decoder, vocoder, "
                                      "gpu (the whole serving path), hops (Ray/Redis transport)", add_help=False)

@@ -221,6 +221,8 @@ class Conversation:
         if kind is None:
             raise ValueError("the turn has no input: set audio (a WAV/FLAC file or PCM16) or text")
         if kind == "text":
+            if not text.strip():      # the model would answer an empty user message
+                raise ValueError("the turn's text is empty: type something, or send audio")
             self.check_text(text)
 
     # ---------------------------------------------------------------- prompts

@@ -32,6 +32,7 @@ from services.common.telemetry import inject_context, start_span
 from services.common.text_tokenizer import DEFAULT_SYSTEM_PROMPT, load_text_tokenizer
 from services.llm.prompts import PromptBuilder, ProtocolTokens
 from orchestrator import turns
+from orchestrator.app import APPS
 from orchestrator.conversation import Conversation, HistoryLimits, Turn, UserTurn, sampling_overrides
 from orchestrator.merge import ReplyMerger
 from orchestrator.quotas import Quotas
@@ -73,11 +74,15 @@ class ConversationDeployment:
                                      max_sessions=self.settings.limits.max_sessions,
                                      num_codebooks=cfg.audio.num_codebooks,
                                      max_per_owner=lambda owner: quotas.of(owner).sessions)
-        self.quotas = Quotas(client, quotas, turn_ttl_s=self.settings.limits.session_ttl_s)
+        self.quotas = Quotas(client, quotas, turn_ttl_s=self.settings.limits.session_ttl_s,
+                             max_running_turns=self.settings.limits.max_running_turns)
         self.tokenizer_app = serve.get_app_handle("tokenizer")
         self.llm_app = serve.get_app_handle("llm")
         self.interrupts: dict[str, threading.Event] = {}   # turn_id -> set by Interrupt
         self.producers: set[asyncio.Task] = set()
+        ongoing = APPS["conversation"].options["max_ongoing_requests"]
+        self.threads = turns.TurnThreads(producers=max(ongoing, self.settings.limits.max_running_turns),
+                                         readers=ongoing)
 
     def _caller(self, grpc_context) -> str:
         """The caller's identity (UNAUTHENTICATED without a valid key), charged one request."""
@@ -165,7 +170,6 @@ class ConversationDeployment:
         """Produce the turn's events on a thread; on_done(outcome) records it (history, the
         reply's audio charged to `who`) before the caller hears the end."""
         flag = self.interrupts.setdefault(turn_id, threading.Event())
-        loop = asyncio.get_running_loop()
 
         def interrupted() -> bool:  # this replica's Interrupt, or one that reached another replica
             return flag.is_set() or turns.interrupt_requested(self.bus, turn_id)
@@ -180,19 +184,14 @@ class ConversationDeployment:
                 except Exception:  # noqa: BLE001 - the count heals: is_over() sees the end
                     log.warning("could not end turn %s in %s's running turns", turn_id, who)
 
-        task = loop.run_in_executor(None, lambda: turns.run(self.bus, merger, turn_id, interrupted=interrupted,
-                                                            record=record))
+        task = self.threads.produce(lambda: turns.run(self.bus, merger, turn_id, interrupted=interrupted,
+                                                      record=record))
         self.producers.add(task)
         task.add_done_callback(self.producers.discard)
 
     async def _stream(self, turn_id: str, after: str = "0"):
-        it = turns.events(self.bus, turn_id, after)
-        loop = asyncio.get_running_loop()
-        while True:
-            item = await loop.run_in_executor(None, next, it, None)
-            if item is None:
-                return
-            yield item[1]
+        async for _, ev in self.threads.stream(turns.events(self.bus, turn_id, after)):
+            yield ev
 
     # ---------------------------------------------------------------- turns
     @grpc_errors

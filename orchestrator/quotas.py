@@ -18,8 +18,13 @@ wait (services/common/grpc_status.py sends them as trailing metadata where Serve
   ended or went silent), or at the latest after the turn TTL.
 - live sessions: in orchestrator/sessions.py (the same script that creates the session).
 
+Admission control is the same count over the whole stack: at most `limits.max_running_turns`
+turns run at once (a sorted set of every running turn, healed the same way); beyond it a new
+turn gets RESOURCE_EXHAUSTED at once, with a retry delay, instead of slowing every running
+turn down. Both counts are taken in one script: a turn is in both sets or in neither.
+
 Keys: quota:{identity}:rpm, quota:{identity}:audio (strings, expiring when spent budget has
-refilled), quota:{identity}:turns (sorted set, expiring with the turn TTL).
+refilled), quota:{identity}:turns and admission:turns (sorted sets, expiring with the turn TTL).
 """
 from __future__ import annotations
 
@@ -46,21 +51,30 @@ redis.call('SET', KEYS[1], tostring(new), 'PX', math.ceil(new - now) + 1000)
 return {1, '0'}
 """
 
-# KEYS[1] the identity's running turns. ARGV[1] limit, ARGV[2] turn id, ARGV[3] the turn TTL
-# (s): older entries no longer count, and the set expires after it. Returns {admitted, retry
-# after ms}.
+# KEYS[1] the identity's running turns, KEYS[2] the whole stack's (admission control). ARGV[1]
+# the identity's limit, ARGV[2] the stack's, ARGV[3] turn id, ARGV[4] the turn TTL (s): older
+# entries no longer count, and the sets expire after it. Both sets take the turn, or neither.
+# Returns {admitted 0/1, which limit refused: "identity" | "capacity" | ""}.
 _BEGIN_TURN = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-redis.call('ZREMRANGEBYSCORE', KEYS[1], 0, now - tonumber(ARGV[3]) * 1000)
+local stale = now - tonumber(ARGV[4]) * 1000
+redis.call('ZREMRANGEBYSCORE', KEYS[1], 0, stale)
+redis.call('ZREMRANGEBYSCORE', KEYS[2], 0, stale)
 if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then
-  return {0, '1000'}
+  return {0, 'identity'}
 end
-redis.call('ZADD', KEYS[1], now, ARGV[2])
-redis.call('EXPIRE', KEYS[1], ARGV[3])
-return {1, '0'}
+if redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[2]) then
+  return {0, 'capacity'}
+end
+for i = 1, 2 do
+  redis.call('ZADD', KEYS[i], now, ARGV[3])
+  redis.call('EXPIRE', KEYS[i], ARGV[4])
+end
+return {1, ''}
 """
 
+RUNNING_KEY = "admission:turns"   # every running turn of the stack (limits.max_running_turns)
 TURN_RETRY_S = 1.0   # a running turn's end is not predictable: look again after this
 
 
@@ -69,10 +83,11 @@ def _key(identity: str, what: str) -> str:
 
 
 class Quotas:
-    def __init__(self, client, settings: QuotasSettings, *, turn_ttl_s: int):
+    def __init__(self, client, settings: QuotasSettings, *, turn_ttl_s: int, max_running_turns: int = 2**31 - 1):
         self.r = client          # a redis.Redis, opened by the deployment
         self.settings = settings
         self.turn_ttl_s = turn_ttl_s
+        self.max_running_turns = max_running_turns
         self._gcra = client.register_script(_GCRA)
         self._begin = client.register_script(_BEGIN_TURN)
 
@@ -111,19 +126,32 @@ class Quotas:
                    f"{identity}: this audio ({seconds:.1f} s) does not fit what is left of the hourly budget of "
                    f"{limit:g} audio seconds (quotas.audio_seconds_per_hour)")
 
-    def begin_turn(self, identity: str, turn_id: str, is_over: Callable[[str], bool]) -> None:
-        """Count `turn_id` as running; QuotaExceeded if the identity runs its limit already.
-        is_over(turn): the turn ended or was abandoned (turns.is_over)."""
-        limit = self.settings.of(identity).turns
-        key = _key(identity, "turns")
+    def _heal(self, key: str, is_over: Callable[[str], bool]) -> None:
+        """Drop the turns of `key` that ended or were abandoned (their replica died)."""
         for member in self.r.zrange(key, 0, -1):
             tid = member.decode() if isinstance(member, bytes) else member
             if is_over(tid):          # ended, or its replica died (a turn setting up is not over)
                 self.r.zrem(key, tid)
-        ok, _ = self._begin(keys=[key], args=[limit, turn_id, self.turn_ttl_s])
-        if not int(ok):
-            raise QuotaExceeded(f"{identity} already runs {limit} turns at once (quotas.turns); wait for one "
-                                f"to end or Interrupt it; retry after {TURN_RETRY_S:.1f} s", TURN_RETRY_S)
+
+    def begin_turn(self, identity: str, turn_id: str, is_over: Callable[[str], bool]) -> None:
+        """Count `turn_id` as running, for the identity and for the stack; QuotaExceeded if
+        the identity runs its limit already, or the stack runs limits.max_running_turns.
+        is_over(turn): the turn ended or was abandoned (turns.is_over)."""
+        limit = self.settings.of(identity).turns
+        key = _key(identity, "turns")
+        self._heal(key, is_over)
+        args = [limit, self.max_running_turns, turn_id, self.turn_ttl_s]
+        ok, which = self._begin(keys=[key, RUNNING_KEY], args=args)
+        if not int(ok) and _text(which) == "capacity":   # look for turns that ended unseen, once
+            self._heal(RUNNING_KEY, is_over)
+            ok, which = self._begin(keys=[key, RUNNING_KEY], args=args)
+        if int(ok):
+            return
+        if _text(which) == "capacity":
+            raise QuotaExceeded(f"the service is at capacity: {self.max_running_turns} turns are running "
+                                f"(limits.max_running_turns); retry after {TURN_RETRY_S:.1f} s", TURN_RETRY_S)
+        raise QuotaExceeded(f"{identity} already runs {limit} turns at once (quotas.turns); wait for one "
+                            f"to end or Interrupt it; retry after {TURN_RETRY_S:.1f} s", TURN_RETRY_S)
 
     def remaining(self, identity: str) -> list[dict]:
         """What is left of the identity's rate limits now, as the OpenAI Realtime
@@ -143,4 +171,11 @@ class Quotas:
         return out
 
     def end_turn(self, identity: str, turn_id: str) -> None:
-        self.r.zrem(_key(identity, "turns"), turn_id)
+        pipe = self.r.pipeline(transaction=False)
+        pipe.zrem(_key(identity, "turns"), turn_id)
+        pipe.zrem(RUNNING_KEY, turn_id)
+        pipe.execute()
+
+
+def _text(v) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)

@@ -101,7 +101,8 @@ def serve_main(args: argparse.Namespace) -> int:
     import ray
 
     port = start_stack(args.config, address=args.address)
-    print(f"serving gRPC on port {port} (send metadata 'application: conversation'); Ctrl-C to stop")
+    print(f"serving gRPC on port {port} (send metadata 'application: conversation'); Ray cluster at "
+          f"{ray.get_runtime_context().gcs_address}; Ctrl-C to stop")
     if args.detach:
         return 0
     stop = threading.Event()

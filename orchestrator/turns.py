@@ -13,11 +13,13 @@ for events nobody can write; the producer keeps trying to send the turn's end fo
 REFUSED_RETRY_S, so the session takes its next turn as soon as Redis takes writes again."""
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator, TypeVar
 
 import numpy as np
 
@@ -218,3 +220,40 @@ def events(bus: Bus, turn_id: str, after: str = "0", *, wait_s: float = 600.0) -
                 return
         if msgs:
             deadline = time.monotonic() + wait_s
+
+
+T = TypeVar("T")
+
+
+class TurnThreads:
+    """The threads a conversation replica blocks on Redis with: one pool for turn producers
+    (each holds its thread for the whole turn) and one for stream readers (a caller's stream
+    waits on one between events, for at most READ_BLOCK_MS).
+
+    They must not share a pool smaller than what may run at once: Serve gives a replica's
+    user code a default pool of num_cpus + 4 threads (5 at the default CPU share), so with
+    five turns producing, every caller's reader queued behind them and each turn waited for
+    whole other turns to end. Readers get one thread per request the replica may have ongoing,
+    producers one per turn it may run; threads are made as needed, up to those sizes."""
+
+    def __init__(self, producers: int, readers: int):
+        self.producers = ThreadPoolExecutor(max_workers=producers, thread_name_prefix="turn-producer")
+        self.readers = ThreadPoolExecutor(max_workers=readers, thread_name_prefix="stream-reader")
+
+    def produce(self, fn: Callable[[], T]) -> "asyncio.Future[T]":
+        """Run a producer (turns.run) on the producers' pool; the caller's loop gets its future."""
+        return asyncio.get_running_loop().run_in_executor(self.producers, fn)
+
+    async def stream(self, it: Iterable[T]):
+        """Iterate a blocking iterator (turns.events) on the readers' pool."""
+        it = iter(it)
+        loop = asyncio.get_running_loop()
+        while True:
+            item = await loop.run_in_executor(self.readers, next, it, None)
+            if item is None:
+                return
+            yield item
+
+    def shutdown(self) -> None:
+        self.producers.shutdown(wait=False, cancel_futures=False)
+        self.readers.shutdown(wait=False, cancel_futures=True)

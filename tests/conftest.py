@@ -61,6 +61,7 @@ TEST_KEYS = {
     "one-turn": "one-turn-test-key-0123456789abcd",
     "five-rpm": "five-rpm-test-key-0123456789abcd",
     "little-audio": "little-audio-test-key-0123456789",
+    "hostile": "hostile-test-key-0123456789abcdef",   # the property-based tests' many calls
 }
 INTERNAL_KEY = "internal-stage-test-key-0123456789"   # the stage services' (auth.internal_keys)
 
@@ -83,6 +84,7 @@ quotas:
     one-turn: {turns: 1}
     five-rpm: {requests_per_minute: 5}
     little-audio: {audio_seconds_per_hour: 2.0}
+    hostile: {requests_per_minute: 100000, sessions: 10000, turns: 16}
 stages:
   tokenizer:    {num_cpus: 0.1, max_batch_size: 8}
   llm:          {num_cpus: 0.1}

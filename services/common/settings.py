@@ -193,6 +193,11 @@ class LimitsSettings(_Section):
     # once the context is full, the share of it the history is trimmed to
     context_trim_to: Annotated[float, Positive, _rule(lambda v: v <= 1, "must be <= 1")] = 0.5
     max_sessions: Annotated[int, Positive] = 1000           # live sessions; more is RESOURCE_EXHAUSTED
+    # admission control: turns (Converse, Transcribe, Synthesize) running at once in the whole
+    # stack; a new one beyond it is refused at once (RESOURCE_EXHAUSTED, retry after 1 s) rather
+    # than slowing every running turn. Default: what one LLM replica decodes together
+    # (llm.max_slots); measure your stack with `baichuan-audio load` and set it there.
+    max_running_turns: Annotated[int, Positive] = 16
     session_ttl_s: Annotated[int, Positive] = 1800          # session (and its turn streams) expire after idle
     max_message_bytes: Annotated[int, Positive] = 64 * 1024 * 1024  # gRPC send/receive cap
     # per-turn caps on generation (LLM stage, gRPC and conversation paths alike); reaching one

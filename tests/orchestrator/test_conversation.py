@@ -77,6 +77,9 @@ def test_turn_input_checks():
         c.check_input("text", "x" * 6)
     c.check_input("text", "hello")
     c.check_input("audio")
+    for empty in ("", " \n\t"):     # found by tests/orchestrator/test_hostile.py: it was a turn
+        with pytest.raises(ValueError, match="the turn's text is empty"):
+            c.check_input("text", empty)
     with pytest.raises(ValueError, match="text is empty"):
         c.synthesize_request("t", "  ", {})
     with pytest.raises(ValueError, match="over the limit of 5"):

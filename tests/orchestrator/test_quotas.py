@@ -106,3 +106,33 @@ def test_turns_older_than_the_turn_ttl_stop_counting(r):
         q.begin_turn("alice", "t2", lambda _t: False)
     time.sleep(1.2)
     q.begin_turn("alice", "t2", lambda _t: False)
+
+
+def test_admission_control_counts_every_identitys_turns(r):
+    """limits.max_running_turns over the whole stack: beyond it any identity's new turn is refused
+    at once with a retry delay; a refused turn is counted nowhere; an ended or abandoned turn frees
+    its place; two replicas (two Quotas on the same Redis) share the count."""
+    from orchestrator.quotas import RUNNING_KEY
+
+    replicas = [Quotas(redis.Redis(connection_pool=r.connection_pool), QuotasSettings(turns=4), turn_ttl_s=60,
+                       max_running_turns=3) for _ in range(2)]
+    over: set[str] = set()
+    replicas[0].begin_turn("alice", "t1", over.__contains__)
+    replicas[1].begin_turn("bob", "t2", over.__contains__)
+    replicas[0].begin_turn("carol", "t3", over.__contains__)
+    for q, who in ((replicas[0], "alice"), (replicas[1], "dave")):
+        with pytest.raises(QuotaExceeded) as e:
+            q.begin_turn(who, "t4", over.__contains__)
+        assert "the service is at capacity: 3 turns are running (limits.max_running_turns)" in str(e.value)
+        assert e.value.retry_after_s > 0
+    assert r.zcard("quota:dave:turns") == 0 and r.zcard("quota:alice:turns") == 1   # refused: counted nowhere
+    replicas[1].end_turn("bob", "t2")
+    replicas[1].begin_turn("dave", "t4", over.__contains__)
+    over.add("t1")                                   # its replica died: is_over says so, the place frees
+    replicas[0].begin_turn("alice", "t5", over.__contains__)
+    assert {m.decode() for m in r.zrange(RUNNING_KEY, 0, -1)} == {"t3", "t4", "t5"}
+    # the identity's own limit is still its own message
+    q = Quotas(r, QuotasSettings(turns=1), turn_ttl_s=60, max_running_turns=100)
+    with pytest.raises(QuotaExceeded) as e:
+        q.begin_turn("alice", "t6", over.__contains__)
+    assert "alice already runs 1 turns at once (quotas.turns)" in str(e.value)
