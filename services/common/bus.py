@@ -36,11 +36,14 @@ ResourceExhausted, and `check_writable` finds out without writing anything.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from contextlib import contextmanager
 from typing import Any, Callable, Iterable, Mapping
 
 import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
 
 from services.common.entries import TURN_KINDS, BusError, Entry, Job, StreamEntry, decode_entry
 from services.common.errors import ResourceExhausted
@@ -70,6 +73,19 @@ def _writing():
         raise RedisFull("Redis is at its memory limit (maxmemory) and refuses writes; retry later "
                         "(operators: raise maxmemory or lower limits.session_ttl_s, see README "
                         '"Redis memory")') from None
+
+
+def quick_retry() -> Retry:
+    """redis-py's retry policy for the stack's clients: one quick reconnect after a dropped
+    connection (Redis restarted, a failover), nothing on a timeout. redis-py 8's default
+    retries ten times with backoff up to 10 s, so a Redis that stopped answering held every
+    call for minutes; now it fails within `redis.socket_timeout_s` (UNAVAILABLE)."""
+    return Retry(ExponentialBackoff(cap=0.2, base=0.05), 1, supported_errors=(redis.ConnectionError,))
+
+
+def unreachable(exc: BaseException) -> bool:
+    """Redis did not answer (connection refused or dropped, or a timeout)."""
+    return isinstance(exc, (redis.ConnectionError, redis.TimeoutError))
 
 
 def _s(x: bytes | str) -> str:
@@ -142,9 +158,10 @@ class Bus:
         username: str | None = None,
         password: str | None = None,
         connect_timeout_s: float = 5.0,
-        socket_timeout_s: float = 30.0,
+        socket_timeout_s: float = 3.0,
         metrics: Metrics | None = None,
         tls: Mapping[str, Any] | None = None,
+        lease_ttl_s: float = 10.0,
     ) -> None:
         if isinstance(redis_or_url, str):
             # The socket timeout bounds every blocking read: `block_ms` must stay below it.
@@ -152,7 +169,7 @@ class Bus:
             self.redis = redis.Redis.from_url(
                 redis_or_url, protocol=2, decode_responses=False, username=username or None,
                 password=password or None, socket_connect_timeout=connect_timeout_s,
-                socket_timeout=socket_timeout_s, health_check_interval=30, **(tls or {}))
+                socket_timeout=socket_timeout_s, health_check_interval=30, retry=quick_retry(), **(tls or {}))
         else:
             kw = redis_or_url.connection_pool.connection_kwargs
             if kw.get("decode_responses"):
@@ -170,6 +187,7 @@ class Bus:
         self.turn_maxlen = int(turn_maxlen)
         self.job_max_backlog = int(job_max_backlog)
         self.max_deliveries = int(max_deliveries)
+        self.lease_ttl_s = float(lease_ttl_s)
         self.metrics = metrics
         self._put_once = self.redis.register_script(_PUT_ONCE)
         self._submit = self.redis.register_script(_SUBMIT)
@@ -180,7 +198,8 @@ class Bus:
         r, b = settings.redis, settings.bus
         tls = {k: v for k, v in r.client_options().items() if k.startswith("ssl_")}
         return cls(r.url, username=r.username, password=r.password, tls=tls,
-                   connect_timeout_s=r.connect_timeout_s, turn_ttl_s=settings.limits.session_ttl_s,
+                   connect_timeout_s=r.connect_timeout_s, socket_timeout_s=r.socket_timeout_s,
+                   lease_ttl_s=b.lease_ttl_s, turn_ttl_s=settings.limits.session_ttl_s,
                    finished_turn_ttl_s=b.finished_turn_ttl_s, turn_maxlen=b.turn_stream_maxlen,
                    job_max_backlog=b.job_max_backlog, max_deliveries=b.max_deliveries, **kw)
 
@@ -298,6 +317,24 @@ class Bus:
         pipe.expire(self.turn_stream(turn_id, "events"), self.finished_turn_ttl_s)
         pipe.execute()
 
+    # ---- leases: who is working on a turn
+    # A process that works on a turn (the conversation replica producing its events, the LLM
+    # replica generating it) holds `turn:{id}:lease:{role}`, renewed by a Leases thread every
+    # third of `lease_ttl_s`. A process killed with -9 renews nothing: its lease expires, and
+    # whoever waits on the turn knows within `lease_ttl_s` instead of a stall timeout.
+
+    @staticmethod
+    def lease_key(turn_id: str, role: str) -> str:
+        return f"turn:{turn_id}:lease:{role}"
+
+    def holds_lease(self, turn_id: str, role: str) -> bool:
+        return bool(self.redis.exists(self.lease_key(turn_id, role)))
+
+    def take_lease(self, turn_id: str, role: str) -> bool:
+        """Take the lease unless someone holds it (SET NX): one taker wins."""
+        return bool(self.redis.set(self.lease_key(turn_id, role), b"1", nx=True,
+                                   px=int(self.lease_ttl_s * 1000)))
+
     # ---- reading in order
 
     def read(self, streams: Mapping[str, str], block_ms: int | None = None,
@@ -400,6 +437,16 @@ class Bus:
                 jobs.append(job)
         return jobs
 
+    def hand_back(self, stream: str, group: str, consumer: str, idle_ms: int) -> int:
+        """A consumer that stops: make its pending jobs look `idle_ms` idle (XCLAIM ... IDLE),
+        so the next `reclaim_stale` of another consumer (min_idle_ms <= idle_ms) takes them at
+        once instead of after the visibility timeout. Returns how many."""
+        rows = self.redis.xpending_range(stream, group, min="-", max="+", count=1000, consumername=consumer)
+        ids = [_s(r["message_id"]) for r in rows]
+        if ids:
+            self.redis.xclaim(stream, group, consumer, 0, ids, idle=idle_ms, justid=True)
+        return len(ids)
+
     def dead_letter(self, job: Job, reason: str) -> str:
         """Move `job` to `{stream}:dead` with its reason, original id and delivery count, and
         remove it from the work stream, in one transaction. Returns the dead-letter entry id."""
@@ -425,3 +472,64 @@ class Bus:
             meta = {_s(k): _s(v) for k, v in fields.items() if _s(k).startswith("dead_")}
             out.append((StreamEntry(self.dead_letter_stream(stream), _s(eid), decode_entry(fields)), meta))
         return out
+
+
+class Leases:
+    """The turn leases one process holds (see Bus.lease_key), renewed on a daemon thread.
+
+    `hold` sets a lease at once (so it exists before anyone can look for it), `release`
+    deletes it; the thread renews all held leases every third of the TTL. While Redis is
+    unreachable renewal fails quietly and is tried again: a lease lapses only if its holder
+    is gone (or Redis is away longer than the TTL, when the turn is lost anyway)."""
+
+    def __init__(self, bus: Bus):
+        self.bus = bus
+        self._held: dict[str, None] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._renew, name="turn-leases", daemon=True)
+        self._thread.start()
+
+    def _px(self) -> int:
+        return int(self.bus.lease_ttl_s * 1000)
+
+    def hold(self, turn_id: str, role: str) -> None:
+        key = self.bus.lease_key(turn_id, role)
+        with self._lock:
+            self._held[key] = None
+        self.bus.redis.set(key, b"1", px=self._px())
+
+    def adopt(self, turn_id: str, role: str) -> None:
+        """Renew a lease taken with Bus.take_lease from now on."""
+        with self._lock:
+            self._held[self.bus.lease_key(turn_id, role)] = None
+
+    def release(self, turn_id: str, role: str) -> None:
+        key = self.bus.lease_key(turn_id, role)
+        with self._lock:
+            self._held.pop(key, None)
+            try:
+                self.bus.redis.delete(key)
+            except Exception:  # noqa: BLE001 - Redis away: the lease lapses by itself
+                log.warning("could not release lease %s; it lapses in %.0f s", key, self.bus.lease_ttl_s)
+
+    def held(self) -> list[str]:
+        with self._lock:
+            return list(self._held)
+
+    def _renew(self) -> None:
+        while not self._stop.wait(self.bus.lease_ttl_s / 3):
+            with self._lock:     # a lease released meanwhile must not come back
+                keys = list(self._held)
+                if not keys:
+                    continue
+                try:
+                    pipe = self.bus.redis.pipeline(transaction=False)
+                    for key in keys:
+                        pipe.set(key, b"1", px=self._px())
+                    pipe.execute()
+                except Exception as e:  # noqa: BLE001 - tried again next round
+                    log.warning("could not renew %d turn leases: %s", len(keys), e)
+
+    def stop(self) -> None:
+        self._stop.set()
