@@ -26,7 +26,7 @@ from baichuan_audio.v1 import conversation_pb2 as pb
 from services.common.auth import Authenticator
 from services.common.bus import Bus, Leases
 from services.common.errors import NotFound, Unavailable
-from services.common.grpc_status import grpc_errors
+from services.common.grpc_status import REDIS_UNREACHABLE, grpc_errors
 from services.common.runtime import open_checkpoint, start_replica
 from services.common.telemetry import inject_context, start_span
 from services.common.text_tokenizer import DEFAULT_SYSTEM_PROMPT, load_text_tokenizer
@@ -84,6 +84,8 @@ class ConversationDeployment:
     def _caller(self, grpc_context) -> str:
         """The caller's identity (UNAUTHENTICATED without a valid key), charged one request."""
         who = self.auth.caller(grpc_context)
+        if self.bus.health.down:        # fail at once, not after a socket timeout each
+            raise Unavailable(REDIS_UNREACHABLE)
         self.quotas.request(who)
         return who
 
@@ -197,7 +199,8 @@ class ConversationDeployment:
 
         def produce() -> None:
             try:
-                turns.run(self.bus, merger, turn_id, interrupted=interrupted, record=record, sent=sent)
+                turns.run(self.bus, merger, turn_id, interrupted=interrupted, record=record, sent=sent,
+                          owns=lambda: self.leases.keep(turn_id, turns.PRODUCER))
             finally:
                 self.leases.release(turn_id, turns.PRODUCER)
 
@@ -219,9 +222,8 @@ class ConversationDeployment:
         was, the user's turn kept in turn:{id}:setup, the same prompt), replay the stage
         streams through a new merger and send only what the caller stream lacks. One replica
         wins the lease; the others just read."""
-        if not self.bus.take_lease(turn_id, turns.PRODUCER):
+        if not self.leases.take(turn_id, turns.PRODUCER):
             return
-        self.leases.adopt(turn_id, turns.PRODUCER)
         setup = None
         try:
             setup = turns.load_setup(self.bus, turn_id)
@@ -398,7 +400,7 @@ class ConversationDeployment:
         """grpc.health.v1: SERVING while this replica reaches Redis (sessions and streams live there)."""
         from grpc_health.v1 import health_pb2
         try:
-            ok = await asyncio.get_running_loop().run_in_executor(None, self.bus.redis.ping)
+            ok = not self.bus.health.down and await asyncio.get_running_loop().run_in_executor(None, self.bus.redis.ping)
         except Exception:  # noqa: BLE001 - any failure means not serving
             ok = False
         status = health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING

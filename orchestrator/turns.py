@@ -24,7 +24,7 @@ import numpy as np
 
 from baichuan_audio.v1 import conversation_pb2 as pb
 from services.common.audio import to_pcm16
-from services.common.bus import Bus, RedisFull
+from services.common.bus import Bus, RedisFull, unreachable
 from services.common.entries import ClientEvent, StreamEntry, TurnEnd, TurnError, decode_entry
 from services.common.errors import Status
 from services.common.telemetry import get_metrics
@@ -36,6 +36,8 @@ READ_BLOCK_MS = 200
 STALL_TIMEOUT_S = 120.0      # a turn whose stages wrote nothing for this long is abandoned
 PROBE_IDLE_S = 1.0           # a reader or producer waiting this long checks that Redis takes writes
 REFUSED_RETRY_S = 120.0      # how long the end of a turn refused by a full Redis is retried
+OUTAGE_S = 30.0              # how long a producer waits for a Redis that does not answer
+OUTAGE_POLL_S = 0.5
 EVENT_ID_RE = re.compile(r"([0-9]{1,20})-([0-9]{1,20})")   # a Redis stream entry id
 MAX_ID_PART = (1 << 64) - 1                                   # each part of an entry id is a uint64
 PRODUCER, LLM = "producer", "llm"   # the leases of a turn: its conversation replica, its LLM replica
@@ -93,6 +95,10 @@ def sent_events(bus: Bus, turn_id: str) -> tuple[list[pb.TurnEvent], bool]:
     return out, final
 
 
+class LostTurn(RuntimeError):
+    """Another replica produces this turn now."""
+
+
 class TurnStalled(RuntimeError):
     """No stage wrote anything for too long."""
 
@@ -105,14 +111,19 @@ class TurnOutcome(Reply):
     final: list[pb.TurnEvent] = field(default_factory=list)           # held back for `finish`
 
 
-def send(bus: Bus, turn_id: str, ev: pb.TurnEvent, final: bool = False, retry_full_s: float = 0.0) -> None:
+def _s(x: bytes | str) -> str:
+    return x.decode() if isinstance(x, bytes) else x
+
+
+def send(bus: Bus, turn_id: str, ev: pb.TurnEvent, final: bool = False, retry_full_s: float = 0.0) -> str:
     """Append one caller event to turn:{id}:events (its entry id becomes the event id)."""
-    bus.publish(turn_id, "events", ClientEvent(turn_id=turn_id, payload=ev.SerializeToString(), last=final),
+    return bus.publish(turn_id, "events", ClientEvent(turn_id=turn_id, payload=ev.SerializeToString(), last=final),
                 retry_full_s=retry_full_s)
 
 
 def produce(bus: Bus, merger, turn_id: str, *, interrupted: Callable[[], bool],
-            stall_timeout_s: float = STALL_TIMEOUT_S, sent: Sent | None = None) -> TurnOutcome:
+            stall_timeout_s: float = STALL_TIMEOUT_S, sent: Sent | None = None,
+            owns: Callable[[], bool] = lambda: True) -> TurnOutcome:
     """Merge the stage streams into turn:{id}:events until the turn ends; return its outcome.
 
     The final events (the end, or an error) are NOT sent: they are in `outcome.final`, for
@@ -122,11 +133,25 @@ def produce(bus: Bus, merger, turn_id: str, *, interrupted: Callable[[], bool],
     sent: a turn taken over from a dead producer (replayed from the start; what its caller
     stream already holds is skipped). The LLM replica holds the turn's LLM lease until it has
     written its end: a lease gone without an end means that replica died (or was stopped),
-    and the turn ends with UNAVAILABLE within `bus.lease_ttl_s` instead of the stall timeout."""
+    and the turn ends with UNAVAILABLE within `bus.lease_ttl_s` instead of the stall timeout.
+
+    Redis not answering for a while (up to OUTAGE_S) does not end the turn: events wait in an
+    outbox, and reading goes on where it stopped once Redis answers again, unless another
+    replica took the turn over meanwhile (owns() is False: this producer's lease lapsed and
+    a resume took it): then LostTurn, and this one stops."""
     last = {bus.turn_stream(turn_id, "llm"): "0", bus.turn_stream(turn_id, "audio"): "0"}
     out = TurnOutcome()
     progress = probed = time.monotonic()
     metrics = get_metrics()
+    outbox: list[pb.TurnEvent] = []      # merged, not yet in turn:{id}:events
+
+    tail = bus.redis.xrevrange(bus.turn_stream(turn_id, "events"), count=1)
+    written = [_s(tail[0][0]) if tail else ""]      # the id of the last event known written
+
+    def flush() -> None:
+        while outbox:
+            written[0] = send(bus, turn_id, outbox[0])
+            outbox.pop(0)
 
     def emit(ev: pb.TurnEvent) -> None:
         if ev.HasField("timing"):
@@ -143,28 +168,47 @@ def produce(bus: Bus, merger, turn_id: str, *, interrupted: Callable[[], bool],
         if ev.HasField("end") or ev.HasField("error") or out.final:
             out.final.append(ev)        # the end and anything after it wait for `finish`
         elif sent is None or not sent.skip(ev):
-            send(bus, turn_id, ev)
+            outbox.append(ev)
 
     while not merger.finished:
-        if interrupted():
-            out.interrupted = True
-            for ev in merger.interrupt():
-                emit(ev)
-            break
-        msgs = bus.read(last, block_ms=READ_BLOCK_MS)
-        now = time.monotonic()
-        if msgs:
-            progress = now
-        elif now - max(progress, probed) > PROBE_IDLE_S:     # the stages may be unable to write
-            bus.check_writable()
-            probed = now
-            if merger.llm_done is None and merger.error is None and not bus.holds_lease(turn_id, LLM):
-                msgs = bus.read(last)       # its end may have come just before the lease went
-                if not msgs:
-                    msgs = [StreamEntry("", "", TurnError(
-                        turn_id=turn_id, stage="llm", code=Status.UNAVAILABLE,
-                        message="the LLM replica generating this turn stopped before the end (it died or was "
-                                "shut down); what you received stays, the session is ready: send the turn again"))]
+        try:
+            flush()
+            if interrupted():
+                out.interrupted = True
+                for ev in merger.interrupt():
+                    emit(ev)
+                break
+            msgs = bus.read(last, block_ms=READ_BLOCK_MS)
+            now = time.monotonic()
+            if msgs:
+                progress = now
+            elif now - max(progress, probed) > PROBE_IDLE_S:     # the stages may be unable to write
+                bus.check_writable()
+                probed = now
+                if merger.llm_done is None and merger.error is None and not bus.holds_lease(turn_id, LLM):
+                    msgs = bus.read(last)       # its end may have come just before the lease went
+                    if not msgs:
+                        msgs = [StreamEntry("", "", TurnError(
+                            turn_id=turn_id, stage="llm", code=Status.UNAVAILABLE,
+                            message="the LLM replica generating this turn stopped before the end (it died or "
+                                    "was shut down); what you received stays, the session is ready: send the "
+                                    "turn again"))]
+        except Exception as e:  # noqa: BLE001 - Redis away: wait for it, up to OUTAGE_S
+            if not unreachable(e):
+                raise
+            log.warning("turn %s: Redis is not answering (%s); waiting for it", turn_id, e)
+            _wait_for_redis(bus, OUTAGE_S)
+            if not owns():
+                raise LostTurn(f"turn {turn_id} was taken over by another replica while Redis was away")
+            # the event being sent when Redis stopped answering may have been written after all
+            # (a command that timed out here can still run there): then it is not sent again
+            # (only this producer writes the stream: a last entry it did not see written is that one)
+            tail = bus.redis.xrevrange(bus.turn_stream(turn_id, "events"), count=1)
+            if outbox and tail and _s(tail[0][0]) != written[0]:
+                written[0] = _s(tail[0][0])
+                outbox.pop(0)
+            progress = probed = time.monotonic()
+            continue
         if not msgs and now - progress > stall_timeout_s:
             emit(pb.TurnEvent(turn_id=turn_id, error=pb.TurnError(
                 code=Status.UNAVAILABLE, message=f"no stage produced anything for {stall_timeout_s:.0f} s; the turn was abandoned")))
@@ -176,6 +220,7 @@ def produce(bus: Bus, merger, turn_id: str, *, interrupted: Callable[[], bool],
                 out.history, out.reply_codes = m.entry.tokens.numpy().tolist(), m.entry.codes.numpy()
             for ev in merger.feed(m.entry):
                 emit(ev)
+    flush()
     out.text = "".join(merger.text)
     out.text_tokens = list(merger.text_tokens)
     out.audio_seconds = merger.audio_samples / merger.sample_rate
@@ -183,6 +228,20 @@ def produce(bus: Bus, merger, turn_id: str, *, interrupted: Callable[[], bool],
         pcm = to_pcm16(np.concatenate(merger.segment_audio[k]), limit=1.0) if k in merger.segment_audio else b""
         out.segments.append((merger.segment_text.get(k, ""), pcm))
     return out
+
+
+def _wait_for_redis(bus: Bus, within_s: float) -> None:
+    """Until Redis answers a PING (read-only: nothing piles up to run twice), at most `within_s`;
+    then the last error is raised."""
+    deadline = time.monotonic() + within_s
+    while True:
+        time.sleep(OUTAGE_POLL_S)
+        try:
+            bus.redis.ping()
+            return
+        except Exception as e:  # noqa: BLE001
+            if not unreachable(e) or time.monotonic() > deadline:
+                raise
 
 
 def finish(bus: Bus, turn_id: str, outcome: "TurnOutcome | None", retry_s: float = 0.0) -> None:
@@ -198,13 +257,17 @@ def finish(bus: Bus, turn_id: str, outcome: "TurnOutcome | None", retry_s: float
 
 
 def run(bus: Bus, merger, turn_id: str, *, interrupted: Callable[[], bool],
-        record: Callable[["TurnOutcome | None"], None], sent: Sent | None = None) -> "TurnOutcome | None":
+        record: Callable[["TurnOutcome | None"], None], sent: Sent | None = None,
+        owns: Callable[[], bool] = lambda: True) -> "TurnOutcome | None":
     """The producer of one turn: produce, `record(outcome)` (the history, before the caller
     hears the end), send the end, free the turn's stage streams. outcome None: the
     orchestrator failed. A full Redis ends the turn with RESOURCE_EXHAUSTED."""
     outcome = None
     try:
-        outcome = produce(bus, merger, turn_id, interrupted=interrupted, sent=sent)
+        outcome = produce(bus, merger, turn_id, interrupted=interrupted, sent=sent, owns=owns)
+    except LostTurn as e:
+        log.warning("%s; this replica stops producing it", e)
+        return None
     except RedisFull as e:
         log.warning("turn %s: %s", turn_id, e)
         outcome = TurnOutcome(error=pb.TurnError(code=Status.RESOURCE_EXHAUSTED, message=str(e)))

@@ -38,6 +38,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import uuid
 from contextlib import contextmanager
 from typing import Any, Callable, Iterable, Mapping
 
@@ -75,12 +76,67 @@ def _writing():
                         '"Redis memory")') from None
 
 
-def quick_retry() -> Retry:
+class RedisHealth:
+    """Whether Redis answers, as the bus's commands find out (every command reports through
+    `_WatchedRetry`). Once one fails for want of an answer, `down` holds until a PING, tried
+    on a thread every PROBE_INTERVAL_S, gets one: callers check `down` first and fail at once
+    instead of each waiting out the socket timeout (on an event loop, one after the other)."""
+
+    PROBE_INTERVAL_S = 0.5
+
+    def __init__(self) -> None:
+        self.down_since: float | None = None
+        self.client: "redis.Redis | None" = None
+        self._lock = threading.Lock()
+
+    @property
+    def down(self) -> bool:
+        return self.down_since is not None
+
+    def answered(self) -> None:
+        self.down_since = None
+
+    def failed(self) -> None:
+        with self._lock:
+            if self.down_since is not None:
+                return
+            self.down_since = time.monotonic()
+        log.warning("Redis is not answering; calls fail with UNAVAILABLE until it does")
+        threading.Thread(target=self._probe, name="redis-probe", daemon=True).start()
+
+    def _probe(self) -> None:
+        while self.down_since is not None:
+            time.sleep(self.PROBE_INTERVAL_S)
+            try:
+                if self.client is not None:
+                    self.client.ping()      # answered() through the retry policy
+            except Exception:  # noqa: BLE001 - still down
+                pass
+        log.warning("Redis answers again")
+
+
+class _WatchedRetry(Retry):
     """redis-py's retry policy for the stack's clients: one quick reconnect after a dropped
-    connection (Redis restarted, a failover), nothing on a timeout. redis-py 8's default
+    connection (Redis restarted, a failover), nothing on a timeout (redis-py 8's default
     retries ten times with backoff up to 10 s, so a Redis that stopped answering held every
-    call for minutes; now it fails within `redis.socket_timeout_s` (UNAVAILABLE)."""
-    return Retry(ExponentialBackoff(cap=0.2, base=0.05), 1, supported_errors=(redis.ConnectionError,))
+    call for minutes; now it fails within `redis.socket_timeout_s`), and every outcome
+    reported to the client's RedisHealth."""
+
+    def __init__(self, health: RedisHealth):
+        super().__init__(ExponentialBackoff(cap=0.2, base=0.05), 1, supported_errors=(redis.ConnectionError,))
+        self.health = health
+
+    def __deepcopy__(self, memo):      # redis-py copies the policy into every connection
+        return _WatchedRetry(self.health)
+
+    def call_with_retry(self, do, fail, *args, **kwargs):
+        try:
+            out = super().call_with_retry(do, fail, *args, **kwargs)
+        except (redis.ConnectionError, redis.TimeoutError):
+            self.health.failed()
+            raise
+        self.health.answered()
+        return out
 
 
 def unreachable(exc: BaseException) -> bool:
@@ -163,13 +219,15 @@ class Bus:
         tls: Mapping[str, Any] | None = None,
         lease_ttl_s: float = 10.0,
     ) -> None:
+        self.health = RedisHealth()
         if isinstance(redis_or_url, str):
             # The socket timeout bounds every blocking read: `block_ms` must stay below it.
             # tls: redis-py's ssl_* options for a rediss:// URL (RedisSettings.client_options).
             self.redis = redis.Redis.from_url(
                 redis_or_url, protocol=2, decode_responses=False, username=username or None,
                 password=password or None, socket_connect_timeout=connect_timeout_s,
-                socket_timeout=socket_timeout_s, health_check_interval=30, retry=quick_retry(), **(tls or {}))
+                socket_timeout=socket_timeout_s, health_check_interval=30, retry=_WatchedRetry(self.health),
+                **(tls or {}))
         else:
             kw = redis_or_url.connection_pool.connection_kwargs
             if kw.get("decode_responses"):
@@ -181,6 +239,7 @@ class Bus:
                                f"XREADGROUP's reply shape); it has protocol={kw.get('protocol')}")
             self.redis = redis_or_url
             socket_timeout_s = kw.get("socket_timeout") or 5.0  # redis-py's default
+        self.health.client = self.redis
         self.max_block_ms = int(socket_timeout_s * 1000) - 500
         self.turn_ttl_s = int(turn_ttl_s)
         self.finished_turn_ttl_s = int(finished_turn_ttl_s)
@@ -330,11 +389,6 @@ class Bus:
     def holds_lease(self, turn_id: str, role: str) -> bool:
         return bool(self.redis.exists(self.lease_key(turn_id, role)))
 
-    def take_lease(self, turn_id: str, role: str) -> bool:
-        """Take the lease unless someone holds it (SET NX): one taker wins."""
-        return bool(self.redis.set(self.lease_key(turn_id, role), b"1", nx=True,
-                                   px=int(self.lease_ttl_s * 1000)))
-
     # ---- reading in order
 
     def read(self, streams: Mapping[str, str], block_ms: int | None = None,
@@ -474,19 +528,39 @@ class Bus:
         return out
 
 
+# KEYS[1] a lease, ARGV[1] the holder's token, ARGV[2] ttl ms. Keep (renew, or take again if it
+# lapsed) a lease unless another holder has it: 1 kept, 0 someone else's.
+_KEEP_LEASE = """
+local v = redis.call('GET', KEYS[1])
+if v and v ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
+"""
+# Release a lease only if it is still this holder's.
+_RELEASE_LEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
 class Leases:
     """The turn leases one process holds (see Bus.lease_key), renewed on a daemon thread.
 
-    `hold` sets a lease at once (so it exists before anyone can look for it), `release`
-    deletes it; the thread renews all held leases every third of the TTL. While Redis is
-    unreachable renewal fails quietly and is tried again: a lease lapses only if its holder
-    is gone (or Redis is away longer than the TTL, when the turn is lost anyway)."""
+    A lease's value is its holder's token, so a holder that was away (Redis unreachable past
+    the TTL) and meanwhile lost its turn to another replica notices (`keep` is False) instead
+    of producing the turn a second time. `hold` sets a lease at once (so it exists before
+    anyone can look for it), `take` only if nobody holds it (one taker wins), `release`
+    deletes it if it is still this holder's; the thread renews (or takes again, if it lapsed
+    and nobody took it) every held lease every third of the TTL."""
 
     def __init__(self, bus: Bus):
         self.bus = bus
+        self.token = uuid.uuid4().hex.encode()
         self._held: dict[str, None] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        self._keep = bus.redis.register_script(_KEEP_LEASE)
+        self._release = bus.redis.register_script(_RELEASE_LEASE)
         self._thread = threading.Thread(target=self._renew, name="turn-leases", daemon=True)
         self._thread.start()
 
@@ -497,19 +571,34 @@ class Leases:
         key = self.bus.lease_key(turn_id, role)
         with self._lock:
             self._held[key] = None
-        self.bus.redis.set(key, b"1", px=self._px())
+        self.bus.redis.set(key, self.token, px=self._px())
 
-    def adopt(self, turn_id: str, role: str) -> None:
-        """Renew a lease taken with Bus.take_lease from now on."""
+    def take(self, turn_id: str, role: str) -> bool:
+        """Take the lease unless someone holds it (SET NX); then renew it."""
+        key = self.bus.lease_key(turn_id, role)
         with self._lock:
-            self._held[self.bus.lease_key(turn_id, role)] = None
+            if not self.bus.redis.set(key, self.token, nx=True, px=self._px()):
+                return False
+            self._held[key] = None
+            return True
+
+    def keep(self, turn_id: str, role: str) -> bool:
+        """Still this holder's (renewed now)? False if another holder took it."""
+        key = self.bus.lease_key(turn_id, role)
+        with self._lock:
+            if key not in self._held:
+                return False
+            if not int(self._keep(keys=[key], args=[self.token, self._px()])):
+                del self._held[key]
+                return False
+            return True
 
     def release(self, turn_id: str, role: str) -> None:
         key = self.bus.lease_key(turn_id, role)
         with self._lock:
             self._held.pop(key, None)
             try:
-                self.bus.redis.delete(key)
+                self._release(keys=[key], args=[self.token])
             except Exception:  # noqa: BLE001 - Redis away: the lease lapses by itself
                 log.warning("could not release lease %s; it lapses in %.0f s", key, self.bus.lease_ttl_s)
 
@@ -526,8 +615,11 @@ class Leases:
                 try:
                     pipe = self.bus.redis.pipeline(transaction=False)
                     for key in keys:
-                        pipe.set(key, b"1", px=self._px())
-                    pipe.execute()
+                        self._keep(keys=[key], args=[self.token, self._px()], client=pipe)
+                    for key, kept in zip(keys, pipe.execute()):
+                        if not int(kept):
+                            log.warning("lease %s was taken over by another replica", key)
+                            self._held.pop(key, None)
                 except Exception as e:  # noqa: BLE001 - tried again next round
                     log.warning("could not renew %d turn leases: %s", len(keys), e)
 

@@ -178,21 +178,7 @@ def test_a_tokenizer_replica_killed_under_a_request_is_retried(stub):
     assert pid not in replica_pids("tokenizer")
 
 
-def resume(stub, sid: str, turn_id: str, after: str, deadline_s: float = 120.0) -> list[pb.TurnEvent]:
-    """Converse(resume) until it succeeds (while the replica restarts, calls fail)."""
-    deadline = time.monotonic() + deadline_s
-    while True:
-        try:
-            return list(stub.Converse(pb.ConverseRequest(session_id=sid, resume_turn_id=turn_id, after_event_id=after),
-                                      metadata=META, timeout=TIMEOUT))
-        except grpc.RpcError as e:
-            if time.monotonic() > deadline or e.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL,
-                                                               grpc.StatusCode.DEADLINE_EXCEEDED):
-                raise
-            time.sleep(0.5)
-
-
-def test_a_conversation_replica_killed_mid_turn_resumes_without_loss(stub, long_settings):
+def test_a_conversation_replica_killed_mid_turn_resumes_without_loss(stub, serve_stack, long_settings):
     """The caller's stream breaks (Serve's proxy reports the dead replica); Converse with
     resume_turn_id and after_event_id on the restarted replica takes the turn over and sends the
     rest: together every event and chunk once, the turn recorded once in the history."""
@@ -201,7 +187,12 @@ def test_a_conversation_replica_killed_mid_turn_resumes_without_loss(stub, long_
     assert turn.error.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL), turn.error
     t0 = time.monotonic()
     got = turn.events
-    rest = resume(stub, sid, got[-1].turn_id, got[-1].event_id)
+    # what orchestrator.client does for a stream that breaks: resume, again while the replica restarts
+    from orchestrator.client import Client
+    from tests.conftest import TEST_KEYS
+    client = Client(serve_stack.address, timeout=TIMEOUT, api_key=TEST_KEYS["alice"])
+    rest = list(client.resume(sid, got[-1].turn_id, got[-1].event_id))
+    client.close()
     end, _ = check_turn(got + rest)
     assert end.reason == "complete"
     assert_audio_once(got + rest)
@@ -256,14 +247,22 @@ def redis_pid(url: str) -> int:
     return int(redis.Redis.from_url(url).info("server")["process_id"])
 
 
-def test_redis_stopped_for_5_s_fails_calls_fast_and_recovers(stub, serve_stack):
+def test_redis_stopped_for_5_s_fails_calls_fast_and_recovers(stub, serve_stack, long_settings):
     """SIGSTOP the redis-server for 5 s (it answers nothing; connections hang rather than fail):
-    calls end with UNAVAILABLE while it is stopped (within redis.socket_timeout_s), the health
-    check says NOT_SERVING, and afterwards the same session takes a turn with nothing restarted."""
+    calls end with UNAVAILABLE while it is stopped (the first within redis.socket_timeout_s, the
+    next at once), the health check says NOT_SERVING, a turn running meanwhile ends (completed,
+    or UNAVAILABLE) with every chunk once, and afterwards the sessions take turns with nothing
+    restarted."""
     from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from orchestrator.client import Client
+    from tests.conftest import TEST_KEYS
 
     sid = session(stub)
     check_turn(converse(stub, sid, text="Hello"))
+    long_sid = session(stub, **long_settings[0])
+    running = Turn(stub, pb.ConverseRequest(session_id=long_sid, text="Hello"))
+    assert running.audio.wait(TIMEOUT) and not running.ended()
     health = health_pb2_grpc.HealthStub(grpc.insecure_channel(serve_stack.address))
     pid = redis_pid(serve_stack.redis_url)
     results: dict[str, object] = {}
@@ -316,6 +315,30 @@ def test_redis_stopped_for_5_s_fails_calls_fast_and_recovers(stub, serve_stack):
             assert time.monotonic() < deadline, e
             time.sleep(0.5)
     print(f"a turn succeeded {time.monotonic() - t_back:.1f} s after Redis came back")
+    # the turn that ran meanwhile: its stream ended (resumed if it broke), every chunk once
+    running.join()
+    events = running.events
+    if running.error is not None:
+        assert running.error.code() == grpc.StatusCode.UNAVAILABLE, running.error
+        client = Client(serve_stack.address, timeout=TIMEOUT, api_key=TEST_KEYS["alice"])
+        events = events + list(client.resume(long_sid, events[-1].turn_id, events[-1].event_id))
+        client.close()
+    assert_audio_once(events)
+    last = events[-1]
+    if last.HasField("error"):
+        assert last.error.code == grpc.StatusCode.UNAVAILABLE.value[0], last
+    else:
+        check_turn(events)
+    print("the turn running during the outage:", "broke and was resumed," if running.error else "streamed on,",
+          "ended with", last.error.message if last.HasField("error") else last.end.reason)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            check_turn(converse(stub, long_sid, text="Hello"))
+            break
+        except grpc.RpcError as e:
+            assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and time.monotonic() < deadline, e
+            time.sleep(0.5)
 
 
 def test_racing_turns_on_one_session_one_wins(stub):
