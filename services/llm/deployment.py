@@ -22,7 +22,7 @@ from ray import serve
 
 from baichuan_audio.v1 import conversation_pb2, stages_pb2
 from services.common.auth import Authenticator
-from services.common.bus import Bus, Leases, RedisFull
+from services.common.bus import Bus, Leases, RedisFull, unreachable
 from services.common.entries import DECODER_JOBS, TurnError
 from services.common.errors import Status
 from services.common.grpc_status import grpc_errors
@@ -181,9 +181,10 @@ class LLMDeployment:
             log.exception("turn %s: publishing failed", turn_id)
             self._cancel(handle)    # nobody can hear the rest: free the sequence's slot and KV now
             code = Status.RESOURCE_EXHAUSTED if isinstance(e, RedisFull) else Status.UNAVAILABLE
+            message = (f"Redis did not answer while the reply was being generated ({e}); what you received "
+                       "stays: send the turn again" if unreachable(e) else f"publishing the reply failed: {e}")
             try:                    # a full Redis may take writes again soon: the turn's reader waits
-                self.bus.publish(turn_id, "llm", TurnError(turn_id=turn_id, stage="llm", code=code,
-                                                           message=f"publishing the reply failed: {e}"),
+                self.bus.publish(turn_id, "llm", TurnError(turn_id=turn_id, stage="llm", code=code, message=message),
                                  retry_full_s=TURN_ERROR_RETRY_S)
             except Exception:  # noqa: BLE001 - Redis is down; the orchestrator times out
                 pass
