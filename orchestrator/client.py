@@ -121,12 +121,43 @@ class Client:
 
     def converse(self, session_id: str, audio: bytes | None = None, text: str | None = None,
                  on_text=None, on_audio=None) -> Reply:
+        """One turn; a stream that breaks mid-turn (a replica died) is resumed (`resume`)."""
         req = pb.ConverseRequest(session_id=session_id)
         if text is not None:
             req.text = text
         else:
             req.audio.file = audio
-        return self._collect(self.stub.Converse(req, metadata=self.metadata, timeout=self.timeout), on_text, on_audio)
+        return self._collect(self.turn_events(req), on_text, on_audio)
+
+    def turn_events(self, req: pb.ConverseRequest):
+        """The events of a Converse call; if the stream breaks after the turn began, the rest
+        comes from `resume`, so every event arrives once."""
+        turn_id = last = ""
+        try:
+            for ev in self.stub.Converse(req, metadata=self.metadata, timeout=self.timeout):
+                turn_id, last = ev.turn_id, ev.event_id
+                yield ev
+        except grpc.RpcError as e:
+            if not turn_id or e.code() not in RESUMABLE:
+                raise
+            yield from self.resume(req.session_id, turn_id, last)
+
+    def resume(self, session_id: str, turn_id: str, after_event_id: str, within_s: float = 120.0):
+        """The events of turn `turn_id` after `after_event_id`, calling Converse with
+        resume_turn_id again while the stream breaks with UNAVAILABLE or Serve's INTERNAL for a
+        dead replica (a replica restarting refuses calls for a while), for up to `within_s`."""
+        deadline = time.monotonic() + within_s
+        while True:
+            try:
+                req = pb.ConverseRequest(session_id=session_id, resume_turn_id=turn_id, after_event_id=after_event_id)
+                for ev in self.stub.Converse(req, metadata=self.metadata, timeout=self.timeout):
+                    after_event_id = ev.event_id
+                    yield ev
+                return
+            except grpc.RpcError as e:
+                if e.code() not in RESUMABLE or time.monotonic() > deadline:
+                    raise
+                time.sleep(RESUME_BACKOFF_S)
 
     def transcribe(self, audio: bytes) -> pb.TranscribeResponse:
         return self.stub.Transcribe(pb.TranscribeRequest(audio=pb.AudioInput(file=audio)),
@@ -136,6 +167,11 @@ class Client:
         return self._collect(self.stub.Synthesize(pb.SynthesizeRequest(text=text), metadata=self.metadata,
                                                   timeout=self.timeout), None, on_audio)
 
+
+# A Converse stream that broke with these is resumed: UNAVAILABLE (a replica or Redis away),
+# INTERNAL (what Serve's proxy says when the replica streaming the call dies).
+RESUMABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL)
+RESUME_BACKOFF_S = 0.5
 
 _RETRY_IN_TEXT = re.compile(r"retry after ([0-9.]+) s")
 

@@ -18,15 +18,15 @@ import time
 import uuid
 from typing import Any
 
-import redis
 import torch
 from ray import serve
+from ray.exceptions import ActorUnavailableError, RayActorError
 
 from baichuan_audio.v1 import conversation_pb2 as pb
 from services.common.auth import Authenticator
-from services.common.bus import Bus
-from services.common.errors import NotFound, ResourceExhausted
-from services.common.grpc_status import grpc_errors
+from services.common.bus import Bus, Leases
+from services.common.errors import NotFound, ResourceExhausted, Unavailable
+from services.common.grpc_status import REDIS_UNREACHABLE, grpc_errors
 from services.common.runtime import open_checkpoint, start_replica
 from services.common.telemetry import inject_context, start_span
 from services.common.text_tokenizer import DEFAULT_SYSTEM_PROMPT, load_text_tokenizer
@@ -40,6 +40,8 @@ from orchestrator.sessions import SessionSettingsRecord, SessionStore, uid as se
 
 log = logging.getLogger(__name__)
 TRUNCATE_WAIT_S = 10.0     # a truncate right after a cancel waits this long for the turn's record
+
+TOKENIZE_ATTEMPTS = 3   # a tokenizer call whose replica died is sent again (it has no side effects)
 
 
 def _sampling(msg: pb.SamplingOverrides) -> dict:
@@ -68,8 +70,9 @@ class ConversationDeployment:
                                          history=HistoryLimits.from_settings(self.settings.limits, context))
         self.auth = Authenticator.public(self.settings.auth)
         self.bus = Bus.from_settings(self.settings)
-        r, quotas = self.settings.redis, self.settings.quotas
-        client = redis.Redis.from_url(r.url, protocol=2, **r.client_options())
+        self.leases = Leases(self.bus)     # the producer leases of the turns this replica produces
+        quotas = self.settings.quotas
+        client = self.bus.redis
         self.sessions = SessionStore(client, default_ttl_s=self.settings.limits.session_ttl_s,
                                      max_sessions=self.settings.limits.max_sessions,
                                      num_codebooks=cfg.audio.num_codebooks,
@@ -87,11 +90,13 @@ class ConversationDeployment:
     def _caller(self, grpc_context) -> str:
         """The caller's identity (UNAUTHENTICATED without a valid key), charged one request."""
         who = self.auth.caller(grpc_context)
+        if self.bus.health.down:        # fail at once, not after a socket timeout each
+            raise Unavailable(REDIS_UNREACHABLE)
         self.quotas.request(who)
         return who
 
     def _is_over(self, turn_id: str) -> bool:
-        return turns.is_over(self.bus, turn_id, turns.STALL_TIMEOUT_S)
+        return turns.is_over(self.bus, turn_id)
 
     # ---------------------------------------------------------------- sessions
     def _session_proto(self, sess, history: bool = False) -> pb.Session:
@@ -135,8 +140,18 @@ class ConversationDeployment:
 
     # ---------------------------------------------------------------- helpers
     async def _tokenize(self, audio: pb.AudioInput) -> tuple[torch.Tensor, float]:
-        codes, seconds, _ = await self.tokenizer_app.tokenize.remote(audio)
-        return codes, seconds
+        """The tokenizer's codes. Tokenizing has no side effects, so a replica that dies under
+        the call is no reason to fail the turn: the call goes again (Serve routes it to another
+        replica, or waits for the one it restarts), TOKENIZE_ATTEMPTS times in all."""
+        for attempt in range(1, TOKENIZE_ATTEMPTS + 1):
+            try:
+                codes, seconds, _ = await self.tokenizer_app.tokenize.remote(audio)
+                return codes, seconds
+            except (RayActorError, ActorUnavailableError):
+                if attempt == TOKENIZE_ATTEMPTS:
+                    raise
+                log.warning("the tokenizer replica died under a request (attempt %d); sending it again", attempt)
+        raise AssertionError("unreachable")
 
     async def _reencode(self, pcm16: bytes) -> torch.Tensor:
         """A faithful history's assistant audio (24 kHz mono PCM16) through the tokenizer."""
@@ -160,15 +175,18 @@ class ConversationDeployment:
 
     def _record(self, turn: Turn, outcome: "turns.TurnOutcome | None") -> None:
         rec = self.conversation.finish(turn, outcome)
-        if rec.faithful is not None:
+        recorded = self.sessions.end_turn(turn.session, entries=rec.entries, tokens=rec.tokens, codes=rec.codes,
+                                          turn_starts=rec.turn_starts, keep_entries=rec.keep_entries,
+                                          turn_id=turn.turn_id)
+        if recorded and rec.faithful is not None:   # not twice, nor for an abandoned turn
             past = self.sessions.faithful_turns(turn.session)
             self.sessions.save_faithful_turns(turn.session, past + [rec.faithful])
-        self.sessions.end_turn(turn.session, entries=rec.entries, tokens=rec.tokens, codes=rec.codes,
-                               turn_starts=rec.turn_starts, keep_entries=rec.keep_entries)
 
-    def _start_producer(self, who: str, turn_id: str, merger: ReplyMerger, on_done) -> None:
+    def _start_producer(self, who: str, turn_id: str, merger: ReplyMerger, on_done,
+                        sent: "turns.Sent | None" = None) -> None:
         """Produce the turn's events on a thread; on_done(outcome) records it (history, the
-        reply's audio charged to `who`) before the caller hears the end."""
+        reply's audio charged to `who`) before the caller hears the end. The producer lease
+        is held already (Converse, or a take-over) and released when the turn has ended."""
         flag = self.interrupts.setdefault(turn_id, threading.Event())
 
         def interrupted() -> bool:  # this replica's Interrupt, or one that reached another replica
@@ -184,13 +202,73 @@ class ConversationDeployment:
                 except Exception:  # noqa: BLE001 - the count heals: is_over() sees the end
                     log.warning("could not end turn %s in %s's running turns", turn_id, who)
 
-        task = self.threads.produce(lambda: turns.run(self.bus, merger, turn_id, interrupted=interrupted,
-                                                      record=record))
+        def produce() -> None:
+            try:
+                turns.run(self.bus, merger, turn_id, interrupted=interrupted, record=record, sent=sent,
+                          owns=lambda: self.leases.keep(turn_id, turns.PRODUCER))
+            finally:
+                self.leases.release(turn_id, turns.PRODUCER)
+
+        task = self.threads.produce(produce)
         self.producers.add(task)
         task.add_done_callback(self.producers.discard)
 
+    def _watch(self, turn_id: str, loop) -> "Any":
+        """The `idle` check of a caller stream: a turn nobody produces (its replica died) is
+        taken over by this replica (turns are produced into Redis, so any replica can); what
+        cannot be taken over ends with UNAVAILABLE."""
+        def idle() -> None:
+            if turns.ended_at(self.bus, turn_id) is None and not self.bus.holds_lease(turn_id, turns.PRODUCER):
+                asyncio.run_coroutine_threadsafe(self._take_over(turn_id), loop).result()
+        return idle
+
+    async def _take_over(self, turn_id: str) -> None:
+        """Produce a turn whose producer died: rebuild what it began with (the session as it
+        was, the user's turn kept in turn:{id}:setup, the same prompt), replay the stage
+        streams through a new merger and send only what the caller stream lacks. One replica
+        wins the lease; the others just read."""
+        if not self.leases.take(turn_id, turns.PRODUCER):
+            return
+        setup = None
+        try:
+            setup = turns.load_setup(self.bus, turn_id)
+            if setup is None:
+                raise Unavailable("the replica producing this reply stopped before it was set up")
+            sess = self.sessions.get(setup["owner"], setup["session_id"])
+            user = turns.user_from_setup(setup)
+            turn = self.conversation.turn(turn_id, sess, user, await self._prompt(sess, user))
+            sent, final = await asyncio.get_running_loop().run_in_executor(None, turns.sent_events, self.bus, turn_id)
+            if final:
+                self.leases.release(turn_id, turns.PRODUCER)
+                return
+            log.warning("turn %s: its producer died; taking it over (%d events were sent)", turn_id, len(sent))
+            merger = ReplyMerger(turn_id, spoken=sess.settings.spoken, started=setup["started"])
+            self._start_producer(setup["owner"], turn_id, merger, self._on_done(setup["owner"], turn),
+                                 sent=turns.Sent(sent))
+        except Exception as e:  # noqa: BLE001 - the callers hear why instead of waiting
+            log.warning("turn %s: cannot take it over: %s", turn_id, e)
+            try:
+                turns.abandon(self.bus, turn_id, f"the replica producing this reply stopped and the reply "
+                                                 f"cannot be continued ({e}); send the request again")
+                if setup is not None:
+                    self.quotas.end_turn(setup["owner"], turn_id)
+                    self.sessions.end_turn(self.sessions.get(setup["owner"], setup["session_id"]), entries=[],
+                                           tokens=None, codes=None, turn_id=turn_id)
+            except Exception:  # noqa: BLE001 - e.g. the session was deleted: nothing to free there
+                log.warning("turn %s: could not end it cleanly", turn_id, exc_info=True)
+            finally:
+                self.leases.release(turn_id, turns.PRODUCER)
+
+    def _on_done(self, who: str, turn: Turn):
+        def done(outcome):
+            self._record(turn, outcome)
+            if outcome is not None:
+                self.quotas.charge_audio(who, outcome.audio_seconds, force=True)
+        return done
+
     async def _stream(self, turn_id: str, after: str = "0"):
-        async for _, ev in self.threads.stream(turns.events(self.bus, turn_id, after)):
+        idle = self._watch(turn_id, asyncio.get_running_loop())
+        async for _, ev in self.threads.stream(turns.events(self.bus, turn_id, after, idle=idle)):
             yield ev
 
     # ---------------------------------------------------------------- turns
@@ -201,7 +279,7 @@ class ConversationDeployment:
             sess = self.sessions.get(who, request.session_id)
             self.sessions.turn_of(sess, request.resume_turn_id)
             after = turns.check_event_id(request.after_event_id)
-            if not self.bus.redis.exists(self.bus.turn_stream(request.resume_turn_id, "events")):
+            if not turns.is_known(self.bus, request.resume_turn_id):
                 raise NotFound(f"turn {request.resume_turn_id} of session {sess.session_id} is not known "
                                "(finished too long ago, or never started)")
             async for ev in self._stream(request.resume_turn_id, after):
@@ -210,11 +288,18 @@ class ConversationDeployment:
         self.conversation.check_input(request.WhichOneof("input"), request.text)
         self.quotas.check_audio(who)
         turn_id = uuid.uuid4().hex
-        self.quotas.begin_turn(who, turn_id, self._is_over)
+        # held from the start: a replica that dies while setting the turn up frees the session
+        # and the caller's running-turn count within bus.lease_ttl_s
+        self.leases.hold(turn_id, turns.PRODUCER)
         try:
-            sess = self.sessions.begin_turn(who, request.session_id, turn_id, is_over=self._is_over)
+            self.quotas.begin_turn(who, turn_id, self._is_over)
+            try:
+                sess = self.sessions.begin_turn(who, request.session_id, turn_id, is_over=self._is_over)
+            except BaseException:
+                self.quotas.end_turn(who, turn_id)
+                raise
         except BaseException:
-            self.quotas.end_turn(who, turn_id)
+            self.leases.release(turn_id, turns.PRODUCER)
             raise
         t0 = time.time()
         try:
@@ -222,20 +307,19 @@ class ConversationDeployment:
                 user = await self._user_turn(request)
                 self.quotas.charge_audio(who, user.audio_seconds)
                 turn = self.conversation.turn(turn_id, sess, user, await self._prompt(sess, user))
+                turns.save_setup(self.bus, turn_id, who, sess.session_id, user, started=t0)   # for a take-over
                 await self.llm_app.options(multiplexed_model_id=sess.uid).generate.remote(
                     turn.request, low_latency=sess.settings.low_latency_audio, trace=inject_context())
         except BaseException:
-            self.sessions.end_turn(sess, entries=[], tokens=None, codes=None)
-            self.quotas.end_turn(who, turn_id)
+            try:
+                self.sessions.end_turn(sess, entries=[], tokens=None, codes=None, turn_id=turn_id)
+                self.quotas.end_turn(who, turn_id)
+            finally:
+                self.leases.release(turn_id, turns.PRODUCER)
             raise
 
-        def done(outcome):
-            self._record(turn, outcome)
-            if outcome is not None:
-                self.quotas.charge_audio(who, outcome.audio_seconds, force=True)
-
         merger = ReplyMerger(turn_id, spoken=sess.settings.spoken, started=t0)
-        self._start_producer(who, turn_id, merger, done)
+        self._start_producer(who, turn_id, merger, self._on_done(who, turn))
         async for ev in self._stream(turn_id):
             yield ev
 
@@ -287,12 +371,17 @@ class ConversationDeployment:
         its events stream like a turn. make_request(id) builds the LLM request (awaitable)."""
         self.quotas.check_audio(who)
         rid = uuid.uuid4().hex
-        self.quotas.begin_turn(who, rid, self._is_over)
+        self.leases.hold(rid, turns.PRODUCER)
         try:
-            req = await make_request(rid)
-            await self.llm_app.generate.remote(req)
+            self.quotas.begin_turn(who, rid, self._is_over)
+            try:
+                req = await make_request(rid)
+                await self.llm_app.generate.remote(req)
+            except BaseException:
+                self.quotas.end_turn(who, rid)
+                raise
         except BaseException:
-            self.quotas.end_turn(who, rid)
+            self.leases.release(rid, turns.PRODUCER)
             raise
 
         def done(outcome):
@@ -338,7 +427,7 @@ class ConversationDeployment:
         """grpc.health.v1: SERVING while this replica reaches Redis (sessions and streams live there)."""
         from grpc_health.v1 import health_pb2
         try:
-            ok = await asyncio.get_running_loop().run_in_executor(None, self.bus.redis.ping)
+            ok = not self.bus.health.down and await asyncio.get_running_loop().run_in_executor(None, self.bus.redis.ping)
         except Exception:  # noqa: BLE001 - any failure means not serving
             ok = False
         status = health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING

@@ -211,21 +211,49 @@ class SessionStore:
         pipe.expire(LIVE_SET, self._max_ttl())
         pipe.execute()
 
+    def _watched(self, key: str, body: "Callable[[Any], Any]") -> Any:
+        """body(pipe) under WATCH `key` (optimistic locking: Redis MULTI/EXEC), run again when
+        another client changed the key meanwhile; body reads with `pipe`, then pipe.multi()
+        and queues its writes, or returns without writing."""
+        with self.r.pipeline() as pipe:
+            while True:
+                try:
+                    pipe.watch(key)
+                    out = body(pipe)
+                    if pipe.explicit_transaction:
+                        pipe.execute()
+                    return out
+                except Exception as e:  # WatchError by name: this module does not import Redis
+                    if type(e).__name__ != "WatchError":
+                        raise
+                finally:
+                    pipe.reset()
+
     def begin_turn(self, owner: str, session_id: str, turn_id: str,
                    is_over: "Callable[[str], bool]" = lambda _turn: False) -> Session:
         """Mark `turn_id` as the session's running turn; RESOURCE_EXHAUSTED if another one runs.
 
         is_over(turn): the previous turn ended or was abandoned (its orchestrator replica died
-        before recording it): then the session is not blocked by it."""
-        sess = self.get(owner, session_id)
-        if sess.active_turn and not is_over(sess.active_turn):
-            raise ResourceExhausted(f"session {session_id} already has a running turn "
-                                    f"({sess.active_turn}); wait for it or Interrupt it")
-        pipe = self.r.pipeline()
-        pipe.hset(_key(sess.uid), "active_turn", turn_id)
-        pipe.set(turn_owner_key(turn_id), sess.uid, ex=max(self._ttl(sess.settings), self.default_ttl_s))
-        pipe.execute()
-        sess.active_turn = turn_id
+        before recording it): then the session is not blocked by it. Check and mark are one
+        transaction (WATCH/MULTI): of turns racing for a session, on any replicas, one wins."""
+        check_session_id(session_id)
+        key = _key(uid(owner, session_id))
+
+        def body(pipe) -> Session:
+            raw = pipe.hgetall(key)
+            if not raw or b"settings" not in raw:
+                raise NotFound(f"session {session_id!r} not found (unknown, deleted or expired)")
+            sess = self._decode(session_id, raw)
+            if sess.active_turn and not is_over(sess.active_turn):
+                raise ResourceExhausted(f"session {session_id} already has a running turn "
+                                        f"({sess.active_turn}); wait for it or Interrupt it")
+            pipe.multi()
+            pipe.hset(key, "active_turn", turn_id)
+            pipe.set(turn_owner_key(turn_id), sess.uid, ex=max(self._ttl(sess.settings), self.default_ttl_s))
+            sess.active_turn = turn_id
+            return sess
+
+        sess = self._watched(key, body)
         self.touch(sess)
         return sess
 
@@ -238,22 +266,48 @@ class SessionStore:
                            "(finished too long ago, never started, or of another session)")
 
     def end_turn(self, sess: Session, *, entries: list[dict[str, Any]], tokens: list[int] | None,
-                 codes: np.ndarray | None, turn_starts: list[int] | None = None, keep_entries: int = 0) -> None:
+                 codes: np.ndarray | None, turn_starts: list[int] | None = None, keep_entries: int = 0,
+                 turn_id: str | None = None) -> bool:
         """Append the turn to the history (keeping its last `keep_entries` entries, 0: all);
         None tokens keep the previous model history (a turn that failed before the LLM produced
-        a sequence)."""
-        sess.history.extend(entries)
-        if keep_entries:
-            del sess.history[:-keep_entries]
-        sess.turns += 1
-        if tokens is not None:
-            sess.tokens = list(tokens)
-            sess.codes = codes if codes is not None else sess.codes
-            sess.turn_starts = list(turn_starts or [])
-        sess.active_turn = ""
-        if self.r.exists(_key(sess.uid)):  # deleted meanwhile: do not resurrect it
-            self.r.hset(_key(sess.uid), mapping=self._encode(sess))
-            self.touch(sess)
+        a sequence). Returns whether it was recorded.
+
+        One transaction over the session as it is in Redis now (not `sess` as read when the
+        turn began): only the fields a turn changes are written, and with `turn_id` only while
+        that turn is still the session's running one, so a turn recorded twice (a producer
+        that took over from a dead one) or abandoned (a newer turn began) changes nothing.
+        A deleted session is not resurrected."""
+        key = _key(sess.uid)
+
+        def body(pipe) -> Session | None:
+            raw = pipe.hgetall(key)
+            if not raw or b"settings" not in raw:
+                return None
+            cur = self._decode(sess.session_id, raw)
+            if turn_id is not None and cur.active_turn != turn_id:
+                return None
+            cur.history.extend(entries)
+            if keep_entries:
+                del cur.history[:-keep_entries]
+            cur.turns += 1
+            if tokens is not None:
+                cur.tokens = list(tokens)
+                cur.codes = codes if codes is not None else cur.codes
+                cur.turn_starts = list(turn_starts or [])
+            cur.active_turn = ""
+            enc = self._encode(cur)
+            pipe.multi()
+            pipe.hset(key, mapping={k: enc[k] for k in ("history", "turns", "tokens", "codes", "turn_starts",
+                                                        "active_turn")})
+            return cur
+
+        cur = self._watched(key, body)
+        if cur is None:
+            return False
+        for f in ("history", "turns", "tokens", "codes", "turn_starts", "active_turn"):
+            setattr(sess, f, getattr(cur, f))
+        self.touch(sess)
+        return True
 
     def rewrite(self, sess: Session, *, history: list[dict[str, Any]], tokens: list[int], codes: np.ndarray,
                 turn_starts: list[int] | None = None) -> None:

@@ -14,6 +14,7 @@ REFUSED_RETRY_S, so the session takes its next turn as soon as Redis takes write
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import re
 import time
@@ -25,11 +26,11 @@ import numpy as np
 
 from baichuan_audio.v1 import conversation_pb2 as pb
 from services.common.audio import to_pcm16
-from services.common.bus import Bus, RedisFull
-from services.common.entries import ClientEvent, TurnEnd, decode_entry, id_ms
+from services.common.bus import Bus, RedisFull, unreachable
+from services.common.entries import ClientEvent, StreamEntry, TurnEnd, TurnError, decode_entry
 from services.common.errors import Status
 from services.common.telemetry import get_metrics
-from orchestrator.conversation import Reply
+from orchestrator.conversation import Reply, UserTurn, codes_from_b64, codes_to_b64
 
 log = logging.getLogger(__name__)
 
@@ -37,17 +38,67 @@ READ_BLOCK_MS = 200
 STALL_TIMEOUT_S = 120.0      # a turn whose stages wrote nothing for this long is abandoned
 PROBE_IDLE_S = 1.0           # a reader or producer waiting this long checks that Redis takes writes
 REFUSED_RETRY_S = 120.0      # how long the end of a turn refused by a full Redis is retried
-EVENT_ID_RE = re.compile(r"[0-9]{1,20}-[0-9]{1,20}")   # a Redis stream entry id
+OUTAGE_S = 30.0              # how long a producer waits for a Redis that does not answer
+OUTAGE_POLL_S = 0.5
+EVENT_ID_RE = re.compile(r"([0-9]{1,20})-([0-9]{1,20})")   # a Redis stream entry id
+MAX_ID_PART = (1 << 64) - 1                                   # each part of an entry id is a uint64
+PRODUCER, LLM = "producer", "llm"   # the leases of a turn: its conversation replica, its LLM replica
 
 
 def check_event_id(after: str) -> str:
     """A resume's `after_event_id` ("" = from the start), or ValueError naming the format."""
     if not after:
         return "0"
-    if not EVENT_ID_RE.fullmatch(after):
+    m = EVENT_ID_RE.fullmatch(after)
+    if not m or max(int(m[1]), int(m[2])) > MAX_ID_PART:
         raise ValueError(f"after_event_id {after!r} is not an event id: use the event_id of the last "
                          "event received (digits-digits), or leave it empty to start over")
     return after
+
+
+def _id_key(eid: str) -> tuple[int, int]:
+    ms, seq = eid.split("-")
+    return int(ms), int(seq)
+
+
+class Sent:
+    """What a turn's caller stream already holds, for a producer that takes the turn over
+    from a dead one: replaying the stage streams through a new merger gives the same events
+    (merge.py is deterministic), and those already sent are skipped by what they are (text
+    deltas by count, audio by sequence, boundaries by segment and kind, timing marks by name),
+    so every event reaches the caller once."""
+
+    def __init__(self, events: list[pb.TurnEvent]):
+        self.text = sum(e.HasField("text") for e in events)
+        self.audio = {e.audio.sequence for e in events if e.HasField("audio")}
+        self.boundaries = {(e.segment.segment, e.segment.kind) for e in events if e.HasField("segment")}
+        self.timings = {e.timing.name for e in events if e.HasField("timing")}
+
+    def skip(self, ev: pb.TurnEvent) -> bool:
+        if ev.HasField("text") and self.text > 0:
+            self.text -= 1
+            return True
+        if ev.HasField("audio"):
+            return ev.audio.sequence in self.audio
+        if ev.HasField("segment"):
+            return (ev.segment.segment, ev.segment.kind) in self.boundaries
+        if ev.HasField("timing"):
+            return ev.timing.name in self.timings
+        return False
+
+
+def sent_events(bus: Bus, turn_id: str) -> tuple[list[pb.TurnEvent], bool]:
+    """The events of turn:{id}:events and whether the last one closed it."""
+    out, final = [], False
+    for _eid, fields in bus.redis.xrange(bus.turn_stream(turn_id, "events")):
+        entry = decode_entry(fields)
+        out.append(pb.TurnEvent.FromString(entry.payload))
+        final = final or bool(entry.last)
+    return out, final
+
+
+class LostTurn(RuntimeError):
+    """Another replica produces this turn now."""
 
 
 class TurnStalled(RuntimeError):
@@ -62,23 +113,47 @@ class TurnOutcome(Reply):
     final: list[pb.TurnEvent] = field(default_factory=list)           # held back for `finish`
 
 
-def send(bus: Bus, turn_id: str, ev: pb.TurnEvent, final: bool = False, retry_full_s: float = 0.0) -> None:
+def _s(x: bytes | str) -> str:
+    return x.decode() if isinstance(x, bytes) else x
+
+
+def send(bus: Bus, turn_id: str, ev: pb.TurnEvent, final: bool = False, retry_full_s: float = 0.0) -> str:
     """Append one caller event to turn:{id}:events (its entry id becomes the event id)."""
-    bus.publish(turn_id, "events", ClientEvent(turn_id=turn_id, payload=ev.SerializeToString(), last=final),
+    return bus.publish(turn_id, "events", ClientEvent(turn_id=turn_id, payload=ev.SerializeToString(), last=final),
                 retry_full_s=retry_full_s)
 
 
 def produce(bus: Bus, merger, turn_id: str, *, interrupted: Callable[[], bool],
-            stall_timeout_s: float = STALL_TIMEOUT_S) -> TurnOutcome:
+            stall_timeout_s: float = STALL_TIMEOUT_S, sent: Sent | None = None,
+            owns: Callable[[], bool] = lambda: True) -> TurnOutcome:
     """Merge the stage streams into turn:{id}:events until the turn ends; return its outcome.
 
     The final events (the end, or an error) are NOT sent: they are in `outcome.final`, for
     `finish` to send once the caller has recorded the turn, so that a client which starts its
-    next turn as soon as it sees the end always finds this one in the history."""
+    next turn as soon as it sees the end always finds this one in the history.
+
+    sent: a turn taken over from a dead producer (replayed from the start; what its caller
+    stream already holds is skipped). The LLM replica holds the turn's LLM lease until it has
+    written its end: a lease gone without an end means that replica died (or was stopped),
+    and the turn ends with UNAVAILABLE within `bus.lease_ttl_s` instead of the stall timeout.
+
+    Redis not answering for a while (up to OUTAGE_S) does not end the turn: events wait in an
+    outbox, and reading goes on where it stopped once Redis answers again, unless another
+    replica took the turn over meanwhile (owns() is False: this producer's lease lapsed and
+    a resume took it): then LostTurn, and this one stops."""
     last = {bus.turn_stream(turn_id, "llm"): "0", bus.turn_stream(turn_id, "audio"): "0"}
     out = TurnOutcome()
     progress = probed = time.monotonic()
     metrics = get_metrics()
+    outbox: list[pb.TurnEvent] = []      # merged, not yet in turn:{id}:events
+
+    tail = bus.redis.xrevrange(bus.turn_stream(turn_id, "events"), count=1)
+    written = [_s(tail[0][0]) if tail else ""]      # the id of the last event known written
+
+    def flush() -> None:
+        while outbox:
+            written[0] = send(bus, turn_id, outbox[0])
+            outbox.pop(0)
 
     def emit(ev: pb.TurnEvent) -> None:
         if ev.HasField("timing"):
@@ -94,32 +169,60 @@ def produce(bus: Bus, merger, turn_id: str, *, interrupted: Callable[[], bool],
             out.error = ev.error
         if ev.HasField("end") or ev.HasField("error") or out.final:
             out.final.append(ev)        # the end and anything after it wait for `finish`
-        else:
-            send(bus, turn_id, ev)
+        elif sent is None or not sent.skip(ev):
+            outbox.append(ev)
 
     while not merger.finished:
-        if interrupted():
-            out.interrupted = True
-            for ev in merger.interrupt():
-                emit(ev)
-            break
-        msgs = bus.read(last, block_ms=READ_BLOCK_MS)
-        now = time.monotonic()
-        if msgs:
-            progress = now
-        elif now - max(progress, probed) > PROBE_IDLE_S:     # the stages may be unable to write
-            bus.check_writable()
-            probed = now
+        try:
+            flush()
+            if interrupted():
+                out.interrupted = True
+                for ev in merger.interrupt():
+                    emit(ev)
+                break
+            msgs = bus.read(last, block_ms=READ_BLOCK_MS)
+            now = time.monotonic()
+            if msgs:
+                progress = now
+            elif now - max(progress, probed) > PROBE_IDLE_S:     # the stages may be unable to write
+                bus.check_writable()
+                probed = now
+                if merger.llm_done is None and merger.error is None and not bus.holds_lease(turn_id, LLM):
+                    msgs = bus.read(last)       # its end may have come just before the lease went
+                    if not msgs:
+                        msgs = [StreamEntry("", "", TurnError(
+                            turn_id=turn_id, stage="llm", code=Status.UNAVAILABLE,
+                            message="the LLM replica generating this turn stopped before the end (it died or "
+                                    "was shut down); what you received stays, the session is ready: send the "
+                                    "turn again"))]
+        except Exception as e:  # noqa: BLE001 - Redis away: wait for it, up to OUTAGE_S
+            if not unreachable(e):
+                raise
+            log.warning("turn %s: Redis is not answering (%s); waiting for it", turn_id, e)
+            _wait_for_redis(bus, OUTAGE_S)
+            if not owns():
+                raise LostTurn(f"turn {turn_id} was taken over by another replica while Redis was away")
+            # the event being sent when Redis stopped answering may have been written after all
+            # (a command that timed out here can still run there): then it is not sent again
+            # (only this producer writes the stream: a last entry it did not see written is that one)
+            tail = bus.redis.xrevrange(bus.turn_stream(turn_id, "events"), count=1)
+            if outbox and tail and _s(tail[0][0]) != written[0]:
+                written[0] = _s(tail[0][0])
+                outbox.pop(0)
+            progress = probed = time.monotonic()
+            continue
         if not msgs and now - progress > stall_timeout_s:
             emit(pb.TurnEvent(turn_id=turn_id, error=pb.TurnError(
                 code=Status.UNAVAILABLE, message=f"no stage produced anything for {stall_timeout_s:.0f} s; the turn was abandoned")))
             return out
         for m in msgs:
-            last[m.stream] = m.id
+            if m.stream:
+                last[m.stream] = m.id
             if isinstance(m.entry, TurnEnd):
                 out.history, out.reply_codes = m.entry.tokens.numpy().tolist(), m.entry.codes.numpy()
             for ev in merger.feed(m.entry):
                 emit(ev)
+    flush()
     out.text = "".join(merger.text)
     out.text_tokens = list(merger.text_tokens)
     out.audio_seconds = merger.audio_samples / merger.sample_rate
@@ -129,6 +232,20 @@ def produce(bus: Bus, merger, turn_id: str, *, interrupted: Callable[[], bool],
         out.segment_tokens.append(merger.segment_tokens.get(k, 0))
         out.segment_seconds.append(sum(len(x) for x in merger.segment_audio.get(k, ())) / merger.sample_rate)
     return out
+
+
+def _wait_for_redis(bus: Bus, within_s: float) -> None:
+    """Until Redis answers a PING (read-only: nothing piles up to run twice), at most `within_s`;
+    then the last error is raised."""
+    deadline = time.monotonic() + within_s
+    while True:
+        time.sleep(OUTAGE_POLL_S)
+        try:
+            bus.redis.ping()
+            return
+        except Exception as e:  # noqa: BLE001
+            if not unreachable(e) or time.monotonic() > deadline:
+                raise
 
 
 def finish(bus: Bus, turn_id: str, outcome: "TurnOutcome | None", retry_s: float = 0.0) -> None:
@@ -144,13 +261,17 @@ def finish(bus: Bus, turn_id: str, outcome: "TurnOutcome | None", retry_s: float
 
 
 def run(bus: Bus, merger, turn_id: str, *, interrupted: Callable[[], bool],
-        record: Callable[["TurnOutcome | None"], None]) -> "TurnOutcome | None":
+        record: Callable[["TurnOutcome | None"], None], sent: Sent | None = None,
+        owns: Callable[[], bool] = lambda: True) -> "TurnOutcome | None":
     """The producer of one turn: produce, `record(outcome)` (the history, before the caller
     hears the end), send the end, free the turn's stage streams. outcome None: the
     orchestrator failed. A full Redis ends the turn with RESOURCE_EXHAUSTED."""
     outcome = None
     try:
-        outcome = produce(bus, merger, turn_id, interrupted=interrupted)
+        outcome = produce(bus, merger, turn_id, interrupted=interrupted, sent=sent, owns=owns)
+    except LostTurn as e:
+        log.warning("%s; this replica stops producing it", e)
+        return None
     except RedisFull as e:
         log.warning("turn %s: %s", turn_id, e)
         outcome = TurnOutcome(error=pb.TurnError(code=Status.RESOURCE_EXHAUSTED, message=str(e)))
@@ -168,6 +289,7 @@ def run(bus: Bus, merger, turn_id: str, *, interrupted: Callable[[], bool],
                   "the stall timeout", turn_id, REFUSED_RETRY_S)
     try:
         bus.end_turn(turn_id)
+        bus.redis.delete(setup_key(turn_id))
     except Exception:  # noqa: BLE001 - Redis unreachable: the streams expire with their TTL
         log.warning("turn %s: could not free its streams now; they expire", turn_id)
     return outcome
@@ -186,21 +308,34 @@ def interrupt_requested(bus: Bus, turn_id: str) -> bool:
     return bool(bus.redis.exists(interrupt_key(turn_id)))
 
 
-def is_over(bus: Bus, turn_id: str, stall_timeout_s: float) -> bool:
-    """The turn's caller stream ended, or nothing was written to it for `stall_timeout_s`
-    (the producing replica died): a new turn may start."""
+def is_over(bus: Bus, turn_id: str) -> bool:
+    """The turn's caller stream ended, or no replica holds its producer lease (the one that
+    produced it died, before its first event or after): a new turn may start."""
     last = bus.redis.xrevrange(bus.turn_stream(turn_id, "events"), count=1)
-    if not last:
-        return False      # not started yet (a turn is being set up) or expired long ago
-    eid, fields = last[0]
-    entry = decode_entry(fields)
-    return bool(entry.last) or time.time() * 1000 - id_ms(eid.decode() if isinstance(eid, bytes) else eid) > stall_timeout_s * 1000
+    if last and decode_entry(last[0][1]).last:
+        return True
+    return not bus.holds_lease(turn_id, PRODUCER)
 
 
-def events(bus: Bus, turn_id: str, after: str = "0", *, wait_s: float = 600.0) -> Iterator[tuple[str, pb.TurnEvent]]:
+def ended_at(bus: Bus, turn_id: str) -> str | None:
+    """The id of the turn's last event if that event closed its stream, else None."""
+    last = bus.redis.xrevrange(bus.turn_stream(turn_id, "events"), count=1)
+    if last and decode_entry(last[0][1]).last:
+        eid = last[0][0]
+        return eid.decode() if isinstance(eid, bytes) else eid
+    return None
+
+
+def events(bus: Bus, turn_id: str, after: str = "0", *, wait_s: float = 600.0,
+           idle: Callable[[], None] | None = None) -> Iterator[tuple[str, pb.TurnEvent]]:
     """(event id, event) of turn:{id}:events after `after`, until the turn's last event.
-    RedisFull when nothing comes and Redis refuses writes (nobody can write the rest)."""
+    RedisFull when nothing comes and Redis refuses writes (nobody can write the rest).
+    idle(): called whenever nothing came for PROBE_IDLE_S (the caller checks that someone
+    still produces the turn; it may raise). Nothing after the last event: returns at once."""
     stream = bus.turn_stream(turn_id, "events")
+    end = ended_at(bus, turn_id)
+    if end is not None and after != "0" and _id_key(after) >= _id_key(end):
+        return
     deadline = time.monotonic() + wait_s
     idle_since = time.monotonic()
     while time.monotonic() < deadline:
@@ -209,6 +344,8 @@ def events(bus: Bus, turn_id: str, after: str = "0", *, wait_s: float = 600.0) -
             idle_since = time.monotonic()
         elif time.monotonic() - idle_since > PROBE_IDLE_S:
             bus.check_writable()
+            if idle is not None:
+                idle()
             idle_since = time.monotonic()
         for m in msgs:
             after = m.id
@@ -257,3 +394,41 @@ class TurnThreads:
     def shutdown(self) -> None:
         self.producers.shutdown(wait=False, cancel_futures=False)
         self.readers.shutdown(wait=False, cancel_futures=True)
+
+
+# ---------------------------------------------------------------- taking a turn over
+def setup_key(turn_id: str) -> str:
+    """What a turn began with (owner, session, the user's turn), for a replica that takes it over."""
+    return f"turn:{turn_id}:setup"
+
+
+def save_setup(bus: Bus, turn_id: str, owner: str, session_id: str, user: UserTurn, *, started: float) -> None:
+    user_rec = {"text": user.text, "audio_seconds": user.audio_seconds}
+    if user.codes is not None:
+        user_rec.update(codes=codes_to_b64(user.codes), codebooks=int(user.codes.shape[-1]))
+    bus.redis.set(setup_key(turn_id), json.dumps({"owner": owner, "session_id": session_id, "user": user_rec,
+                                                  "started": started}), ex=bus.turn_ttl_s)
+
+
+def load_setup(bus: Bus, turn_id: str) -> dict | None:
+    raw = bus.redis.get(setup_key(turn_id))
+    return json.loads(raw) if raw else None
+
+
+def user_from_setup(setup: dict) -> UserTurn:
+    u = setup["user"]
+    codes = codes_from_b64(u["codes"], u["codebooks"]) if "codes" in u else None
+    return UserTurn(text=u["text"], codes=codes, audio_seconds=u["audio_seconds"])
+
+
+def is_known(bus: Bus, turn_id: str) -> bool:
+    """Something of the turn is still in Redis: its events, its setup or a live producer."""
+    return bool(bus.redis.exists(bus.turn_stream(turn_id, "events"), setup_key(turn_id),
+                                 bus.lease_key(turn_id, PRODUCER)))
+
+
+def abandon(bus: Bus, turn_id: str, message: str) -> None:
+    """End a turn nobody can produce: its callers get UNAVAILABLE with `message`."""
+    finish(bus, turn_id, TurnOutcome(final=[pb.TurnEvent(turn_id=turn_id, error=pb.TurnError(
+        code=Status.UNAVAILABLE, message=message))]))
+    bus.end_turn(turn_id)

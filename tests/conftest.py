@@ -97,6 +97,7 @@ bus:
   visibility_timeout_ms: 3000
   reclaim_interval_ms: 500
   block_ms: 200
+  lease_ttl_s: 4.0              # a killed replica's turns are known dead within 4 s (tests/orchestrator/test_faults.py)
 """
 
 

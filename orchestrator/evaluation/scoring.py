@@ -85,7 +85,7 @@ def subset_report(subset: str, mode: str, items: dict[str, Item], records: list[
         rep["judge_graded"], rep["judge_errors"] = len(points), len(got) - len(points)
         if points:
             rep["judge_score"] = round(100 * float(np.mean(points)) / scale_max(spec.judge), 2)
-            rep["judge_scale"] = f"mean of 0/1 x 100" if spec.judge == "qa" else \
+            rep["judge_scale"] = "mean of 0/1 x 100" if spec.judge == "qa" else \
                 f"mean of 1-{scale_max(spec.judge)} as % of {scale_max(spec.judge)}"
     if mode == "s2s":
         pairs = [(r.get("reply_text", ""), r["asr_text"]) for r in ok if "asr_text" in r]

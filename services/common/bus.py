@@ -37,11 +37,15 @@ ResourceExhausted, and `check_writable` finds out without writing anything.
 from __future__ import annotations
 
 import logging
+import threading
 import time
+import uuid
 from contextlib import contextmanager
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
 
 from services.common.entries import TURN_KINDS, BusError, Entry, Job, StreamEntry, decode_entry
 from services.common.errors import ResourceExhausted
@@ -71,6 +75,74 @@ def _writing():
         raise RedisFull("Redis is at its memory limit (maxmemory) and refuses writes; retry later "
                         "(operators: raise maxmemory or lower limits.session_ttl_s, see README "
                         '"Redis memory")') from None
+
+
+class RedisHealth:
+    """Whether Redis answers, as the bus's commands find out (every command reports through
+    `_WatchedRetry`). Once one fails for want of an answer, `down` holds until a PING, tried
+    on a thread every PROBE_INTERVAL_S, gets one: callers check `down` first and fail at once
+    instead of each waiting out the socket timeout (on an event loop, one after the other)."""
+
+    PROBE_INTERVAL_S = 0.5
+
+    def __init__(self) -> None:
+        self.down_since: float | None = None
+        self.client: "redis.Redis | None" = None
+        self._lock = threading.Lock()
+
+    @property
+    def down(self) -> bool:
+        return self.down_since is not None
+
+    def answered(self) -> None:
+        self.down_since = None
+
+    def failed(self) -> None:
+        with self._lock:
+            if self.down_since is not None:
+                return
+            self.down_since = time.monotonic()
+        log.warning("Redis is not answering; calls fail with UNAVAILABLE until it does")
+        threading.Thread(target=self._probe, name="redis-probe", daemon=True).start()
+
+    def _probe(self) -> None:
+        while self.down_since is not None:
+            time.sleep(self.PROBE_INTERVAL_S)
+            try:
+                if self.client is not None:
+                    self.client.ping()      # answered() through the retry policy
+            except Exception:  # noqa: BLE001 - still down
+                pass
+        log.warning("Redis answers again")
+
+
+class _WatchedRetry(Retry):
+    """redis-py's retry policy for the stack's clients: one quick reconnect after a dropped
+    connection (Redis restarted, a failover), nothing on a timeout (redis-py 8's default
+    retries ten times with backoff up to 10 s, so a Redis that stopped answering held every
+    call for minutes; now it fails within `redis.socket_timeout_s`), and every outcome
+    reported to the client's RedisHealth."""
+
+    def __init__(self, health: RedisHealth):
+        super().__init__(ExponentialBackoff(cap=0.2, base=0.05), 1, supported_errors=(redis.ConnectionError,))
+        self.health = health
+
+    def __deepcopy__(self, memo):      # redis-py copies the policy into every connection
+        return _WatchedRetry(self.health)
+
+    def call_with_retry(self, do, fail, *args, **kwargs):
+        try:
+            out = super().call_with_retry(do, fail, *args, **kwargs)
+        except (redis.ConnectionError, redis.TimeoutError):
+            self.health.failed()
+            raise
+        self.health.answered()
+        return out
+
+
+def unreachable(exc: BaseException) -> bool:
+    """Redis did not answer (connection refused or dropped, or a timeout)."""
+    return isinstance(exc, (redis.ConnectionError, redis.TimeoutError))
 
 
 def _s(x: bytes | str) -> str:
@@ -143,17 +215,20 @@ class Bus:
         username: str | None = None,
         password: str | None = None,
         connect_timeout_s: float = 5.0,
-        socket_timeout_s: float = 30.0,
+        socket_timeout_s: float = 3.0,
         metrics: Metrics | None = None,
         tls: Mapping[str, Any] | None = None,
+        lease_ttl_s: float = 10.0,
     ) -> None:
+        self.health = RedisHealth()
         if isinstance(redis_or_url, str):
             # The socket timeout bounds every blocking read: `block_ms` must stay below it.
             # tls: redis-py's ssl_* options for a rediss:// URL (RedisSettings.client_options).
             self.redis = redis.Redis.from_url(
                 redis_or_url, protocol=2, decode_responses=False, username=username or None,
                 password=password or None, socket_connect_timeout=connect_timeout_s,
-                socket_timeout=socket_timeout_s, health_check_interval=30, **(tls or {}))
+                socket_timeout=socket_timeout_s, health_check_interval=30, retry=_WatchedRetry(self.health),
+                **(tls or {}))
         else:
             kw = redis_or_url.connection_pool.connection_kwargs
             if kw.get("decode_responses"):
@@ -165,12 +240,14 @@ class Bus:
                                f"XREADGROUP's reply shape); it has protocol={kw.get('protocol')}")
             self.redis = redis_or_url
             socket_timeout_s = kw.get("socket_timeout") or 5.0  # redis-py's default
+        self.health.client = self.redis
         self.max_block_ms = int(socket_timeout_s * 1000) - 500
         self.turn_ttl_s = int(turn_ttl_s)
         self.finished_turn_ttl_s = int(finished_turn_ttl_s)
         self.turn_maxlen = int(turn_maxlen)
         self.job_max_backlog = int(job_max_backlog)
         self.max_deliveries = int(max_deliveries)
+        self.lease_ttl_s = float(lease_ttl_s)
         self.metrics = metrics
         self._put_once = self.redis.register_script(_PUT_ONCE)
         self._submit = self.redis.register_script(_SUBMIT)
@@ -181,7 +258,8 @@ class Bus:
         r, b = settings.redis, settings.bus
         tls = {k: v for k, v in r.client_options().items() if k.startswith("ssl_")}
         return cls(r.url, username=r.username, password=r.password, tls=tls,
-                   connect_timeout_s=r.connect_timeout_s, turn_ttl_s=settings.limits.session_ttl_s,
+                   connect_timeout_s=r.connect_timeout_s, socket_timeout_s=r.socket_timeout_s,
+                   lease_ttl_s=b.lease_ttl_s, turn_ttl_s=settings.limits.session_ttl_s,
                    finished_turn_ttl_s=b.finished_turn_ttl_s, turn_maxlen=b.turn_stream_maxlen,
                    job_max_backlog=b.job_max_backlog, max_deliveries=b.max_deliveries, **kw)
 
@@ -298,6 +376,19 @@ class Bus:
         pipe.delete(self.turn_stream(turn_id, "llm"), self.turn_stream(turn_id, "audio"))
         pipe.expire(self.turn_stream(turn_id, "events"), self.finished_turn_ttl_s)
         pipe.execute()
+
+    # ---- leases: who is working on a turn
+    # A process that works on a turn (the conversation replica producing its events, the LLM
+    # replica generating it) holds `turn:{id}:lease:{role}`, renewed by a Leases thread every
+    # third of `lease_ttl_s`. A process killed with -9 renews nothing: its lease expires, and
+    # whoever waits on the turn knows within `lease_ttl_s` instead of a stall timeout.
+
+    @staticmethod
+    def lease_key(turn_id: str, role: str) -> str:
+        return f"turn:{turn_id}:lease:{role}"
+
+    def holds_lease(self, turn_id: str, role: str) -> bool:
+        return bool(self.redis.exists(self.lease_key(turn_id, role)))
 
     # ---- reading in order
 
@@ -418,6 +509,16 @@ class Bus:
                 jobs.append(job)
         return jobs
 
+    def hand_back(self, stream: str, group: str, consumer: str, idle_ms: int) -> int:
+        """A consumer that stops: make its pending jobs look `idle_ms` idle (XCLAIM ... IDLE),
+        so the next `reclaim_stale` of another consumer (min_idle_ms <= idle_ms) takes them at
+        once instead of after the visibility timeout. Returns how many."""
+        rows = self.redis.xpending_range(stream, group, min="-", max="+", count=1000, consumername=consumer)
+        ids = [_s(r["message_id"]) for r in rows]
+        if ids:
+            self.redis.xclaim(stream, group, consumer, 0, ids, idle=idle_ms, justid=True)
+        return len(ids)
+
     def dead_letter(self, job: Job, reason: str) -> str:
         """Move `job` to `{stream}:dead` with its reason, original id and delivery count, and
         remove it from the work stream, in one transaction. Returns the dead-letter entry id."""
@@ -443,3 +544,102 @@ class Bus:
             meta = {_s(k): _s(v) for k, v in fields.items() if _s(k).startswith("dead_")}
             out.append((StreamEntry(self.dead_letter_stream(stream), _s(eid), decode_entry(fields)), meta))
         return out
+
+
+# KEYS[1] a lease, ARGV[1] the holder's token, ARGV[2] ttl ms. Keep (renew, or take again if it
+# lapsed) a lease unless another holder has it: 1 kept, 0 someone else's.
+_KEEP_LEASE = """
+local v = redis.call('GET', KEYS[1])
+if v and v ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
+"""
+# Release a lease only if it is still this holder's.
+_RELEASE_LEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+class Leases:
+    """The turn leases one process holds (see Bus.lease_key), renewed on a daemon thread.
+
+    A lease's value is its holder's token, so a holder that was away (Redis unreachable past
+    the TTL) and meanwhile lost its turn to another replica notices (`keep` is False) instead
+    of producing the turn a second time. `hold` sets a lease at once (so it exists before
+    anyone can look for it), `take` only if nobody holds it (one taker wins), `release`
+    deletes it if it is still this holder's; the thread renews (or takes again, if it lapsed
+    and nobody took it) every held lease every third of the TTL."""
+
+    def __init__(self, bus: Bus):
+        self.bus = bus
+        self.token = uuid.uuid4().hex.encode()
+        self._held: dict[str, None] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._keep = bus.redis.register_script(_KEEP_LEASE)
+        self._release = bus.redis.register_script(_RELEASE_LEASE)
+        self._thread = threading.Thread(target=self._renew, name="turn-leases", daemon=True)
+        self._thread.start()
+
+    def _px(self) -> int:
+        return int(self.bus.lease_ttl_s * 1000)
+
+    def hold(self, turn_id: str, role: str) -> None:
+        key = self.bus.lease_key(turn_id, role)
+        with self._lock:
+            self._held[key] = None
+        self.bus.redis.set(key, self.token, px=self._px())
+
+    def take(self, turn_id: str, role: str) -> bool:
+        """Take the lease unless someone holds it (SET NX); then renew it."""
+        key = self.bus.lease_key(turn_id, role)
+        with self._lock:
+            if not self.bus.redis.set(key, self.token, nx=True, px=self._px()):
+                return False
+            self._held[key] = None
+            return True
+
+    def keep(self, turn_id: str, role: str) -> bool:
+        """Still this holder's (renewed now)? False if another holder took it."""
+        key = self.bus.lease_key(turn_id, role)
+        with self._lock:
+            if key not in self._held:
+                return False
+            if not int(self._keep(keys=[key], args=[self.token, self._px()])):
+                del self._held[key]
+                return False
+            return True
+
+    def release(self, turn_id: str, role: str) -> None:
+        key = self.bus.lease_key(turn_id, role)
+        with self._lock:
+            self._held.pop(key, None)
+            try:
+                self._release(keys=[key], args=[self.token])
+            except Exception:  # noqa: BLE001 - Redis away: the lease lapses by itself
+                log.warning("could not release lease %s; it lapses in %.0f s", key, self.bus.lease_ttl_s)
+
+    def held(self) -> list[str]:
+        with self._lock:
+            return list(self._held)
+
+    def _renew(self) -> None:
+        while not self._stop.wait(self.bus.lease_ttl_s / 3):
+            with self._lock:     # a lease released meanwhile must not come back
+                keys = list(self._held)
+                if not keys:
+                    continue
+                try:
+                    pipe = self.bus.redis.pipeline(transaction=False)
+                    for key in keys:
+                        self._keep(keys=[key], args=[self.token, self._px()], client=pipe)
+                    for key, kept in zip(keys, pipe.execute()):
+                        if not int(kept):
+                            log.warning("lease %s was taken over by another replica", key)
+                            self._held.pop(key, None)
+                except Exception as e:  # noqa: BLE001 - tried again next round
+                    log.warning("could not renew %d turn leases: %s", len(keys), e)
+
+    def stop(self) -> None:
+        self._stop.set()

@@ -71,12 +71,24 @@ def _redis_full(exc: BaseException) -> bool:
     return type(exc).__name__ == "OutOfMemoryError" and type(exc).__module__.split(".")[0] == "redis"
 
 
+REDIS_UNREACHABLE = ("Redis (sessions and turn streams) is not answering; retry with backoff "
+                     "(operators: check the Redis server and redis.url)")
+
+
+def _redis_unreachable(exc: BaseException) -> bool:
+    """redis-py's ConnectionError or TimeoutError (Redis down, stopped or partitioned), by name."""
+    return (type(exc).__module__.split(".")[0] == "redis" and "Authentication" not in type(exc).__name__
+            and any(c.__name__ in ("ConnectionError", "TimeoutError") for c in type(exc).__mro__))
+
+
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """The gRPC status for an exception, and the message a person can act on (never a traceback)."""
     exc = unwrap(exc)
     if _redis_full(exc):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, ("Redis is at its memory limit (maxmemory) and refuses writes; "
                                                     "retry later")
+    if _redis_unreachable(exc):
+        return grpc.StatusCode.UNAVAILABLE, REDIS_UNREACHABLE
     if _from_ray(exc):
         for cls in type(exc).__mro__:
             if cls.__name__ in _RAY_STATUS:

@@ -109,6 +109,9 @@ class RedisSettings(_Section):
     username: str = ""              # an ACL user (Redis 6+); "" = the default user
     password: str = ""              # environment only; never logged
     connect_timeout_s: Annotated[float, Positive] = 5.0
+    # how long one command may wait for Redis's answer: a Redis that stopped answering fails
+    # calls with UNAVAILABLE after this, instead of hanging them (bus.block_ms stays below it)
+    socket_timeout_s: Annotated[float, Positive] = 3.0
     # TLS (rediss:// only): files, e.g. from a mounted Secret; the files are not secrets' values
     tls_ca_file: str = ""           # CA bundle that signed the server's certificate; "" = the system's
     tls_cert_file: str = ""         # client certificate, for servers that require mutual TLS
@@ -122,7 +125,8 @@ class RedisSettings(_Section):
         """Keyword arguments of `redis.Redis.from_url` for these settings: the ACL user,
         password and TLS files (the URL's scheme switches TLS on)."""
         opts: dict[str, Any] = {"username": self.username or None, "password": self.password or None,
-                                "socket_connect_timeout": self.connect_timeout_s}
+                                "socket_connect_timeout": self.connect_timeout_s,
+                                "socket_timeout": self.socket_timeout_s}
         if urlsplit(self.url).scheme == "rediss":
             opts.update(ssl_cert_reqs="required", ssl_ca_certs=self.tls_ca_file or None,
                         ssl_certfile=self.tls_cert_file or None, ssl_keyfile=self.tls_key_file or None)
@@ -133,6 +137,7 @@ class RedisSettings(_Section):
         yield "username", self.username
         yield "password", "***" if self.password else ""
         yield "connect_timeout_s", self.connect_timeout_s
+        yield "socket_timeout_s", self.socket_timeout_s
         yield "tls_ca_file", self.tls_ca_file
         yield "tls_cert_file", self.tls_cert_file
         yield "tls_key_file", self.tls_key_file
@@ -240,6 +245,8 @@ class BusSettings(_Section):
     max_deliveries: Annotated[int, Positive] = 3             # then it goes to the dead-letter stream
     block_ms: Annotated[int, Positive] = 1000                # blocking read timeout (also the stop-check period)
     reclaim_interval_ms: Annotated[int, Positive] = 5000     # how often a worker looks for stale jobs
+    lease_ttl_s: Annotated[float, Positive] = 10.0            # a turn whose producer or LLM replica stopped renewing
+                                                              # its lease this long is known dead (renewed every third)
 
 
 class TelemetrySettings(_Section):

@@ -6,6 +6,7 @@ consumer group, so replicas share the work, and a replica that dies leaves its j
 re-claimed by the others after the visibility timeout."""
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import threading
@@ -21,6 +22,8 @@ from services.common.settings import Settings
 from services.common.worker import WorkerStats, start_worker, worker_options
 
 GROUP = "stage-workers"
+
+log = logging.getLogger(__name__)
 
 
 def consumer_name(stage: str) -> str:
@@ -59,9 +62,20 @@ class StageWorker:
         return None if self._thread is None else self._thread.stats  # type: ignore[attr-defined]
 
     def stop(self, timeout: float = 5.0) -> None:
+        """Graceful drain: the worker finishes the jobs it runs (results published, acked) and
+        claims no more; whatever it still holds after `timeout` is handed back to the group at
+        once (Bus.hand_back), not left for the visibility timeout."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout)
+        try:
+            n = sum(self.bus.hand_back(s, GROUP, self.consumer, self._kw["visibility_timeout_ms"])
+                    for s in lanes(self.stream))
+            if n:
+                log.warning("%s: stopping with %d jobs unfinished; handed back to the other replicas", self.consumer, n)
+        except Exception:  # noqa: BLE001 - Redis away: the jobs are reclaimed after the visibility timeout
+            log.warning("%s: could not hand back its jobs; they are reclaimed after the visibility timeout",
+                        self.consumer)
 
     @property
     def alive(self) -> bool:

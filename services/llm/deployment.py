@@ -22,7 +22,7 @@ from ray import serve
 
 from baichuan_audio.v1 import conversation_pb2, stages_pb2
 from services.common.auth import Authenticator
-from services.common.bus import Bus, RedisFull
+from services.common.bus import Bus, Leases, RedisFull, unreachable
 from services.common.entries import DECODER_JOBS, TurnError, lanes
 from services.common.errors import Status
 from services.common.grpc_status import grpc_errors
@@ -51,6 +51,8 @@ KEPT_SESSIONS_PER_SLOT = 4
 ENDED_KEPT = 1024        # recently ended requests whose end reason `request_status` reports
 TURN_ERROR_RETRY_S = 120.0  # how long a turn's error refused by a full Redis is retried
 SUPERSEDE_WAIT_S = 10.0  # how long a session's new turn waits for its cancelled previous one to end
+DRAIN_S = 60.0           # a replica told to stop lets its running turns end for this long (graceful_shutdown_timeout_s: 120)
+LEASE = "llm"            # the turn lease this replica holds while it generates (orchestrator/turns.py watches it)
 
 
 @serve.deployment(name="LLM")
@@ -87,12 +89,22 @@ class LLMDeployment:
         lim = self.settings.limits
         self.limits = {"max_new_tokens": lim.max_new_tokens, "max_turn_frames": lim.max_audio_frames}
         self.bus = Bus.from_settings(self.settings)
+        self.leases = Leases(self.bus)
         d = self.settings.decoder
         self.low_latency = ChunkPolicy(d.first_chunk_frames, d.chunk_growth, d.max_chunk_frames)
         self.turns: dict[str, Any] = {}           # turn_id -> engine Handle
         self.session_turns: dict[str, Any] = {}   # session -> the engine Handle of its latest turn
 
     def __del__(self):
+        """Serve's graceful shutdown (a redeploy, a scale-down): no new turn comes here any more;
+        let the running ones end (up to DRAIN_S), then stop the engine. A turn cut off then
+        loses its lease, and its caller gets UNAVAILABLE at once (orchestrator/turns.py)."""
+        deadline = time.monotonic() + DRAIN_S
+        while getattr(self, "turns", None) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if getattr(self, "turns", None):
+            log.warning("LLM replica stopping with %d turns still running: they end with UNAVAILABLE",
+                        len(self.turns))
         engine = getattr(self, "engine", None)
         if engine is not None:
             engine.stop()
@@ -122,7 +134,12 @@ class LLMDeployment:
         if not turn_id:
             raise ValueError("the LLM request has no request_id: it is the turn id its stream entries carry")
         await self._supersede(request.session_id)
-        handle = self._submit(request)
+        self.leases.hold(turn_id, LEASE)        # before the caller starts watching for it
+        try:
+            handle = self._submit(request)
+        except BaseException:
+            self.leases.release(turn_id, LEASE)
+            raise
         pub = TurnPublisher(turn_id, request.session_id or "", self._emit(turn_id),
                             chunks=self.low_latency if low_latency else ChunkPolicy(), seed=request.seed)
         with self._lock:
@@ -165,13 +182,15 @@ class LLMDeployment:
             log.exception("turn %s: publishing failed", turn_id)
             self._cancel(handle)    # nobody can hear the rest: free the sequence's slot and KV now
             code = Status.RESOURCE_EXHAUSTED if isinstance(e, RedisFull) else Status.UNAVAILABLE
+            message = (f"Redis did not answer while the reply was being generated ({e}); what you received "
+                       "stays: send the turn again" if unreachable(e) else f"publishing the reply failed: {e}")
             try:                    # a full Redis may take writes again soon: the turn's reader waits
-                self.bus.publish(turn_id, "llm", TurnError(turn_id=turn_id, stage="llm", code=code,
-                                                           message=f"publishing the reply failed: {e}"),
+                self.bus.publish(turn_id, "llm", TurnError(turn_id=turn_id, stage="llm", code=code, message=message),
                                  retry_full_s=TURN_ERROR_RETRY_S)
             except Exception:  # noqa: BLE001 - Redis is down; the orchestrator times out
                 pass
         finally:
+            self.leases.release(turn_id, LEASE)   # after its end or error was written
             with self._lock:
                 self.turns.pop(turn_id, None)
                 if pub.session_id and self.session_turns.get(pub.session_id) is handle:

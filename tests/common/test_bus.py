@@ -279,3 +279,43 @@ def test_submit_refuses_past_the_backlog(bus, uid):
         bus.submit(stream, decode_job(uid, s))
     with pytest.raises(BacklogFull, match=f"jobs:{uid} already holds 100 jobs"):
         bus.submit(stream, decode_job(uid, 100))
+
+
+def test_a_stopping_consumer_hands_its_jobs_back_at_once(bus, uid):
+    """Graceful drain: jobs a consumer still holds when it stops are claimable by another at
+    its next reclaim, not only after the visibility timeout (here a minute)."""
+    stream, group = f"jobs:{uid}", "g"
+    bus.ensure_group(stream, group)
+    for i in range(3):
+        bus.submit(stream, decode_job(uid, i))
+    held = bus.claim_next(stream, group, "stopping", count=3)
+    assert len(held) == 3
+    assert bus.reclaim_stale(stream, group, "other", min_idle_ms=60_000) == []   # not yet idle
+    assert bus.hand_back(stream, group, "stopping", idle_ms=60_000) == 3
+    taken = bus.reclaim_stale(stream, group, "other", min_idle_ms=60_000, count=10)
+    assert sorted(j.id for j in taken) == sorted(j.id for j in held)
+    assert bus.hand_back(stream, group, "stopping", idle_ms=60_000) == 0          # nothing left
+
+
+def test_leases_belong_to_their_holder(redis_url, uid):
+    """A turn's lease: held and renewed by one process; another can take it only once it
+    lapsed; the first then finds it lost (keep() False) instead of producing the turn twice,
+    and its release leaves the new holder's lease alone."""
+    from services.common.bus import Leases
+
+    a_bus, b_bus = Bus(redis_url, lease_ttl_s=0.3), Bus(redis_url, lease_ttl_s=0.3)
+    a, b = Leases(a_bus), Leases(b_bus)
+    a.stop()                                    # a's process stalls: nothing renews its lease
+    a.hold(uid, "producer")
+    assert a_bus.holds_lease(uid, "producer") and not b.take(uid, "producer")
+    time.sleep(0.5)
+    assert not a_bus.holds_lease(uid, "producer")          # lapsed
+    assert b.take(uid, "producer")
+    assert not a.keep(uid, "producer")                     # a learns it lost the turn
+    a.release(uid, "producer")
+    assert b_bus.holds_lease(uid, "producer") and b.keep(uid, "producer")
+    time.sleep(0.5)                                        # b's thread renews it
+    assert b_bus.holds_lease(uid, "producer")
+    b.release(uid, "producer")
+    assert not b_bus.holds_lease(uid, "producer")
+    b.stop()

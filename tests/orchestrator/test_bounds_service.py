@@ -191,7 +191,7 @@ def _turn_ended(url: str, turn_id: str) -> bool:
     from services.common.bus import Bus
     from orchestrator import turns
 
-    return turns.is_over(Bus(redis.Redis.from_url(url, protocol=2)), turn_id, turns.STALL_TIMEOUT_S)
+    return turns.is_over(Bus(redis.Redis.from_url(url, protocol=2)), turn_id)
 
 
 def test_the_documented_redis_budget_of_a_turn_holds(stub, serve_stack, settings):

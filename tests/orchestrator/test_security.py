@@ -226,8 +226,9 @@ def test_requests_per_minute(stub):
 def test_running_turns_per_identity(stub, r):
     md = metadata("one-turn")
     a, b = create(stub, md), create(stub, md)
-    # a turn of this identity that is running (its caller stream is live and not ended)
+    # a turn of this identity that is running (its producer holds its lease, its stream is not ended)
     running = "ab" * 16
+    r.set(f"turn:{running}:lease:producer", b"1", ex=60)
     r.xadd(f"turn:{running}:events", ClientEvent(turn_id=running, payload=b"").encode())
     r.zadd("quota:one-turn:turns", {running: int(time.time() * 1000)})
     e = status_of(lambda: converse(stub, b, md))

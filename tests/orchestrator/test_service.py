@@ -340,15 +340,17 @@ def test_a_turn_abandoned_by_a_dead_replica_does_not_block_the_session(stub, ser
 
     sid = session(stub)
     r = redis.Redis.from_url(serve_stack.redis_url)
-    # a turn whose orchestrator replica died: marked running, its caller stream silent for long
+    # a turn whose orchestrator replica died: marked running, events sent, nobody holds its lease
     ghost = "ghost-turn"
     r.hset(f"session:alice:{sid}", "active_turn", ghost)
-    stale_ms = int(time.time() * 1000) - 3600 * 1000
-    r.xadd(f"turn:{ghost}:events", ClientEvent(turn_id=ghost, payload=b"").encode(), id=f"{stale_ms}-0")
+    r.xadd(f"turn:{ghost}:events", ClientEvent(turn_id=ghost, payload=b"").encode())
     check_turn(converse(stub, sid, text="Hello"))
-    # while a turn really runs, a second one is refused
+    # one that died before its first event (nothing but the mark) does not block the session either
+    r.hset(f"session:alice:{sid}", "active_turn", "ghost-before-its-first-event")
+    check_turn(converse(stub, sid, text="Hello"))
+    # while a turn really runs (its producer holds the lease), a second one is refused
     r.hset(f"session:alice:{sid}", "active_turn", "live-turn")
-    r.xadd("turn:live-turn:events", ClientEvent(turn_id="live-turn", payload=b"").encode())
+    r.set("turn:live-turn:lease:producer", b"1", ex=60)
     with pytest.raises(grpc.RpcError) as e:
         converse(stub, sid, text="Hello again")
     assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "running turn" in e.value.details()

@@ -170,3 +170,64 @@ def test_a_resume_names_a_turn_of_its_own_session(r):
         st.turn_of(st.get("alice", a.session_id), "turn:x:events")
     st.end_turn(st.get("alice", a.session_id), entries=[], tokens=[1, 2], codes=np.zeros((0, NB), np.int32))
     assert st.get("alice", a.session_id).tokens == [1, 2]
+
+
+def test_racing_turns_on_one_session_one_wins(r):
+    """Turns begun at once on one session (as from several conversation replicas, real threads
+    on a real Redis): exactly one is marked running, every round; the others are refused."""
+    from services.common.errors import ResourceExhausted
+
+    st = store(r)
+    s = st.create("alice", settings())
+    for round_ in range(20):
+        n = 6
+        barrier = threading.Barrier(n)
+        won, refused = [], []
+
+        def one(i):
+            tid = f"{round_:02d}{i:02d}".ljust(32, "0")
+            barrier.wait()
+            try:
+                st.begin_turn("alice", s.session_id, tid)
+                won.append(tid)
+            except ResourceExhausted:
+                refused.append(tid)
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len(won) == 1 and len(refused) == n - 1, (round_, won)
+        assert st.get("alice", s.session_id).active_turn == won[0]
+        assert st.end_turn(st.get("alice", s.session_id), entries=[{"role": "user", "text": str(round_)}],
+                           tokens=None, codes=None, turn_id=won[0])
+    assert st.get("alice", s.session_id).turns == 20
+
+
+def test_the_end_of_a_turn_changes_only_its_own_turn(r):
+    """end_turn writes the session as it is now in Redis, only while the turn is the running
+    one: an abandoned turn's late end (its replica came back, or a producer that took it over)
+    neither clears the newer turn nor rewrites the history from an old copy."""
+    st = store(r)
+    s = st.create("alice", settings())
+    stale = st.begin_turn("alice", s.session_id, "1" * 32)           # a copy read at its start
+    # its producer died: a newer turn begins and ends meanwhile
+    st.begin_turn("alice", s.session_id, "2" * 32, is_over=lambda t: t == "1" * 32)
+    assert st.end_turn(st.get("alice", s.session_id), entries=[{"role": "user", "text": "second"}],
+                       tokens=[1, 2, 3], codes=np.zeros((0, NB), np.int32), turn_id="2" * 32)
+    # the first turn's late end changes nothing
+    assert not st.end_turn(stale, entries=[{"role": "user", "text": "first"}], tokens=[9],
+                           codes=np.zeros((0, NB), np.int32), turn_id="1" * 32)
+    got = st.get("alice", s.session_id)
+    assert [h["text"] for h in got.history] == ["second"] and got.tokens == [1, 2, 3] and got.turns == 1
+    # recorded twice (a take-over after the first record): once
+    st.begin_turn("alice", s.session_id, "3" * 32)
+    for _ in range(2):
+        st.end_turn(st.get("alice", s.session_id), entries=[{"role": "user", "text": "third"}],
+                    tokens=None, codes=None, turn_id="3" * 32)
+    assert [h["text"] for h in st.get("alice", s.session_id).history] == ["second", "third"]
+    # ended through a copy read before the other turns: their history stays
+    st.begin_turn("alice", s.session_id, "4" * 32)
+    assert st.end_turn(stale, entries=[], tokens=None, codes=None, turn_id="4" * 32)
+    assert [h["text"] for h in st.get("alice", s.session_id).history] == ["second", "third"]
