@@ -225,7 +225,7 @@ def test_lanes_are_claimed_in_priority_order(bus, uid):
         bus.submit(urgent, decode_job(uid, 11))     # another connection of the pool
     t = threading.Thread(target=later)
     t.start()
-    woke = bus.claim_next([urgent, normal], "g", "a", block_ms=3000, count=4)
+    woke = bus.claim_next([urgent, normal], "g", "a", block_ms=2000, count=4)
     t.join()
     assert [(j.stream, j.entry.segment) for j in woke] == [(urgent, 11)]
 

@@ -34,7 +34,8 @@ def r(serve_stack):
 
 class Occupied:
     """Places of the stack's running turns taken by turns that look running (their caller
-    stream is live and not ended, as a turn whose stages are still working), given back at exit."""
+    stream is live and not ended, and their producer holds its lease, as a turn whose stages
+    are still working), given back at exit."""
 
     def __init__(self, r, n: int):
         self.r, self.ids = r, [f"{i:032x}" for i in range(1, n + 1)]
@@ -44,6 +45,7 @@ class Occupied:
         for t in self.ids:
             self.r.xadd(f"turn:{t}:events", ClientEvent(turn_id=t, payload=b"").encode())
             self.r.zadd(RUNNING_KEY, {t: now})
+            self.r.set(f"turn:{t}:lease:producer", b"1", ex=600)
         return self
 
     def end(self, t: str) -> None:
@@ -51,7 +53,7 @@ class Occupied:
 
     def __exit__(self, *exc):
         self.r.zrem(RUNNING_KEY, *self.ids)
-        self.r.delete(*(f"turn:{t}:events" for t in self.ids))
+        self.r.delete(*(f"turn:{t}:events" for t in self.ids), *(f"turn:{t}:lease:producer" for t in self.ids))
 
 
 def test_load_generator_small(serve_stack, stub, capacity, r):
