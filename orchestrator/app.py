@@ -51,8 +51,8 @@ APPLICATIONS = (  # the conversation app last: it looks up the others' handles
 )
 APP_NAMES = tuple(a.name for a in APPLICATIONS)
 # The Realtime API and the voice page: an HTTP ingress on Serve's HTTP proxy at /, reaching the
-# conversation app through its handle (deployed after it, with serving.realtime). Not in the
-# Kubernetes manifests yet (they open only the gRPC port).
+# conversation app through its handle (deployed after it, with serving.realtime; the
+# Kubernetes serve configs include it and the Service opens the HTTP port).
 REALTIME = AppSpec("realtime", "Realtime", "orchestrator",
                    options={"max_ongoing_requests": 256, "graceful_shutdown_timeout_s": 30})
 APPS = {a.name: a for a in APPLICATIONS + (REALTIME,)}

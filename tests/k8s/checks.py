@@ -165,8 +165,8 @@ def unknown_serve_keys(model: type, data: Any, path: str) -> list[str]:
 
 
 def check_serve_config(docs: list[Doc]) -> None:
-    """serveConfigV2: Ray Serve's schema, no unknown keys, the five applications of the
-    contract with orchestrator/app.py, and the gRPC proxy on port 9000 with our servicers."""
+    """serveConfigV2: Ray Serve's schema, no unknown keys, the applications of the contract
+    with orchestrator/app.py, and the gRPC proxy on port 9000 with our servicers."""
     from ray.serve.schema import ServeDeploySchema
 
     cfg = serve_config(docs)
@@ -295,6 +295,19 @@ def check_grpc_ingress(docs: list[Doc], settings=None) -> None:
         assert declared.get(p["name"]) == GRPC_PORT, \
             f"group {group}: container {ray_container['name']} must declare port {p['name']}={GRPC_PORT}"
     assert serve_config(docs)["grpc_options"]["port"] == GRPC_PORT
+    # the Realtime API and voice page: Serve's HTTP port on the same Service, when deployed
+    apps = {a["name"]: a for a in serve_config(docs)["applications"]}
+    if "realtime" in apps:
+        http_port = serve_config(docs)["http_options"]["port"]
+        assert apps["realtime"]["route_prefix"] == "/", "the realtime app serves / (the page) and /v1/realtime"
+        http = [q for q in ports if q["port"] == http_port]
+        assert http and http[0].get("name", "").startswith("serve-"), \
+            f"serveService must open Serve's HTTP port {http_port} (named serve-*) for the Realtime API"
+        for group, spec in ray_groups(rs):
+            ray_container = spec["template"]["spec"]["containers"][0]
+            declared = {q.get("name"): q["containerPort"] for q in ray_container.get("ports", [])}
+            assert declared.get(http[0]["name"]) == http_port, \
+                f"group {group}: container {ray_container['name']} must declare port {http[0]['name']}={http_port}"
     if settings is not None:
         assert settings.serving.grpc_port == GRPC_PORT, "settings serving.grpc_port must be 9000"
 

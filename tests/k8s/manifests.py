@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from orchestrator.app import APPLICATIONS, PUBLIC_SERVICERS, STAGE_SERVICERS
+from orchestrator.app import APPLICATIONS, PUBLIC_SERVICERS, REALTIME, STAGE_SERVICERS
 from tests.parity import missing  # skips locally, fails under CI=true
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -24,8 +24,9 @@ RAYSERVICE_SCHEMA = K8S / "schemas" / "rayservice-v1.json"
 # Oldest and newest Kubernetes versions the manifests are validated against.
 KUBERNETES_VERSIONS = ("1.29", "1.37")
 
-# The contract with orchestrator/app.py: application -> (import path, deployment, settings stage).
-APPS = {a.name: (a.import_path, a.deployment, a.stage) for a in APPLICATIONS}
+# The contract with orchestrator/app.py: application -> (import path, deployment, settings stage);
+# every kustomization serves the Realtime API too (serving.realtime, on by default).
+APPS = {a.name: (a.import_path, a.deployment, a.stage) for a in APPLICATIONS + (REALTIME,)}
 CONFIG_PATH = "/etc/baichuan-audio/config.yaml"
 GRPC_PORT = 9000
 # the servicers `baichuan-audio serve` registers with serving.stage_services off: the manifests

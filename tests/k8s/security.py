@@ -81,15 +81,15 @@ def allowed(docs: list[Doc], target_labels: dict, port: int, peer: Peer) -> bool
 
 def check_network_policies(docs: list[Doc]) -> None:
     """The dashboard and the Ray client port are reachable from the stack's own Ray pods (and
-    the dashboard from the KubeRay operator) only; from outside the cluster only the gRPC API;
-    Redis from the Ray pods only."""
+    the dashboard from the KubeRay operator) only; from outside the cluster only the gRPC API
+    and Serve's HTTP proxy (the Realtime API and voice page); Redis from the Ray pods only."""
     p = peers(docs)
     expect = {   # port -> peers that may reach it on every Ray pod
         GRPC_PORT: {"outside", "other-pod", "operator", "ray"},
         DASHBOARD: {"operator", "ray"},
         RAY_CLIENT: {"ray"},
         GCS: {"ray"},
-        SERVE_HTTP: {"operator", "ray"},
+        SERVE_HTTP: {"outside", "other-pod", "operator", "ray"},
         METRICS: {"other-pod", "operator", "ray"},
     }
     for group, labels in ray_pod_labels(docs).items():

@@ -59,6 +59,8 @@ def _set_serve(docs: list[Doc], fn) -> None:
     (lambda d: find(d, "Service")[0]["spec"]["ports"][0].update(targetPort="nope"), check_services, "nope"),
     (lambda d: the_rayservice(d)["spec"]["serveService"]["spec"]["ports"][0].update(name="grpc"),
         check_grpc_ingress, "serve-"),
+    (lambda d: the_rayservice(d)["spec"]["serveService"]["spec"]["ports"].pop(1),
+        check_grpc_ingress, "HTTP port 8000"),
     (lambda d: the_rayservice(d)["spec"]["rayClusterConfig"]["workerGroupSpecs"][0].update(maxReplicas=1),
         check_capacity, "GPUs at max_replicas"),
     (lambda d: the_rayservice(d)["spec"]["rayClusterConfig"]["workerGroupSpecs"][1].update(maxReplicas=1),

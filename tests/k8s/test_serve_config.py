@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from orchestrator.app import APPLICATIONS, deployment_options
+from orchestrator.app import APPLICATIONS, REALTIME, deployment_options
 from orchestrator.serve_config import build, render
 from services.common.settings import Settings
 from tests.k8s.manifests import K8S, KUSTOMIZATIONS
@@ -58,7 +58,8 @@ def test_local_serve_deploys_what_the_generator_writes():
     settings = Settings.load(K8S / "overlays" / "prod" / "config.yaml", env={})
     cfg = build(settings)
     ServeDeploySchema.model_validate(cfg)
-    for app, entry in zip(APPLICATIONS, cfg["applications"]):
+    assert len(cfg["applications"]) == len(APPLICATIONS) + 1 and settings.serving.realtime
+    for app, entry in zip(APPLICATIONS + (REALTIME,), cfg["applications"]):
         module, func = app.import_path.split(":")
         assert callable(getattr(__import__(module, fromlist=[func]), func))
         stage = getattr(settings.stages, app.stage)
@@ -66,7 +67,7 @@ def test_local_serve_deploys_what_the_generator_writes():
         assert entry["deployments"] == [{"name": app.deployment, **options}]
 
 
-@pytest.mark.parametrize("app", APPLICATIONS, ids=lambda a: a.name)
+@pytest.mark.parametrize("app", APPLICATIONS + (REALTIME,), ids=lambda a: a.name)
 def test_builder_binds_the_named_deployment(app, tmp_path):
     import orchestrator.app as app_module
 
