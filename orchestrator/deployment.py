@@ -16,6 +16,7 @@ import logging
 import threading
 import time
 import uuid
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -182,6 +183,24 @@ class ConversationDeployment:
             past = self.sessions.faithful_turns(turn.session)
             self.sessions.save_faithful_turns(turn.session, past + [rec.faithful])
 
+    @contextmanager
+    def _admitting(self, who: str, turn_id: str):
+        """A turn being set up holds its producer lease (a replica that dies meanwhile frees the
+        session and the caller's running-turn count within bus.lease_ttl_s) and its place among
+        `who`'s running turns and the stack's; if the set-up fails, both are given back."""
+        self.leases.hold(turn_id, turns.PRODUCER)
+        try:
+            self.quotas.begin_turn(who, turn_id, self._is_over)
+        except BaseException:
+            self.leases.release(turn_id, turns.PRODUCER)
+            raise
+        try:
+            yield
+        except BaseException:
+            self.quotas.end_turn(who, turn_id)
+            self.leases.release(turn_id, turns.PRODUCER)
+            raise
+
     def _start_producer(self, who: str, turn_id: str, merger: ReplyMerger, on_done,
                         sent: "turns.Sent | None" = None) -> None:
         """Produce the turn's events on a thread; on_done(outcome) records it (history, the
@@ -288,19 +307,8 @@ class ConversationDeployment:
         self.conversation.check_input(request.WhichOneof("input"), request.text)
         self.quotas.check_audio(who)
         turn_id = uuid.uuid4().hex
-        # held from the start: a replica that dies while setting the turn up frees the session
-        # and the caller's running-turn count within bus.lease_ttl_s
-        self.leases.hold(turn_id, turns.PRODUCER)
-        try:
-            self.quotas.begin_turn(who, turn_id, self._is_over)
-            try:
-                sess = self.sessions.begin_turn(who, request.session_id, turn_id, is_over=self._is_over)
-            except BaseException:
-                self.quotas.end_turn(who, turn_id)
-                raise
-        except BaseException:
-            self.leases.release(turn_id, turns.PRODUCER)
-            raise
+        with self._admitting(who, turn_id):
+            sess = self.sessions.begin_turn(who, request.session_id, turn_id, is_over=self._is_over)
         t0 = time.time()
         try:
             with start_span("turn", attributes={"session.id": sess.uid, "turn.id": turn_id, "identity": who}):
@@ -371,18 +379,9 @@ class ConversationDeployment:
         its events stream like a turn. make_request(id) builds the LLM request (awaitable)."""
         self.quotas.check_audio(who)
         rid = uuid.uuid4().hex
-        self.leases.hold(rid, turns.PRODUCER)
-        try:
-            self.quotas.begin_turn(who, rid, self._is_over)
-            try:
-                req = await make_request(rid)
-                await self.llm_app.generate.remote(req)
-            except BaseException:
-                self.quotas.end_turn(who, rid)
-                raise
-        except BaseException:
-            self.leases.release(rid, turns.PRODUCER)
-            raise
+        with self._admitting(who, rid):
+            req = await make_request(rid)
+            await self.llm_app.generate.remote(req)
 
         def done(outcome):
             if outcome is not None and spoken:
