@@ -233,7 +233,8 @@ def _stage(name: str, opts: dict, inbox, outbox, marks) -> None:
     The string "flush" asks for the stage's statistics since the last flush."""
     dev = torch.device(opts["devices"][name])
     if dev.type == "cuda":
-        torch.cuda.set_device(dev)                   # graphs, pools and streams on the stage's card
+        if dev.index is not None:                    # a bare "cuda" is the current card already
+            torch.cuda.set_device(dev)               # graphs, pools and streams on the stage's card
     else:
         torch.set_num_threads(1)
     try:
@@ -252,17 +253,22 @@ def _tokenizer_stage(opts, dev, tmp, cfgs, inbox, outbox, marks) -> None:
     _, prompts = _prompts(llm_cfg, tmp)
     sr = runner.audio.sampling_rate
     marks.put(("ready", "tokenizer", {"tokenizer": _allocated(dev)}, {"sampling_rate": sr}))
+    batches: list[tuple[int, float, float]] = []     # (turns, encode s, prompts s) per batch
     while True:
         items = _take(inbox, MAX_JOBS, wait=0.05)
         turns = [m for m in items if isinstance(m, tuple)]
         if turns:                                    # one batch, like @serve.batch
+            t0 = time.perf_counter()
             codes = runner.tokenize([(torch.from_numpy(q), sr) for _, q, _ in turns])
+            t1 = time.perf_counter()
             for (tid, _, seed), c in zip(turns, codes):
                 p = prompts.chat([Message("user", [Audio(c)])], spoken=True)
                 outbox.put((tid, p.ids, p.audio_codes.numpy(), seed))
                 marks.put(("prompted", tid, time.perf_counter()))
+            batches.append((len(turns), t1 - t0, time.perf_counter() - t1))
         if "flush" in items:
-            marks.put(("stats", "tokenizer", {}))
+            marks.put(("stats", "tokenizer", {"batches": batches}))
+            batches = []
         if None in items:
             return
 
@@ -350,16 +356,20 @@ def _decoder_stage(opts, dev, tmp, cfgs, inbox, outbox, marks) -> None:
     marks.put(("ready", "decoder", {"decoder": _allocated(dev)}, {"shapes": shapes, "start_s": time.perf_counter() - t}))
     captures = runner.graphs.stats["captures"]
     work = Lanes()
+    batches: list[tuple[int, float]] = []             # (jobs, s) per batch
     while True:
         claimed = work.claim(inbox, MAX_JOBS)
         if claimed:
+            t0 = time.perf_counter()
             pieces = [(j.codes.tensor("int64"), j.context_frames, j.seed) for _, j in claimed]
             for (lane, j), (mel, vctx) in zip(claimed, decode_pieces(runner, pieces)):
                 marks.put(("first_mel", j.turn_id, time.perf_counter()))
                 outbox.put((next_lane(lane, VOCODER_JOBS), (j.turn_id, j.seed, j.final, mel.numpy(), vctx)))
+            batches.append((len(claimed), time.perf_counter() - t0))
         if "flush" in work.control:
-            marks.put(("stats", "decoder", {"captures": runner.graphs.stats["captures"] - captures}))
-            captures = runner.graphs.stats["captures"]
+            marks.put(("stats", "decoder", {"captures": runner.graphs.stats["captures"] - captures,
+                                            "batches": batches}))
+            captures, batches = runner.graphs.stats["captures"], []
         if None in work.control:
             return
         work.control.clear()
@@ -371,17 +381,21 @@ def _vocoder_stage(opts, dev, tmp, cfgs, inbox, outbox, marks) -> None:
     marks.put(("ready", "vocoder", {"vocoder": _allocated(dev)}, {}))
     rate = hift_cfg.sampling_rate
     work = Lanes()
+    batches: list[tuple[int, float]] = []             # (jobs, s) per batch
     while True:
         jobs = [j for _, j in work.claim(inbox, MAX_JOBS)]
         items = work.control
         if jobs:
+            t0 = time.perf_counter()
             waves = runner.vocode([torch.from_numpy(m) for _, _, _, m, _ in jobs], seed=[s for _, s, _, _, _ in jobs],
                                   context_frames=[c for *_, c in jobs])
             now = time.perf_counter()
             for (tid, _, final, _, _), w in zip(jobs, waves):
                 marks.put(("audio", tid, now, w.shape[-1] / rate, final))
+            batches.append((len(jobs), now - t0))
         if "flush" in items:
-            marks.put(("stats", "vocoder", {}))
+            marks.put(("stats", "vocoder", {"batches": batches}))
+            batches = []
         if None in items:
             return
         items.clear()
@@ -489,7 +503,7 @@ def run_level(stack: Stack, C: int, rate: float, question_s: float, reply: str, 
             finished += tr.finals == audio_segments and m[4]
         else:
             tr.mark(m[0], m[2])
-    st = stack.stats(("llm", "decoder"), time.perf_counter() + 60)
+    st = stack.stats(("llm", "tokenizer", "decoder", "vocoder"), time.perf_counter() + 60)
     done = [tr for tr in turns if tr.finals == audio_segments]
     by_kind = {}
     for k in ("audio", "text", "mixed", "prefill"):
@@ -505,7 +519,20 @@ def run_level(stack: Stack, C: int, rate: float, question_s: float, reply: str, 
             "speed": (_pct([tr.speed() for tr in done], 0.5), min((tr.speed() for tr in done), default=float("nan"))),
             "underrun": max((tr.underrun() for tr in done), default=float("nan")),
             "max_rows": max((r for *_, r in st["llm"]["steps"]), default=0),
+            "stages": {n: stage_load(st[n]["batches"], time.perf_counter() - t0)
+                       for n in ("tokenizer", "decoder", "vocoder")},
             "captures": {"llm": st["llm"]["captures"], "decoder": st["decoder"]["captures"]}}
+
+
+def stage_load(batches: list[tuple], wall_s: float) -> dict:
+    """A work stage's batches during a level: how many, their mean size, p50 time and the
+    share of the level's wall time the stage was busy (near 1: the stage is the queue)."""
+    busy = [sum(b[1:]) for b in batches]
+    out = {"batches": len(batches), "mean_rows": sum(b[0] for b in batches) / max(1, len(batches)),
+           "p50_ms": _pct(busy, 0.5) * 1e3 if busy else float("nan"), "busy": sum(busy) / max(wall_s, 1e-9)}
+    if batches and len(batches[0]) == 3:             # the tokenizer: the prompts' share, per turn
+        out["prompt_ms_per_row"] = 1e3 * sum(b[2] for b in batches) / max(1, sum(b[0] for b in batches))
+    return out
 
 
 # ---------------------------------------------------------------------------- report
@@ -576,6 +603,10 @@ def _bench_placement(devices, size, concurrency, rate, question_s, reply, attn, 
                      f"{r['speed'][0]:6.2f}/{r['speed'][1]:5.2f}x | {r['underrun']:10.3f}")
             print_fn("       p50 s after the request: " + ", ".join(f"{k} {v:.3f}" for k, v in r["marks"].items())
                      + f"; largest step {r['max_rows']} rows; graph captures during the level: {r['captures']}")
+            print_fn("       stages: " + ", ".join(
+                f"{n} {v['batches']} batches of {v['mean_rows']:.1f}, p50 {v['p50_ms']:.1f} ms, busy {v['busy']:.0%}"
+                + (f" (prompt {v['prompt_ms_per_row']:.1f} ms/turn)" if "prompt_ms_per_row" in v else "")
+                for n, v in r["stages"].items()))
         if reference:
             ref = stack.stats(("reference",), time.perf_counter() + 600)["reference"]
             ours = rows[0]["steps"].get("audio", (float("nan"),))[0]

@@ -41,6 +41,8 @@ from pydantic_settings import (
 )
 from pydantic_settings.sources.utils import parse_env_vars
 
+from services.common.audio_limits import DEFAULT_AUDIO_LIMITS as _AUDIO
+
 ENV_PREFIX = "BAICHUAN_AUDIO__"
 CONFIG_ENV = "BAICHUAN_AUDIO_CONFIG"
 PLAIN_ENV: dict[str, tuple[str, ...]] = {   # every key here is a string: taken as is
@@ -182,12 +184,12 @@ class StagesSettings(_Section):
 
 
 class LimitsSettings(_Section):
-    max_audio_seconds: Annotated[float, Positive] = 600.0   # longest user audio accepted per turn
-    # checked from a file's header before decoding: decoded samples (frames x channels; 4 bytes
-    # each as float32; default 600 s of 48 kHz mono = 115 MB) and the sample-rate range
-    max_audio_samples: Annotated[int, Positive] = 28_800_000
-    min_audio_sample_rate: Annotated[int, Positive] = 4_000
-    max_audio_sample_rate: Annotated[int, Positive] = 192_000
+    # user audio accepted per turn (defaults in services/common/audio_limits.py): duration,
+    # decoded samples (checked from a file's header before decoding) and the sample-rate range
+    max_audio_seconds: Annotated[float, Positive] = _AUDIO.max_seconds
+    max_audio_samples: Annotated[int, Positive] = _AUDIO.max_samples
+    min_audio_sample_rate: Annotated[int, Positive] = _AUDIO.min_sample_rate
+    max_audio_sample_rate: Annotated[int, Positive] = _AUDIO.max_sample_rate
     max_text_chars: Annotated[int, Positive] = 4000         # longest typed turn / TTS text
     max_system_prompt_chars: Annotated[int, Positive] = 2000  # longest session system prompt
     # what a session's history keeps (orchestrator/conversation.py, "History limits"): its last

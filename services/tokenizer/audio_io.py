@@ -13,14 +13,13 @@ against it before any sample is decoded: a few hundred KB of FLAC silence can de
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
 import torch
 
 from services.common.model_config import AudioConfig
-from services.common.settings import LimitsSettings
+from services.common.audio_limits import AudioLimits
 from services.tokenizer.log_mel import split_lengths, resampled_length
 
 REASONS = ("empty", "corrupt", "too_short", "non_finite", "channels", "too_long", "too_large", "sample_rate")
@@ -29,22 +28,7 @@ REASONS = ("empty", "corrupt", "too_short", "non_finite", "channels", "too_long"
 MAX_CHANNELS = 2
 
 
-@dataclass(frozen=True)
-class AudioLimits:
-    """What one request's audio may be (the operator's limits.*, see services/common/settings.py)."""
-
-    max_seconds: float
-    max_samples: int            # decoded samples, frames x channels (float32: 4 bytes each)
-    min_sample_rate: int
-    max_sample_rate: int
-
-    @classmethod
-    def from_settings(cls, limits: LimitsSettings) -> "AudioLimits":
-        return cls(limits.max_audio_seconds, limits.max_audio_samples,
-                   limits.min_audio_sample_rate, limits.max_audio_sample_rate)
-
-
-DEFAULT_LIMITS = AudioLimits.from_settings(LimitsSettings())
+DEFAULT_LIMITS = AudioLimits()
 DEFAULT_MAX_SECONDS = DEFAULT_LIMITS.max_seconds
 
 
