@@ -63,7 +63,7 @@ from services.tokenizer.runner import TokenizerRunner
 from services.vocoder.runner import VocoderRunner
 
 STAGES = ("tokenizer", "llm", "decoder", "vocoder")
-MAX_JOBS = 16                    # decode / vocode jobs per batch, the deployments' default scale
+MAX_JOBS = 16                    # jobs per batch: the decoder's and vocoder's default max_batch_size
 
 
 # ---------------------------------------------------------------------------- placement
@@ -254,9 +254,13 @@ def _tokenizer_stage(opts, dev, tmp, cfgs, inbox, outbox, marks) -> None:
     sr = runner.audio.sampling_rate
     marks.put(("ready", "tokenizer", {"tokenizer": _allocated(dev)}, {"sampling_rate": sr}))
     batches: list[tuple[int, float, float]] = []     # (turns, encode s, prompts s) per batch
+    questions: dict[str, np.ndarray] = {}             # sent ahead of their arrival (see run_level)
     while True:
         items = _take(inbox, MAX_JOBS, wait=0.05)
-        turns = [m for m in items if isinstance(m, tuple)]
+        for m in items:
+            if isinstance(m, tuple) and m[0] == "question":
+                questions[m[1]] = m[2]
+        turns = [(m[0], questions.pop(m[0]), m[1]) for m in items if isinstance(m, tuple) and m[0] != "question"]
         if turns:                                    # one batch, like @serve.batch
             t0 = time.perf_counter()
             codes = runner.tokenize([(torch.from_numpy(q), sr) for _, q, _ in turns])
@@ -269,6 +273,8 @@ def _tokenizer_stage(opts, dev, tmp, cfgs, inbox, outbox, marks) -> None:
         if "flush" in items:
             marks.put(("stats", "tokenizer", {"batches": batches}))
             batches = []
+        if "staged" in items:                        # every question sent before it is here
+            marks.put(("staged",))
         if None in items:
             return
 
@@ -349,7 +355,7 @@ def _llm_stage(opts, dev, tmp, cfgs, inbox, outbox, marks) -> None:
 
 
 def _decoder_stage(opts, dev, tmp, cfgs, inbox, outbox, marks) -> None:
-    runner = DecoderRunner(cfgs[2], random_tensors(cfgs[2]), device=dev, max_batch=MAX_JOBS)
+    runner = DecoderRunner(cfgs[2], random_tensors(cfgs[2]), device=dev, max_batch=opts["work_batch"])
     t = time.perf_counter()
     # the longest window of the benchmark's segments (a low-latency window is the segment's prefix)
     shapes = runner.warm_up(max(n for k, n in _schedule(opts["reply"]) if k == "audio"))
@@ -358,7 +364,7 @@ def _decoder_stage(opts, dev, tmp, cfgs, inbox, outbox, marks) -> None:
     work = Lanes()
     batches: list[tuple[int, float]] = []             # (jobs, s) per batch
     while True:
-        claimed = work.claim(inbox, MAX_JOBS)
+        claimed = work.claim(inbox, opts["work_batch"])
         if claimed:
             t0 = time.perf_counter()
             pieces = [(j.codes.tensor("int64"), j.context_frames, j.seed) for _, j in claimed]
@@ -377,13 +383,13 @@ def _decoder_stage(opts, dev, tmp, cfgs, inbox, outbox, marks) -> None:
 
 def _vocoder_stage(opts, dev, tmp, cfgs, inbox, outbox, marks) -> None:
     hift_cfg = cfgs[3]
-    runner = VocoderRunner(hift_cfg, random_hift_state(hift_cfg, 0), device=dev, max_batch=MAX_JOBS)
+    runner = VocoderRunner(hift_cfg, random_hift_state(hift_cfg, 0), device=dev, max_batch=opts["work_batch"])
     marks.put(("ready", "vocoder", {"vocoder": _allocated(dev)}, {}))
     rate = hift_cfg.sampling_rate
     work = Lanes()
     batches: list[tuple[int, float]] = []             # (jobs, s) per batch
     while True:
-        jobs = [j for _, j in work.claim(inbox, MAX_JOBS)]
+        jobs = [j for _, j in work.claim(inbox, opts["work_batch"])]
         items = work.control
         if jobs:
             t0 = time.perf_counter()
@@ -439,6 +445,10 @@ class Stack:
                 raise RuntimeError(f"bench gpu: the {m[1]} stage failed:\n{m[2]}")
             return m
 
+    def wait_for(self, kind: str, deadline: float) -> None:
+        while self._get(deadline)[0] != kind:
+            pass
+
     def stats(self, names: tuple[str, ...], deadline: float) -> dict[str, dict]:
         for n in names:
             self.inboxes["llm" if n == "reference" else n].put("reference" if n == "reference" else "flush")
@@ -470,20 +480,29 @@ def run_level(stack: Stack, C: int, rate: float, question_s: float, reply: str, 
     audio_segments = sum(1 for k, _ in _schedule(reply) if k == "audio")
     sr = stack.info["tokenizer"]["sampling_rate"]
     g = np.random.default_rng(seed)
-    t0 = time.perf_counter() + 0.5
-    turns, t = [], t0
+    turns, t = [], 0.0
     for i in range(C):
         q = (0.1 * g.standard_normal((1, int(question_s * sr)))).astype(np.float32)
         turns.append(Turn(f"c{C}s{seed}t{i}", t, q))
         t += rng.expovariate(rate) if rate > 0 else 0.0
     by_id = {tr.id: tr for tr in turns}
+    # the audio goes to the tokenizer's process ahead of time: a question's arrival sends only its
+    # id. Sent at arrival (320 KB each through a pipe), the driver's GIL-bound queue feeder, not
+    # the tokenizer, set the pace above ~40 arrivals per second (bench hops measures transport)
+    for tr in turns:
+        stack.inboxes["tokenizer"].put(("question", tr.id, tr.question))
+    stack.inboxes["tokenizer"].put("staged")
+    stack.wait_for("staged", time.perf_counter() + 120)
+    t0 = time.perf_counter() + 0.2
+    for tr in turns:
+        tr.arrival += t0
     deadline = time.perf_counter() + timeout_s
     pending, finished = list(turns), 0
     while finished < C:
         now = time.perf_counter()
         while pending and pending[0].arrival <= now:      # the request ends: the client's question is in
             tr = pending.pop(0)
-            stack.inboxes["tokenizer"].put((tr.id, tr.question, seed * 100_003 + turns.index(tr)))
+            stack.inboxes["tokenizer"].put((tr.id, seed * 100_003 + turns.index(tr)))
             tr.arrival = time.perf_counter()
         try:
             m = stack.marks.get(timeout=max(0.0005, min(0.01, pending[0].arrival - now)) if pending else 0.05)
@@ -539,7 +558,7 @@ def stage_load(batches: list[tuple], wall_s: float) -> dict:
 def bench_gpu(size: str = "tiny", device: str = "cpu", concurrency=(1, 2), rate: float = 0.0,
               question_s: float = 5.0, reply: str = "8,60,4,40", attn: str | None = None,
               reference: bool = True, max_batch: int = 512, placements: list[dict[str, str]] | None = None,
-              compile_backend: str | None = None, print_fn=print) -> list[dict]:
+              compile_backend: str | None = None, work_batch: int = MAX_JOBS, print_fn=print) -> list[dict]:
     """Runs every concurrency level once per placement (stage -> device; default: every stage on
     `device`) and, with several placements, prints them side by side. Returns the rows, each
     with its placement."""
@@ -549,9 +568,9 @@ def bench_gpu(size: str = "tiny", device: str = "cpu", concurrency=(1, 2), rate:
     print_fn(f"# bench gpu: {size} dimensions, random weights; one process per stage")
     print_fn(f"# each conversation: a {question_s:g} s spoken question, then a forced reply {sched} "
              f"({audio_s:.1f} s of audio), low-latency decoding; arrivals Poisson at "
-             f"{'C/2' if rate <= 0 else rate} per second")
+             f"{'C/2' if rate <= 0 else rate} per second; decode and vocode batches of up to {work_batch} jobs")
     runs = [_bench_placement(devices, size, concurrency, rate, question_s, reply, attn, reference, max_batch,
-                             compile_backend, print_fn) for devices in placements]
+                             compile_backend, work_batch, print_fn) for devices in placements]
     if len(runs) > 1:
         print_fn("# side by side: first audio p50/p95 s, speed p50/min x, underrun s")
         print_fn(f"{'C':>4} | " + " | ".join(f"{describe(d):>40}" for d in placements))
@@ -565,7 +584,7 @@ def side_by_side(r: dict) -> str:
 
 
 def _bench_placement(devices, size, concurrency, rate, question_s, reply, attn, reference, max_batch,
-                     compile_backend, print_fn) -> list[dict]:
+                     compile_backend, work_batch, print_fn) -> list[dict]:
     llm_dev = torch.device(devices["llm"])
     attn = attn or ("sdpa" if llm_dev.type == "cuda" else "math")
     cards = {d: (torch.cuda.get_device_name(torch.device(d)) if torch.device(d).type == "cuda" else "CPU")
@@ -574,7 +593,7 @@ def _bench_placement(devices, size, concurrency, rate, question_s, reply, attn, 
              f"LLM attention {attn}")
     t = time.perf_counter()
     stack = Stack({"size": size, "devices": devices, "attn": attn, "slots": max(concurrency), "max_batch": max_batch,
-                   "question_s": question_s, "reply": reply, "compile": compile_backend})
+                   "question_s": question_s, "reply": reply, "compile": compile_backend, "work_batch": work_batch})
     try:
         llm, dec = stack.info["llm"], stack.info["decoder"]
         print_fn(f"# stages up in {time.perf_counter() - t:.1f} s; LLM engine: {llm['slots']} KV slots of "
@@ -632,6 +651,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-batch", type=int, default=512, help="the engine's largest decode batch")
     p.add_argument("--compile", default=None, metavar="BACKEND",
                    help="the LLM's decode pieces compiled with this torch.compile backend (llm.compile_backend)")
+    p.add_argument("--work-batch", type=int, default=MAX_JOBS,
+                   help="decode and vocode jobs per batch (stages.decoder/vocoder.max_batch_size)")
     p.add_argument("--placement", action="append", metavar="SPEC",
                    help="stages per device, e.g. 'llm=cuda:0,decoder+vocoder+tokenizer=cuda:1', or 'gpus=N' "
                         "(the LLM alone on cuda:0, the other stages over the other cards); stages not named "
@@ -643,7 +664,7 @@ def main(argv: list[str] | None = None) -> None:
         p.error(str(e))
     bench_gpu(a.size, a.device, tuple(int(c) for c in a.concurrency.split(",")), a.rate, a.question_s,
               a.reply, a.attn, reference=not a.no_reference, max_batch=a.max_batch, placements=places,
-              compile_backend=a.compile)
+              compile_backend=a.compile, work_batch=a.work_batch)
 
 
 if __name__ == "__main__":

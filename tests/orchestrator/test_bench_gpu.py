@@ -54,8 +54,11 @@ def test_bench_runs_conversations_through_the_serving_path(capsys):
     assert [r["placement"] for r in rows] == [places[0]] * 2 + [places[1]] * 2
     for r in rows:
         assert 0 < r["ttfa"][0] <= r["ttfa"][1] and r["speed"][1] > 0 and "audio" in r["steps"]
+        tok = r["stages"]["tokenizer"]                  # every question tokenized, none twice
+        assert round(tok["batches"] * tok["mean_rows"]) == r["C"] and 0 < tok["busy"] < 1
+        assert r["stages"]["decoder"]["batches"] >= 2 and r["stages"]["vocoder"]["p50_ms"] > 0
     out = capsys.readouterr().out
-    assert "first audio p50/p95" in out and "underrun" in out
+    assert "first audio p50/p95" in out and "underrun" in out and "stages: tokenizer" in out
     assert out.count("## placement: all on cpu") == 2 and "# side by side" in out
     table = out.split("# side by side")[1].splitlines()[2:4]       # each placement's own figures
     for C, line in zip((1, 2), table):
