@@ -70,7 +70,7 @@ def test_lanes_claim_a_turns_first_audio_first():
     """The benchmark's stages claim jobs as the workers do: the urgent lane first, each in order."""
     import queue
 
-    from orchestrator.bench_gpu import Lanes
+    from orchestrator.bench_stages import Lanes
     from services.common.entries import DECODER_JOBS, urgent_lane
 
     q: queue.Queue = queue.Queue()
