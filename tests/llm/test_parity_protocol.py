@@ -6,6 +6,7 @@ Also holds the fixture loaders the engine tests share (`protocol_env`)."""
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass
 
 import pytest
@@ -160,3 +161,29 @@ def test_parity_protocol_all_runs_batched(protocol_env):
     eng.run_until_idle()
     for run, h in hs.items():
         check_run(protocol_env, run, h.drain())
+
+
+# On a GPU machine: BAICHUAN_AUDIO_TEST_DEVICE=cuda pytest tests/llm/test_parity_protocol.py
+GPU = os.environ.get("BAICHUAN_AUDIO_TEST_DEVICE", "")
+
+
+@pytest.mark.skipif(not GPU.startswith("cuda"), reason="needs BAICHUAN_AUDIO_TEST_DEVICE=cuda and a GPU")
+@pytest.mark.parametrize("paged", [True, False], ids=["paged", "static"])
+@pytest.mark.parametrize("graphs", [True, False], ids=["graphs", "eager"])
+def test_parity_protocol_on_the_gpu(protocol_env, graphs, paged):
+    """The fixture's runs on CUDA in fp32 (as the fixture ran), decode steps replayed as CUDA
+    graphs or eager, each run alone and all four batched."""
+    env = ProtocolEnv(protocol_env.fixtures, AudioLLM(protocol_env.fixtures.model_config), *_load(
+        protocol_env.fixtures.root)[1:])
+    env.model.load_state_dict(protocol_env.model.state_dict())
+    env.model.to(GPU).eval()
+    for run in RUNS:
+        eng = env.engine(cuda_graphs=graphs, paged=paged)
+        h = eng.submit(env.request(run))
+        eng.run_until_idle()
+        check_run(env, run, h.drain())
+    eng = env.engine(cuda_graphs=graphs, paged=paged)
+    hs = {run: eng.submit(env.request(run)) for run in RUNS}
+    eng.run_until_idle()
+    for run, h in hs.items():
+        check_run(env, run, h.drain())
