@@ -56,7 +56,7 @@ def test_model_and_runner_code_imports_no_serving_framework(stage):
 # The modules of services/common that talk to Redis, gRPC or Ray. Everything else there is
 # plain logic (entries, errors, settings, audio, ...) that tests, benchmarks and model code
 # import without a serving framework, also not through one of these.
-SERVING_ADAPTERS = ("bus.py", "worker.py", "stage_worker.py", "grpc_status.py")
+SERVING_ADAPTERS = ("bus.py", "leases.py", "worker.py", "stage_worker.py", "grpc_status.py")
 
 
 def test_shared_logic_imports_no_serving_framework():
