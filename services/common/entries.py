@@ -258,7 +258,7 @@ class AudioPieceJob(Entry):
     """What the decode and vocode jobs of one piece of audio share (each adds its array).
 
     turn_id, segment, chunk: identify the piece; chunk is 0 for a whole segment (faithful mode).
-    final: this is the last chunk of the segment (the vocoder flushes its crossfade tail).
+    final: this is the last chunk of the segment (carried on to its PcmChunk).
     context_frames: leading frames of the array that are left context already decoded by the
         previous chunk (0 in faithful mode): synthesised for continuity, then dropped.
     seed: the noise seed of this piece (CFM noise, vocoder source noise; 0 = random).
