@@ -25,9 +25,10 @@ from ray.exceptions import ActorUnavailableError, RayActorError
 
 from baichuan_audio.v1 import conversation_pb2 as pb
 from services.common.auth import Authenticator
-from services.common.bus import Bus, Leases
+from services.common.bus import Bus
 from services.common.errors import NotFound, ResourceExhausted, Unavailable
 from services.common.grpc_status import REDIS_UNREACHABLE, grpc_errors
+from services.common.leases import Leases
 from services.common.runtime import open_checkpoint, start_replica
 from services.common.telemetry import inject_context, start_span
 from services.common.text_tokenizer import DEFAULT_SYSTEM_PROMPT, load_text_tokenizer

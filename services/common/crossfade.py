@@ -6,10 +6,11 @@ A ‖ X ‖ B with X = A[-overlap:]·ramp(1→0) + B[:overlap]·ramp(0→1) (lin
 not longer than `overlap`, the two are simply concatenated. overlap = int(sample_rate · 0.01)
 (240 at 24 kHz).
 
-Since X comes after all of A, every sample of A is final the moment A exists: the streaming
-joiner emits each segment whole (preceded by the X of its left boundary) and only remembers the
-last `overlap` samples for the next boundary. The conversation's reply merger
-(orchestrator/merge.py) joins segments with `crossfade_block` too: one join everywhere.
+Since X comes after all of A, every sample of A is final the moment A exists: a streaming join
+emits each segment as it comes (preceded by the X of its left boundary) and only remembers the
+last `overlap` samples for the next boundary. That is what the conversation's reply merger
+(orchestrator/merge.py) does, with `crossfade_block`: one join everywhere, and `join_segments`,
+the whole-reply join, is what the merger's output is tested against.
 """
 from __future__ import annotations
 
@@ -44,34 +45,3 @@ def join_segments(segments: Iterable[torch.Tensor], overlap: int) -> torch.Tenso
             pieces.append(crossfade_block(a[..., -overlap:], b[..., :overlap]))
         pieces.append(b)
     return torch.cat(pieces, dim=-1)
-
-
-class StreamJoiner:
-    """Feed segments one at a time; each `push` returns the samples that are final now.
-
-    The concatenation of every `push` result and `finish()` equals `join_segments` of all
-    segments. A segment is returned in full when it arrives (after the X of its left boundary);
-    `finish()` returns nothing more and resets the joiner."""
-
-    def __init__(self, overlap: int):
-        if overlap < 1:
-            raise ValueError(f"crossfade overlap must be at least 1 sample, got {overlap}")
-        self.overlap = overlap
-        self._tail: torch.Tensor | None = None   # last `overlap` samples of the previous segment
-        self._prev_long = False                   # previous segment longer than `overlap`
-
-    def push(self, segment: torch.Tensor) -> torch.Tensor:
-        """segment (..., N) -> (..., N) or (..., overlap + N) samples to emit now."""
-        long = segment.shape[-1] > self.overlap
-        out = segment
-        if self._tail is not None and self._prev_long and long:
-            out = torch.cat([crossfade_block(self._tail, segment[..., :self.overlap]), segment], dim=-1)
-        self._tail = segment[..., -self.overlap:].clone()
-        self._prev_long = long
-        return out
-
-    def finish(self) -> torch.Tensor:
-        """Samples still held back (always none: see the module note); resets for a new stream."""
-        empty = self._tail[..., :0] if self._tail is not None else torch.zeros(0)
-        self._tail, self._prev_long = None, False
-        return empty

@@ -254,26 +254,32 @@ def decode_entry(fields: Mapping[bytes | str, bytes | str]) -> Entry:
 # Work items ---------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
-class DecodeJob(Entry, type_name="decode_job"):
-    """Codes of one audio segment (or low-latency chunk) to decode to mel (jobs:decoder).
+class AudioPieceJob(Entry):
+    """What the decode and vocode jobs of one piece of audio share (each adds its array).
 
     turn_id, segment, chunk: identify the piece; chunk is 0 for a whole segment (faithful mode).
-    codes: int32 (frames, codebooks).
-    final: this is the last chunk of the segment.
-    context_frames: leading frames of `codes` that are left context already decoded by the
-        previous chunk (0 in faithful mode); their mel frames are decoded and then dropped.
-    seed: CFM noise seed (0 = random).
+    final: this is the last chunk of the segment (carried on to its PcmChunk).
+    context_frames: leading frames of the array that are left context already decoded by the
+        previous chunk (0 in faithful mode): synthesised for continuity, then dropped.
+    seed: the noise seed of this piece (CFM noise, vocoder source noise; 0 = random).
     session_id: the session, for routing and logs.
     """
 
     turn_id: str
     segment: int
     chunk: int
+    final: bool = field(default=True, kw_only=True)
+    context_frames: int = field(default=0, kw_only=True)
+    seed: int = field(default=0, kw_only=True)
+    session_id: str = field(default="", kw_only=True)
+
+
+@dataclass(frozen=True)
+class DecodeJob(AudioPieceJob, type_name="decode_job"):
+    """Codes of one audio segment (or low-latency chunk) to decode to mel (jobs:decoder).
+    codes: int32 (frames, codebooks)."""
+
     codes: Array = array_field(INT32, "frames", "codebooks")
-    final: bool = True
-    context_frames: int = 0
-    seed: int = 0
-    session_id: str = ""
 
     @classmethod
     def from_codes(cls, turn_id: str, segment: int, chunk: int, codes: Any, **kw: Any) -> "DecodeJob":
@@ -282,25 +288,11 @@ class DecodeJob(Entry, type_name="decode_job"):
 
 
 @dataclass(frozen=True)
-class VocodeJob(Entry, type_name="vocode_job"):
-    """A mel spectrogram to turn into 24 kHz audio (jobs:vocoder).
+class VocodeJob(AudioPieceJob, type_name="vocode_job"):
+    """A mel spectrogram to turn into 24 kHz audio (jobs:vocoder), from the DecodeJob of the
+    same piece. mel: float32 (n_mels, frames)."""
 
-    turn_id, segment, chunk: as in the DecodeJob it came from.
-    mel: float32 (n_mels, frames).
-    final: last chunk of the segment (the vocoder flushes its crossfade tail).
-    context_frames: leading mel frames that belong to left context; synthesised for
-        continuity, their samples are not published.
-    seed: source-noise seed (0 = random).
-    """
-
-    turn_id: str
-    segment: int
-    chunk: int
     mel: Array = array_field(FLOAT32, "n_mels", "frames")
-    final: bool = True
-    context_frames: int = 0
-    seed: int = 0
-    session_id: str = ""
 
     @classmethod
     def from_mel(cls, turn_id: str, segment: int, chunk: int, mel: Any, **kw: Any) -> "VocodeJob":

@@ -81,6 +81,20 @@ def _redis_unreachable(exc: BaseException) -> bool:
             and any(c.__name__ in ("ConnectionError", "TimeoutError") for c in type(exc).__mro__))
 
 
+# The plain exceptions (services/common/errors.py, then Python's), first match wins: the
+# exception's own message is the status message.
+_PLAIN_STATUS = (
+    (NotFound, grpc.StatusCode.NOT_FOUND),
+    (AlreadyExists, grpc.StatusCode.ALREADY_EXISTS),
+    (ResourceExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (Unavailable, grpc.StatusCode.UNAVAILABLE),
+    (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
+    (Cancelled, grpc.StatusCode.CANCELLED),
+    ((ValueError, TypeError), grpc.StatusCode.INVALID_ARGUMENT),
+    (TimeoutError, grpc.StatusCode.DEADLINE_EXCEEDED),
+)
+
+
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """The gRPC status for an exception, and the message a person can act on (never a traceback)."""
     exc = unwrap(exc)
@@ -95,22 +109,9 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
                 return _RAY_STATUS[cls.__name__]
         return grpc.StatusCode.INTERNAL, f"internal error ({exc.__class__.__name__}); see the server log"
     msg = str(exc) or exc.__class__.__name__
-    if isinstance(exc, NotFound):
-        return grpc.StatusCode.NOT_FOUND, msg
-    if isinstance(exc, AlreadyExists):
-        return grpc.StatusCode.ALREADY_EXISTS, msg
-    if isinstance(exc, ResourceExhausted):
-        return grpc.StatusCode.RESOURCE_EXHAUSTED, msg
-    if isinstance(exc, Unavailable):
-        return grpc.StatusCode.UNAVAILABLE, msg
-    if isinstance(exc, Unauthenticated):
-        return grpc.StatusCode.UNAUTHENTICATED, msg
-    if isinstance(exc, Cancelled):
-        return grpc.StatusCode.CANCELLED, msg
-    if isinstance(exc, (ValueError, TypeError)):
-        return grpc.StatusCode.INVALID_ARGUMENT, msg
-    if isinstance(exc, TimeoutError):
-        return grpc.StatusCode.DEADLINE_EXCEEDED, msg
+    for classes, code in _PLAIN_STATUS:
+        if isinstance(exc, classes):
+            return code, msg
     return grpc.StatusCode.INTERNAL, f"internal error ({exc.__class__.__name__}): {msg}"
 
 

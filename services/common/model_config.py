@@ -6,7 +6,7 @@ Unknown fields are ignored (the real config carries training-only and vision blo
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,21 @@ def _req(d: dict, key: str, where: str) -> Any:
     if key not in d:
         raise ConfigError(f"config.json: field {where}.{key} is missing")
     return d[key]
+
+
+def _section(cls: type, d: dict, where: str, **given: Any) -> Any:
+    """`cls` from its config.json section `d`: a field without a default is required, one with a
+    default may be absent, JSON lists become tuples; `given` fields are computed by the caller."""
+    kw = dict(given)
+    for f in fields(cls):
+        if f.name in kw:
+            continue
+        if f.name in d:
+            v = d[f.name]
+            kw[f.name] = tuple(v) if isinstance(v, list) else v
+        elif f.default is MISSING and f.default_factory is MISSING:
+            _req(d, f.name, where)      # raises, naming the key
+    return cls(**kw)
 
 
 @dataclass(frozen=True)
@@ -36,20 +51,9 @@ class LLMConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "LLMConfig":
-        heads = _req(d, "num_attention_heads", "")
-        hidden = _req(d, "hidden_size", "")
-        return cls(
-            hidden_size=hidden,
-            intermediate_size=_req(d, "intermediate_size", ""),
-            num_hidden_layers=_req(d, "num_hidden_layers", ""),
-            num_attention_heads=heads,
-            num_key_value_heads=d.get("num_key_value_heads", heads),
-            head_dim=d.get("head_dim") or hidden // heads,
-            vocab_size=_req(d, "vocab_size", ""),
-            rms_norm_eps=d.get("rms_norm_eps", 1e-6),
-            rope_theta=d.get("rope_theta", 1_000_000.0),
-            max_position_embeddings=d.get("max_position_embeddings", 8192),
-        )
+        heads, hidden = _req(d, "num_attention_heads", ""), _req(d, "hidden_size", "")
+        return _section(cls, d, "", num_key_value_heads=d.get("num_key_value_heads", heads),
+                        head_dim=d.get("head_dim") or hidden // heads)
 
 
 @dataclass(frozen=True)
@@ -90,9 +94,9 @@ class AudioConfig:
     hop_length: int
     sampling_rate: int
     max_audio_seconds: int
-    split_overlap: float
     audio_head_transformer_layers: int
     codebook_sizes: tuple[int, ...]
+    split_overlap: float = 0.0
     kernel_size: int = 3
     stride_size: int = 2
     decoder_stride_size: int = 2
@@ -117,29 +121,8 @@ class AudioConfig:
     @classmethod
     def from_dict(cls, a: dict) -> "AudioConfig":
         vq = _req(a, "vq_config", "audio_config")
-        w = "audio_config"
-        return cls(
-            d_model=_req(a, "d_model", w),
-            encoder_layers=_req(a, "encoder_layers", w),
-            encoder_attention_heads=_req(a, "encoder_attention_heads", w),
-            encoder_ffn_dim=_req(a, "encoder_ffn_dim", w),
-            decoder_layers=_req(a, "decoder_layers", w),
-            decoder_attention_heads=_req(a, "decoder_attention_heads", w),
-            decoder_ffn_dim=_req(a, "decoder_ffn_dim", w),
-            decoder_kernel_size=_req(a, "decoder_kernel_size", w),
-            avg_pooler=_req(a, "avg_pooler", w),
-            num_mel_bins=_req(a, "num_mel_bins", w),
-            n_fft=_req(a, "n_fft", w),
-            hop_length=_req(a, "hop_length", w),
-            sampling_rate=_req(a, "sampling_rate", w),
-            max_audio_seconds=_req(a, "max_audio_seconds", w),
-            split_overlap=a.get("split_overlap", 0.0),
-            audio_head_transformer_layers=_req(a, "audio_head_transformer_layers", w),
-            codebook_sizes=tuple(_req(vq, "codebook_sizes", "audio_config.vq_config")),
-            kernel_size=a.get("kernel_size", 3),
-            stride_size=a.get("stride_size", 2),
-            decoder_stride_size=a.get("decoder_stride_size", 2),
-        )
+        return _section(cls, a, "audio_config",
+                        codebook_sizes=tuple(_req(vq, "codebook_sizes", "audio_config.vq_config")))
 
 
 @dataclass(frozen=True)
@@ -160,50 +143,24 @@ class FlowConfig:
     prenet_attention_heads: int
     prenet_ffn_dim: int
     prenet_nlayers: int
-    prenet_max_source_positions: int
-    prenet_target_mel_length_scale_ratio: float
     in_channels: int
-    spk_emb_dim: int
-    diffusion_steps: int
     channels: tuple[int, ...]
     attention_head_dim: int
     n_blocks: int
     num_mid_blocks: int
     num_heads: int
-    sampling_rate: int
-    hop_length: int
+    prenet_max_source_positions: int = 5000
+    prenet_target_mel_length_scale_ratio: float = 1.0
+    spk_emb_dim: int = 0
+    diffusion_steps: int = 10
+    sampling_rate: int = 24000
+    hop_length: int = 480
     cfm: CFMParams = field(default_factory=CFMParams)
 
     @classmethod
     def from_dict(cls, f: dict) -> "FlowConfig":
         w = "flow_matching_config"
-        p = f.get("cfm_params", {})
-        return cls(
-            prenet_in_dim=_req(f, "prenet_in_dim", w),
-            prenet_out_dim=_req(f, "prenet_out_dim", w),
-            prenet_d_model=_req(f, "prenet_d_model", w),
-            prenet_attention_heads=_req(f, "prenet_attention_heads", w),
-            prenet_ffn_dim=_req(f, "prenet_ffn_dim", w),
-            prenet_nlayers=_req(f, "prenet_nlayers", w),
-            prenet_max_source_positions=f.get("prenet_max_source_positions", 5000),
-            prenet_target_mel_length_scale_ratio=f.get("prenet_target_mel_length_scale_ratio", 1.0),
-            in_channels=_req(f, "in_channels", w),
-            spk_emb_dim=f.get("spk_emb_dim", 0),
-            diffusion_steps=f.get("diffusion_steps", 10),
-            channels=tuple(_req(f, "channels", w)),
-            attention_head_dim=_req(f, "attention_head_dim", w),
-            n_blocks=_req(f, "n_blocks", w),
-            num_mid_blocks=_req(f, "num_mid_blocks", w),
-            num_heads=_req(f, "num_heads", w),
-            sampling_rate=f.get("sampling_rate", 24000),
-            hop_length=f.get("hop_length", 480),
-            cfm=CFMParams(
-                sigma_min=p.get("sigma_min", 1e-6),
-                solver=p.get("solver", "euler"),
-                t_scheduler=p.get("t_scheduler", "cosine"),
-                inference_cfg_rate=p.get("inference_cfg_rate", 0.7),
-            ),
-        )
+        return _section(cls, f, w, cfm=_section(CFMParams, f.get("cfm_params", {}), f"{w}.cfm_params"))
 
 
 @dataclass(frozen=True)
@@ -215,10 +172,7 @@ class LegacyVocoderConfig:
 
     @classmethod
     def from_dict(cls, v: dict) -> "LegacyVocoderConfig":
-        return cls(
-            num_mel_bins=_req(v, "num_mel_bins", "vocoder_config"),
-            channels=tuple(_req(v, "channels", "vocoder_config")),
-        )
+        return _section(cls, v, "vocoder_config")
 
 
 @dataclass(frozen=True)

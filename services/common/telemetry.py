@@ -232,7 +232,6 @@ class Metrics:
     def record_queue_lag(self, stage: str, ms: float, **attributes: Any) -> None:
         self.queue_lag.record(max(0.0, ms), {"stage": stage, **attributes})
 
-
     def record_stage_latency(self, stage: str, ms: float, **attributes: Any) -> None:
         self.stage_latency.record(max(0.0, ms), {"stage": stage, **attributes})
 

@@ -13,7 +13,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import redis
 
@@ -29,6 +29,26 @@ Handler = Callable[[Job], Sequence[Result]]
 BatchHandler = Callable[[list[Job]], Sequence["Sequence[Result] | BaseException"]]
 
 MAX_BACKOFF_S = 5.0
+
+
+def checked_batch(jobs: list[Job], check: Callable[[int, Job], Any], bad_input: type[Exception],
+                  run: Callable[[list[Job], list[Any]], Iterable["Sequence[Result]"]]) -> list:
+    """A BatchHandler's outcomes where bad input fails only its own job: `check(i, job)` gives
+    job i's input or raises `bad_input` (the job is dead-lettered with that message, a
+    PermanentError); `run(jobs, inputs)` processes the good jobs as one batch and gives each
+    one's results, in order."""
+    outcomes: list = [None] * len(jobs)
+    good, inputs = [], []
+    for i, job in enumerate(jobs):
+        try:
+            inputs.append(check(i, job))
+            good.append(i)
+        except bad_input as e:
+            outcomes[i] = PermanentError(str(e))
+    if good:
+        for i, results in zip(good, run([jobs[i] for i in good], inputs), strict=True):
+            outcomes[i] = results
+    return outcomes
 
 
 @dataclass

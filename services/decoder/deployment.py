@@ -16,10 +16,11 @@ from ray import serve
 from baichuan_audio.v1 import stages_pb2
 from services.common.auth import Authenticator
 from services.common.bus import Bus
-from services.common.entries import DECODER_JOBS, VOCODER_JOBS, Job, PermanentError, VocodeJob, next_lane
+from services.common.entries import DECODER_JOBS, VOCODER_JOBS, Job, VocodeJob, next_lane
 from services.common.grpc_status import grpc_errors
 from services.common.runtime import device_and_dtype, open_checkpoint, start_replica
 from services.common.stage_worker import WorkStreamReplica
+from services.common.worker import checked_batch
 from services.decoder.streaming import check_piece, chunk_window, decode_pieces
 from services.decoder.runner import WARM_UP_TOKENS, DecodeInputError, DecoderRunner
 
@@ -43,33 +44,32 @@ class DecoderDeployment(WorkStreamReplica):
 
     def handle_jobs(self, jobs: list[Job]) -> list:
         """One batched decode for all claimed jobs; bad codes fail only their own job."""
-        outcomes: list = [None] * len(jobs)
-        good, pieces = [], []
-        for i, job in enumerate(jobs):
+        return checked_batch(jobs, self._check_job, DecodeInputError, self._decode_jobs)
+
+    def _check_job(self, i: int, job: Job) -> tuple:
+        e = job.entry
+        return check_piece(self.runner, i, e.codes.tensor("int64"), e.context_frames), e.context_frames, e.seed
+
+    def _decode_jobs(self, jobs: list[Job], pieces: list[tuple]) -> list:
+        out = []
+        for job, (mel, vctx) in zip(jobs, decode_pieces(self.runner, pieces)):
             e = job.entry
-            codes = e.codes.tensor("int64")
-            try:
-                pieces.append((check_piece(self.runner, i, codes, e.context_frames), e.context_frames, e.seed))
-                good.append(i)
-            except DecodeInputError as err:
-                outcomes[i] = PermanentError(str(err))
-        for i, (mel, vctx) in zip(good, decode_pieces(self.runner, pieces) if pieces else []):
-            e = jobs[i].entry
-            job = VocodeJob.from_mel(e.turn_id, e.segment, e.chunk, mel, final=e.final, context_frames=vctx,
-                                     seed=e.seed, session_id=e.session_id)
-            outcomes[i] = [(next_lane(jobs[i].stream, VOCODER_JOBS), job,
-                            Bus.result_key("decoder", e.turn_id, e.segment, e.chunk))]
-        return outcomes
+            vocode = VocodeJob.from_mel(e.turn_id, e.segment, e.chunk, mel, final=e.final, context_frames=vctx,
+                                        seed=e.seed, session_id=e.session_id)
+            out.append([(next_lane(job.stream, VOCODER_JOBS), vocode,
+                         Bus.result_key("decoder", e.turn_id, e.segment, e.chunk))])
+        return out
 
     @grpc_errors
     async def Decode(self, request, grpc_context=None):
         self.internal.caller(grpc_context)
         c = request.codes
-        if c.codebooks and c.frames * c.codebooks != len(c.values):
-            raise DecodeInputError(f"codes say {c.frames}x{c.codebooks} but carry {len(c.values)} values")
+        books = c.codebooks or len(self.runner.codebook_sizes)    # 0: the model's number (proto3 default)
         if not c.values:
-            raise DecodeInputError("no codes: send at least one frame of 8 codes")
-        codes = torch.tensor(list(c.values), dtype=torch.int64).reshape(c.frames, c.codebooks or 8)
+            raise DecodeInputError(f"no codes: send at least one frame of {books} codes")
+        if c.frames * books != len(c.values):
+            raise DecodeInputError(f"codes say {c.frames}x{books} but carry {len(c.values)} values")
+        codes = torch.tensor(list(c.values), dtype=torch.int64).reshape(c.frames, books)
         seed = request.seed or None
         (mel,) = await asyncio.get_running_loop().run_in_executor(
             None, lambda: self.runner.decode([codes], seed=seed))

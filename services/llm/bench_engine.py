@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from services.common.dtypes import default_dtype
 from services.common.model_config import ModelConfig
 from services.common.text_tokenizer import build_tiny_tokenizer, load_text_tokenizer
 from services.common.tiny_checkpoint import TINY_VOCAB, tiny_config_dict
@@ -205,7 +206,7 @@ def main(argv: list[str] | None = None) -> None:
     cuda = a.device.startswith("cuda")
     if not cuda:
         torch.set_num_threads(1)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[a.dtype or ("bf16" if cuda else "fp32")]
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[a.dtype] if a.dtype else default_dtype(a.device)
     bench_engine(a.preset, tuple(int(b) for b in a.batch_sizes.split(",")), a.device, dtype, a.context,
                  a.steps, a.warmup, a.attn or ("sdpa" if cuda else "math"), tuple(a.kinds.split(",")),
                  check=not a.no_check, compile_backend=a.compile)

@@ -22,10 +22,11 @@ from ray import serve
 
 from baichuan_audio.v1 import conversation_pb2, stages_pb2
 from services.common.auth import Authenticator
-from services.common.bus import Bus, Leases, RedisFull, unreachable
+from services.common.bus import Bus, RedisFull, unreachable
 from services.common.entries import DECODER_JOBS, TurnError, lanes
 from services.common.errors import Status
 from services.common.grpc_status import grpc_errors
+from services.common.leases import Leases
 from services.common.runtime import device_and_dtype, open_checkpoint, start_replica
 from services.common.telemetry import start_span
 from services.common.text_tokenizer import load_text_tokenizer

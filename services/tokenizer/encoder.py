@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from services.common.layers import WhisperLayer, sinusoids
+from services.common.layers import WhisperLayer, length_mask, sinusoids
 from services.common.model_config import AudioConfig
 
 def sinusoid_dtype(model_dtype: str | None) -> torch.dtype:
@@ -55,7 +55,7 @@ class AudioEncoder(nn.Module):
         x = features.to(self.conv1.weight.dtype)
         h = F.gelu(self.conv1(x))                                        # (B, d, T_mel)
         if conv_lengths is not None:
-            keep = torch.arange(h.shape[-1], device=h.device) < conv_lengths.to(h.device)[:, None]
+            keep = length_mask(conv_lengths.to(h.device), h.shape[-1])
             h = h * keep[:, None, :].to(h.dtype)
         h = F.gelu(self.conv2(h)).transpose(1, 2)                        # (B, T_enc, d)
         T = h.shape[1]
@@ -63,7 +63,7 @@ class AudioEncoder(nn.Module):
             raise ValueError(f"encoder input of {T} frames exceeds the {self.positional_embedding.shape[0]}-row "
                              "positional table (30 s splits at most)")
         h = (h.float() + self.positional_embedding[:T]).to(h.dtype)      # add in fp32, cast back
-        valid = torch.arange(T, device=h.device) < encoder_lengths.to(h.device)[:, None]   # (B, T)
+        valid = length_mask(encoder_lengths.to(h.device), T)             # (B, T)
         for layer in self.layers:
             h = layer(h, valid)
         h = self.layer_norm(h)

@@ -20,6 +20,7 @@ import torch
 import torchaudio
 from torch import nn
 
+from services.common.layers import length_mask
 from services.common.model_config import AudioConfig
 
 
@@ -163,6 +164,6 @@ class LogMel(nn.Module):
         log_spec = (torch.maximum(log_spec, peak - 8.0) + 4.0) / 4.0
         T = max(lengths)
         mel_lengths = torch.tensor(lengths, dtype=torch.int64, device=padded.device)
-        valid = torch.arange(T, device=padded.device) < mel_lengths[:, None]      # (B, T)
+        valid = length_mask(mel_lengths, T)                                        # (B, T)
         features = torch.where(valid[:, None, :], log_spec[..., :T], 0.0)
         return features, mel_lengths

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from services.common.codebooks import check_codes, codebooks, make_vq_list, rvq_recover
+from services.common.layers import length_mask
 from services.common.model_config import AudioConfig
 
 
@@ -91,7 +92,7 @@ class VQBridge(nn.Module):
     def quantize(self, r: torch.Tensor, bridge_lengths: torch.Tensor,
                  stage_inputs: list[torch.Tensor] | None = None) -> torch.Tensor:
         """r (B, T4, D), bridge_lengths (B,) -> codes (B, T4, n_books), -1 beyond the length."""
-        valid = torch.arange(r.shape[1], device=r.device) < bridge_lengths.to(r.device)[:, None]
+        valid = length_mask(bridge_lengths.to(r.device), r.shape[1])
         return rvq_quantize(r, valid, codebooks(self.vq_list), stage_inputs)
 
     def forward(self, x: torch.Tensor, bridge_lengths: torch.Tensor) -> torch.Tensor:

@@ -15,10 +15,11 @@ from baichuan_audio.v1 import stages_pb2
 from services.common.audio import to_pcm16
 from services.common.auth import Authenticator
 from services.common.bus import Bus
-from services.common.entries import VOCODER_JOBS, Job, PcmChunk, PermanentError
+from services.common.entries import VOCODER_JOBS, Job, PcmChunk
 from services.common.grpc_status import grpc_errors
 from services.common.runtime import device_and_dtype, open_checkpoint, start_replica
 from services.common.stage_worker import WorkStreamReplica
+from services.common.worker import checked_batch
 from services.vocoder.runner import VocodeInputError, VocoderRunner
 
 
@@ -35,26 +36,21 @@ class VocoderDeployment(WorkStreamReplica):
 
     def handle_jobs(self, jobs: list[Job]) -> list:
         """One batched forward for all claimed jobs; a bad mel fails only its own job."""
-        outcomes: list = [None] * len(jobs)
-        good: list[int] = []
-        mels: list[torch.Tensor] = []
-        for i, job in enumerate(jobs):
-            try:
-                mels.append(self.runner.check(i, job.entry.mel.tensor()))
-                good.append(i)
-            except VocodeInputError as e:
-                outcomes[i] = PermanentError(str(e))
+        return checked_batch(jobs, lambda i, job: self.runner.check(i, job.entry.mel.tensor()),
+                             VocodeInputError, self._vocode_jobs)
+
+    def _vocode_jobs(self, jobs: list[Job], mels: list[torch.Tensor]) -> list:
         # each job's own seed: a seeded turn sounds the same whatever shares its batch
-        seeds = [jobs[i].entry.seed or None for i in good]
-        contexts = [jobs[i].entry.context_frames for i in good]
-        waves = self.runner.vocode(mels, seed=seeds, context_frames=contexts) if mels else []
-        for i, wave in zip(good, waves):
-            e = jobs[i].entry
+        waves = self.runner.vocode(mels, seed=[j.entry.seed or None for j in jobs],
+                                   context_frames=[j.entry.context_frames for j in jobs])
+        out = []
+        for job, wave in zip(jobs, waves):
+            e = job.entry
             chunk = PcmChunk.from_pcm16(e.turn_id, e.segment, e.chunk, to_pcm16(wave.numpy()),
                                         self.runner.config.sampling_rate, final=e.final)
-            outcomes[i] = [(Bus.turn_stream(e.turn_id, "audio"), chunk,
-                            Bus.result_key("vocoder", e.turn_id, e.segment, e.chunk))]
-        return outcomes
+            out.append([(Bus.turn_stream(e.turn_id, "audio"), chunk,
+                         Bus.result_key("vocoder", e.turn_id, e.segment, e.chunk))])
+        return out
 
     @grpc_errors
     async def Vocode(self, request, grpc_context=None):

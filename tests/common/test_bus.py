@@ -301,7 +301,7 @@ def test_leases_belong_to_their_holder(redis_url, uid):
     """A turn's lease: held and renewed by one process; another can take it only once it
     lapsed; the first then finds it lost (keep() False) instead of producing the turn twice,
     and its release leaves the new holder's lease alone."""
-    from services.common.bus import Leases
+    from services.common.leases import Leases
 
     a_bus, b_bus = Bus(redis_url, lease_ttl_s=0.3), Bus(redis_url, lease_ttl_s=0.3)
     a, b = Leases(a_bus), Leases(b_bus)

@@ -9,7 +9,8 @@ import grpc
 import pytest
 import ray.exceptions as rex
 
-from services.common.errors import NotFound, ResourceExhausted
+from services.common import errors
+from services.common.errors import NotFound, ResourceExhausted, Status
 from services.common.grpc_status import StatusError, grpc_errors, status_for
 
 LEAKS = ("\x1b[", "Traceback", 'File "', "pid=", "ip=", "ray::", "actor_id")
@@ -41,6 +42,29 @@ def test_wrapped_stage_error_gives_the_original_message(exc, code):
     got_code, msg = status_for(wrapped)
     assert got_code == code and msg == str(exc)
     assert_clean(msg)
+
+
+@pytest.mark.parametrize("exc, code", [
+    (errors.NotFound("no such session"), grpc.StatusCode.NOT_FOUND),
+    (KeyError("a LookupError that is not NotFound"), grpc.StatusCode.INTERNAL),
+    (errors.AlreadyExists("session id taken"), grpc.StatusCode.ALREADY_EXISTS),
+    (errors.QuotaExceeded("sessions", 3), grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (errors.Unavailable("no replica"), grpc.StatusCode.UNAVAILABLE),
+    (errors.Unauthenticated("no key"), grpc.StatusCode.UNAUTHENTICATED),
+    (errors.Cancelled("interrupted"), grpc.StatusCode.CANCELLED),
+    (TypeError("seed must be an integer"), grpc.StatusCode.INVALID_ARGUMENT),
+    (TimeoutError("no answer"), grpc.StatusCode.DEADLINE_EXCEEDED),
+])
+def test_each_plain_exception_has_its_status(exc, code):
+    got, msg = status_for(exc)
+    assert got == code
+    assert (msg == str(exc)) == (code != grpc.StatusCode.INTERNAL)
+
+
+def test_turn_error_codes_are_grpcs_numbers():
+    """Turn errors carry `Status` codes (no gRPC import where they are written): the same
+    numbers as gRPC's codes of the same name."""
+    assert {s.name: int(s) for s in Status} == {s.name: grpc.StatusCode[s.name].value[0] for s in Status}
 
 
 def test_unexpected_error_is_internal_without_traceback():

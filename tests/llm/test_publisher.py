@@ -102,7 +102,14 @@ def test_no_per_frame_entries_and_text_carries_its_token_ids():
     frames(s, FRAME, EOA)
     out = publish(s, ChunkPolicy(first=1, growth=2.0, max_chunk=50))
     assert {t for t, _ in out} == {"llm", *entries.lanes(entries.DECODER_JOBS)}
-    assert not any(type(e).TYPE == "audio_frames" for _, e in out)
+    # the turn's stream gets as many entries for a 12-frame segment as for a 3-frame one
+    longer = seq()
+    text(longer, A, SP_B, AG_START)
+    frames(longer, *[FRAME, F2, F3] * 4, EOA)
+    text(longer, X, EOS)
+    frames(longer, FRAME, EOA)
+    llm_kinds = lambda o: [type(e).TYPE for t, e in o if t == "llm"]         # noqa: E731
+    assert llm_kinds(publish(longer, ChunkPolicy(first=1, growth=2.0, max_chunk=50))) == llm_kinds(out)
     texts = [entries.decode_entry(e.encode()) for t, e in out if isinstance(e, entries.TextDelta)]
     assert [(d.text, d.tokens.numpy().tolist()) for d in texts] == [("a", [A]), (" b", [SP_B]), ("x", [X])]
     # the decoder still gets every frame: low-latency chunks of segment 0, then segment 1 whole

@@ -145,6 +145,18 @@ def test_decoder_bad_codes_are_invalid_argument(channel, cfg, frames, fix, words
     assert words in e.value.details()
 
 
+@pytest.mark.parametrize("codebooks", ["given", "omitted"])
+def test_decoder_codes_that_do_not_fill_their_frames_are_invalid_argument(channel, cfg, codebooks):
+    """Omitted (0), the number of codebooks is the model's, and the values must still fill the frames."""
+    books = cfg.audio.num_codebooks
+    codes = stages_pb2.Codes(frames=2, codebooks=books if codebooks == "given" else 0, values=[1] * (2 * books + 1))
+    with pytest.raises(grpc.RpcError) as e:
+        stages_pb2_grpc.DecoderStub(channel).Decode(stages_pb2.DecodeRequest(codes=codes),
+                                                    metadata=metadata("internal", "decoder"), timeout=60)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert f"codes say 2x{books} but carry {2 * books + 1} values" in e.value.details()
+
+
 def test_vocoder_bad_mel_is_invalid_argument(channel, hift):
     bad = stages_pb2.Tensor2D(rows=hift.in_channels, cols=3, float32_le=b"\x00" * 7)   # 7 bytes: not floats
     with pytest.raises(grpc.RpcError) as e:
