@@ -33,7 +33,7 @@ from services.tokenizer.runner import TokenizerRunner
 from services.vocoder.runner import VocoderRunner
 
 STAGES = ("tokenizer", "llm", "decoder", "vocoder")
-MAX_JOBS = 16                    # jobs per batch: the decoder's and vocoder's default max_batch_size
+MAX_JOBS = 16                    # jobs per batch: the prod overlay's decoder and vocoder max_batch_size
 
 
 def reply_schedule(spec: str) -> list[tuple[str, int]]:
