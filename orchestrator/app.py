@@ -98,10 +98,10 @@ def deployment_options(stage: StageSettings, app: AppSpec | None = None,
     return out
 
 
-def _build(deployment: Deployment, app: str, args: dict | None) -> Application:
+def _build(deployment: Deployment, app: str, args: dict | None, **init: Any) -> Application:
     spec, settings = APPS[app], _settings(args)
     options = deployment_options(getattr(settings.stages, spec.stage), spec, settings.autoscaling)
-    return deployment.options(**options).bind((args or {}).get("config"))
+    return deployment.options(**options).bind((args or {}).get("config"), **init)
 
 
 def _settings(args: dict | None) -> Settings:
@@ -130,7 +130,9 @@ def vocoder_app(args: dict | None = None) -> Application:
 
 def conversation_app(args: dict | None = None) -> Application:
     from orchestrator.deployment import ConversationDeployment
-    return _build(ConversationDeployment, "conversation", args)
+    # the replica sizes its stream readers' pool by the calls Serve lets it hold
+    return _build(ConversationDeployment, "conversation", args,
+                  max_ongoing_requests=APPS["conversation"].options["max_ongoing_requests"])
 
 
 def realtime_app(args: dict | None = None) -> Application:

@@ -34,7 +34,6 @@ from services.common.telemetry import inject_context, start_span
 from services.common.text_tokenizer import DEFAULT_SYSTEM_PROMPT, load_text_tokenizer
 from services.llm.prompts import PromptBuilder, ProtocolTokens
 from orchestrator import turns
-from orchestrator.app import APPS
 from orchestrator.conversation import Conversation, HistoryLimits, Turn, UserTurn, sampling_overrides
 from orchestrator.merge import ReplyMerger
 from orchestrator.quotas import Quotas
@@ -60,7 +59,9 @@ def _settings_record(s: pb.SessionSettings) -> SessionSettingsRecord:
 
 @serve.deployment(name="Conversation")
 class ConversationDeployment:
-    def __init__(self, config: Any = None):
+    def __init__(self, config: Any, max_ongoing_requests: int):
+        """max_ongoing_requests: Serve's cap on this replica's open calls (orchestrator/app.py
+        passes its own option), which sizes the stream readers' thread pool."""
         self.settings = start_replica(config)
         ckpt = open_checkpoint(self.settings)
         text_tokenizer = load_text_tokenizer(ckpt.path)
@@ -85,9 +86,8 @@ class ConversationDeployment:
         self.llm_app = serve.get_app_handle("llm")
         self.interrupts: dict[str, threading.Event] = {}   # turn_id -> set by Interrupt
         self.producers: set[asyncio.Task] = set()
-        ongoing = APPS["conversation"].options["max_ongoing_requests"]
-        self.threads = turns.TurnThreads(producers=max(ongoing, self.settings.limits.max_running_turns),
-                                         readers=ongoing)
+        self.threads = turns.TurnThreads(producers=max(max_ongoing_requests, self.settings.limits.max_running_turns),
+                                         readers=max_ongoing_requests)
 
     def _caller(self, grpc_context) -> str:
         """The caller's identity (UNAUTHENTICATED without a valid key), charged one request."""
