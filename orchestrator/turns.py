@@ -226,7 +226,8 @@ def produce(bus: Bus, merger, turn_id: str, *, interrupted: Callable[[], bool],
                             progress = time.monotonic()
                             continue
                     elif not msgs and continue_llm is not None:
-                        why = f"it was continued {continued} times already (bus.llm_continuations)"
+                        why = (f"it was continued {continued} times, the limit (bus.llm_continuations)" if continued
+                               else "continuing is off (bus.llm_continuations: 0)")
                     if not msgs:
                         msgs = [StreamEntry("", "", TurnError(
                             turn_id=turn_id, stage="llm", code=Status.UNAVAILABLE,
