@@ -177,6 +177,9 @@ def produce(bus: Bus, merger, turn_id: str, *, interrupted: Callable[[], bool],
     tail = bus.redis.xrevrange(bus.turn_stream(turn_id, "events"), count=1)
     written = [_s(tail[0][0]) if tail else ""]      # the id of the last event known written
     continued = 0
+    # a reply is continued only if an LLM replica took the turn (not one whose conversation
+    # replica died before asking for it): its lease held, or something of it written
+    llm_began = bus.holds_lease(turn_id, LLM)
 
     def flush() -> None:
         while outbox:
@@ -218,7 +221,9 @@ def produce(bus: Bus, merger, turn_id: str, *, interrupted: Callable[[], bool],
                 if merger.llm_done is None and merger.error is None and not bus.holds_lease(turn_id, LLM):
                     msgs = bus.read(last)       # its end may have come just before the lease went
                     why = "continuing it is off"
-                    if not msgs and continue_llm is not None and continued < max_continuations:
+                    if not msgs and not llm_began:
+                        why = "no LLM replica had begun it"
+                    elif not msgs and continue_llm is not None and continued < max_continuations:
                         continued += 1
                         why = continue_reply(turn_id, continue_llm, continued)
                         if why is None:
@@ -257,6 +262,7 @@ def produce(bus: Bus, merger, turn_id: str, *, interrupted: Callable[[], bool],
         for m in msgs:
             if m.stream:
                 last[m.stream] = m.id
+                llm_began = True
             if isinstance(m.entry, TurnEnd):
                 out.history, out.reply_codes = m.entry.tokens.numpy().tolist(), m.entry.codes.numpy()
             for ev in merger.feed(m.entry):

@@ -25,7 +25,10 @@ def bus(redis_url):
     b.redis.close()
 
 
-def produce(bus, tid, continue_llm, n):
+def produce(bus, tid, continue_llm, n, began=True):
+    """The producer of a turn whose LLM replica (if `began`) held its lease and died at once."""
+    if began:
+        bus.redis.set(bus.lease_key(tid, turns.LLM), b"x", px=200)
     return turns.produce(bus, ReplyMerger(tid, spoken=False), tid, interrupted=lambda: False,
                          continue_llm=continue_llm, max_continuations=n)
 
@@ -61,6 +64,16 @@ def test_a_continuation_is_asked_again_while_no_replica_takes_it_and_completes_t
     assert calls == [1, 1]
     assert out.error is None and out.end.reason == "complete" and out.text == "hi"
     assert out.history == [1, 7]
+
+
+def test_a_turn_no_llm_replica_began_is_not_continued(bus):
+    """Its conversation replica died before asking for it (a resume took it over): nothing to
+    continue, and the caller hears UNAVAILABLE as before."""
+    tid = uuid.uuid4().hex
+    calls = []
+    out = produce(bus, tid, calls.append, 2, began=False)
+    assert calls == []
+    assert out.error.code == UNAVAILABLE and "no LLM replica had begun it" in out.error.message
 
 
 @pytest.mark.parametrize("limit", [0, 1])
