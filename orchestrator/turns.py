@@ -224,6 +224,8 @@ def produce(bus: Bus, merger, turn_id: str, *, interrupted: Callable[[], bool],
                     if not msgs and not llm_began:
                         why = "no LLM replica had begun it"
                     elif not msgs and continue_llm is not None and continued < max_continuations:
+                        if interrupted():
+                            continue            # the next round ends it as interrupted, not continued
                         continued += 1
                         why = continue_reply(turn_id, continue_llm, continued)
                         if why is None:

@@ -99,12 +99,12 @@ class LLMDeployment:
     def __del__(self):
         """Serve's graceful shutdown (a redeploy, a scale-down): no new turn comes here any more;
         let the running ones end (up to DRAIN_S), then stop the engine. A turn cut off then
-        loses its lease, and its caller gets UNAVAILABLE at once (orchestrator/turns.py)."""
+        loses its lease, and another replica continues it (orchestrator/turns.py)."""
         deadline = time.monotonic() + DRAIN_S
         while getattr(self, "turns", None) and time.monotonic() < deadline:
             time.sleep(0.05)
         if getattr(self, "turns", None):
-            log.warning("LLM replica stopping with %d turns still running: they end with UNAVAILABLE",
+            log.warning("LLM replica stopping with %d turns still running: other replicas continue them",
                         len(self.turns))
         engine = getattr(self, "engine", None)
         if engine is not None:

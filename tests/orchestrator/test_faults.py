@@ -173,6 +173,7 @@ def test_an_llm_replica_killed_mid_turn_is_continued_by_another(stub, serve_stac
     assert_audio_once(turn.events)
     assert watch.gone is not None and watch.back is not None, "no LLM replica took the turn over"
     chunks, gap = after_kill(turn, n, t_kill, lambda ev: ev.HasField("audio"))
+    later = [ev for ev, t in zip(turn.events, turn.times) if t >= watch.back and (ev.HasField("audio") or ev.HasField("text"))]
     s = stub.GetSession(pb.GetSessionRequest(session_id=sid), metadata=META, timeout=30)
     assert [h.role for h in s.history] == ["user", "assistant"] and s.history[1].text == end.text
     assert s.history[1].audio_seconds == pytest.approx(end.audio_seconds, abs=1e-3)
@@ -189,7 +190,7 @@ def test_an_llm_replica_killed_mid_turn_is_continued_by_another(stub, serve_stac
     s = stub.GetSession(pb.GetSessionRequest(session_id=sid), metadata=META, timeout=30)
     assert [h.role for h in s.history] == ["user", "assistant"] * 2
     print(f"\nllm {pid} killed ({'low-latency' if low_latency else 'faithful'} audio): its lease lapsed {watch.gone - t_kill:.1f} s later, another replica continued the "
-          f"turn {watch.back - t_kill:.1f} s after the kill; {chunks} audio chunks after it (the first "
+          f"turn {watch.back - t_kill:.1f} s after the kill ({len(later)} text and audio events after that); {chunks} audio chunks after it (the first "
           f"{gap:.1f} s after the kill), the turn completed {turn.times[-1] - t_kill:.1f} s after the kill with "
           f"{end.audio_seconds:.2f} s of audio; the next turn took {time.monotonic() - t0:.1f} s")
 
