@@ -8,7 +8,8 @@ turn's TTL):
     {"k": "t",  "s": segment, "ids": [...]}                 a text delta: the token ids it shows
     {"k": "te", "s": segment, "ids": [...], "r": reason}    a text segment's end: all its ids
     {"k": "a",  "s": segment, "c": chunk, "f": [[...]]}     a decode job: the frames it adds
-    {"k": "ae", "s": segment, "n": frames, "r": reason}     an audio segment's end
+    {"k": "ae", "s": segment, "n": frames, "r": reason, "e": [...]}   an audio segment's end (and
+                                                            its end-of-audio frame, if any)
 
 `decisions` turns them back into the decisions that made them: text tokens, audio frames, and
 the end-of-audio frames that close a segment (also one of an audio round that made no frame,
@@ -56,7 +57,8 @@ class Continuation:
 
 def decisions(items: Iterable[dict], eoa: int, num_codebooks: int) -> Continuation:
     """The decisions behind the recorded items, in publication order (module docstring).
-    eoa: codebook 0's end-of-audio class; any codes after it will do (they leave no trace)."""
+    eoa: codebook 0's end-of-audio class: an audio round of no frame left no record of its
+    end-of-audio frame, and any codes after that class will do (they leave no trace)."""
     end = (eoa,) + (0,) * (num_codebooks - 1)
     out: list[tuple[str, object]] = []
     n = 0
@@ -80,7 +82,7 @@ def decisions(items: Iterable[dict], eoa: int, num_codebooks: int) -> Continuati
             out += [("audio", tuple(int(c) for c in f)) for f in it["f"]]
         elif k == "ae":
             if it["r"] == "eos":                 # ended by its end-of-audio frame
-                out.append(("audio", end))
+                out.append(("audio", tuple(it.get("e") or end)))
         else:
             raise ValueError(f"unknown item in the reply record: {it}")
     return Continuation(out, n)

@@ -134,7 +134,7 @@ class TurnPublisher:
                     self._job(ev.segment, self._sent_chunks, self._sent_tokens, n, final=True)
                 self._out("llm", entries.SegmentBoundary(turn_id=t, segment=ev.segment, kind="audio",
                                                      audio_frames=n, chunks=self._sent_chunks),
-                          continuation.item("ae", ev.segment, n=n, r=ev.reason))
+                          continuation.item("ae", ev.segment, n=n, r=ev.reason, e=list(ev.end_codes)))
         elif isinstance(ev, Done):
             if ev.reason == "error":
                 self.emit("llm", entries.TurnError(turn_id=t, stage="llm", code=Status.INTERNAL,
