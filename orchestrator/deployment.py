@@ -12,6 +12,7 @@ in the `authorization` metadata; UNAUTHENTICATED otherwise) and charges it one r
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import threading
 import time
@@ -202,11 +203,28 @@ class ConversationDeployment:
             self.leases.release(turn_id, turns.PRODUCER)
             raise
 
+    def _continuer(self, turn: Turn, loop) -> "turns.ContinueLLM":
+        """continue_llm for the producer of `turn` (a thread): the turn's own request, sent to
+        an LLM replica as its n-th continuation (services/llm/continuation.py)."""
+        async def call(n: int) -> None:
+            await self.llm_app.options(multiplexed_model_id=turn.session.uid).generate.remote(
+                turn.request, low_latency=turn.session.settings.low_latency_audio, continuation=n)
+
+        def continue_llm(n: int) -> None:
+            fut = asyncio.run_coroutine_threadsafe(call(n), loop)
+            try:
+                fut.result(turns.CONTINUE_WITHIN_S)
+            except concurrent.futures.TimeoutError:
+                fut.cancel()       # not asked again: a late answer must not make two continuations
+                raise ValueError(f"no LLM replica answered within {turns.CONTINUE_WITHIN_S:.0f} s") from None
+        return continue_llm
+
     def _start_producer(self, who: str, turn_id: str, merger: ReplyMerger, on_done,
-                        sent: "turns.Sent | None" = None) -> None:
+                        sent: "turns.Sent | None" = None, continue_llm: "turns.ContinueLLM | None" = None) -> None:
         """Produce the turn's events on a thread; on_done(outcome) records it (history, the
         reply's audio charged to `who`) before the caller hears the end. The producer lease
-        is held already (Converse, or a take-over) and released when the turn has ended."""
+        is held already (Converse, or a take-over) and released when the turn has ended.
+        continue_llm: how the turn's reply goes on if its LLM replica dies (None: it cannot)."""
         flag = self.interrupts.setdefault(turn_id, threading.Event())
 
         def interrupted() -> bool:  # this replica's Interrupt, or one that reached another replica
@@ -225,7 +243,8 @@ class ConversationDeployment:
         def produce() -> None:
             try:
                 turns.run(self.bus, merger, turn_id, interrupted=interrupted, record=record, sent=sent,
-                          owns=lambda: self.leases.keep(turn_id, turns.PRODUCER))
+                          owns=lambda: self.leases.keep(turn_id, turns.PRODUCER), continue_llm=continue_llm,
+                          max_continuations=self.settings.bus.llm_continuations)
             finally:
                 self.leases.release(turn_id, turns.PRODUCER)
 
@@ -264,7 +283,7 @@ class ConversationDeployment:
             log.warning("turn %s: its producer died; taking it over (%d events were sent)", turn_id, len(sent))
             merger = ReplyMerger(turn_id, spoken=sess.settings.spoken, started=setup["started"])
             self._start_producer(setup["owner"], turn_id, merger, self._on_done(setup["owner"], turn),
-                                 sent=turns.Sent(sent))
+                                 sent=turns.Sent(sent), continue_llm=self._continuer(turn, asyncio.get_running_loop()))
         except Exception as e:  # noqa: BLE001 - the callers hear why instead of waiting
             log.warning("turn %s: cannot take it over: %s", turn_id, e)
             try:
@@ -328,7 +347,8 @@ class ConversationDeployment:
             raise
 
         merger = ReplyMerger(turn_id, spoken=sess.settings.spoken, started=t0)
-        self._start_producer(who, turn_id, merger, self._on_done(who, turn))
+        self._start_producer(who, turn_id, merger, self._on_done(who, turn),
+                             continue_llm=self._continuer(turn, asyncio.get_running_loop()))
         async for ev in self._stream(turn_id):
             yield ev
 

@@ -26,7 +26,7 @@ import numpy as np
 
 from baichuan_audio.v1 import conversation_pb2 as pb
 from services.common.audio import to_pcm16
-from services.common.bus import Bus, RedisFull, unreachable
+from services.common.bus import Bus, RedisFull, reply_record_key, unreachable
 from services.common.entries import ClientEvent, StreamEntry, TurnEnd, TurnError, decode_entry
 from services.common.errors import Status
 from services.common.telemetry import get_metrics
@@ -43,6 +43,8 @@ OUTAGE_POLL_S = 0.5
 EVENT_ID_RE = re.compile(r"([0-9]{1,20})-([0-9]{1,20})")   # a Redis stream entry id
 MAX_ID_PART = (1 << 64) - 1                                   # each part of an entry id is a uint64
 PRODUCER, LLM = "producer", "llm"   # the leases of a turn: its conversation replica, its LLM replica
+CONTINUE_WITHIN_S = 60.0     # how long a continuation waits for an LLM replica (Serve restarts a dead one)
+CONTINUE_RETRY_S = 1.0
 
 
 def check_event_id(after: str) -> str:
@@ -123,9 +125,32 @@ def send(bus: Bus, turn_id: str, ev: pb.TurnEvent, final: bool = False, retry_fu
                 retry_full_s=retry_full_s)
 
 
+# continue_llm(n): ask an LLM replica to continue the turn's reply (its n-th continuation);
+# raises if none can (ValueError: the continuation cannot be built; anything else: try again)
+ContinueLLM = Callable[[int], None]
+
+
+def continue_reply(turn_id: str, continue_llm: ContinueLLM, n: int, within_s: float = CONTINUE_WITHIN_S) -> str | None:
+    """Ask for the n-th continuation, again while no LLM replica takes it (one restarting),
+    for up to `within_s`. None when it started, else why it could not."""
+    deadline = time.monotonic() + within_s
+    while True:
+        try:
+            continue_llm(n)
+            return None
+        except ValueError as e:
+            return str(e)
+        except Exception as e:  # noqa: BLE001 - the replica restarting, or another one busy: again
+            if time.monotonic() > deadline:
+                return f"no LLM replica took it within {within_s:.0f} s ({e})"
+            log.warning("turn %s: continuation %d not taken yet (%s); trying again", turn_id, n, e)
+            time.sleep(CONTINUE_RETRY_S)
+
+
 def produce(bus: Bus, merger, turn_id: str, *, interrupted: Callable[[], bool],
             stall_timeout_s: float = STALL_TIMEOUT_S, sent: Sent | None = None,
-            owns: Callable[[], bool] = lambda: True) -> TurnOutcome:
+            owns: Callable[[], bool] = lambda: True, continue_llm: ContinueLLM | None = None,
+            max_continuations: int = 0) -> TurnOutcome:
     """Merge the stage streams into turn:{id}:events until the turn ends; return its outcome.
 
     The final events (the end, or an error) are NOT sent: they are in `outcome.final`, for
@@ -135,7 +160,9 @@ def produce(bus: Bus, merger, turn_id: str, *, interrupted: Callable[[], bool],
     sent: a turn taken over from a dead producer (replayed from the start; what its caller
     stream already holds is skipped). The LLM replica holds the turn's LLM lease until it has
     written its end: a lease gone without an end means that replica died (or was stopped),
-    and the turn ends with UNAVAILABLE within `bus.lease_ttl_s` instead of the stall timeout.
+    known within `bus.lease_ttl_s`: another replica continues the reply after what was
+    published of it (continue_llm, at most `max_continuations` times per turn), or, past that
+    or when it cannot, the turn ends with UNAVAILABLE instead of waiting for the stall timeout.
 
     Redis not answering for a while (up to OUTAGE_S) does not end the turn: events wait in an
     outbox, and reading goes on where it stopped once Redis answers again, unless another
@@ -149,6 +176,10 @@ def produce(bus: Bus, merger, turn_id: str, *, interrupted: Callable[[], bool],
 
     tail = bus.redis.xrevrange(bus.turn_stream(turn_id, "events"), count=1)
     written = [_s(tail[0][0]) if tail else ""]      # the id of the last event known written
+    continued = 0
+    # a reply is continued only if an LLM replica took the turn (not one whose conversation
+    # replica died before asking for it): its lease held, or something of it written
+    llm_began = bus.holds_lease(turn_id, LLM)
 
     def flush() -> None:
         while outbox:
@@ -189,12 +220,27 @@ def produce(bus: Bus, merger, turn_id: str, *, interrupted: Callable[[], bool],
                 probed = now
                 if merger.llm_done is None and merger.error is None and not bus.holds_lease(turn_id, LLM):
                     msgs = bus.read(last)       # its end may have come just before the lease went
+                    why = "continuing it is off"
+                    if not msgs and not llm_began:
+                        why = "no LLM replica had begun it"
+                    elif not msgs and continue_llm is not None and continued < max_continuations:
+                        if interrupted():
+                            continue            # the next round ends it as interrupted, not continued
+                        continued += 1
+                        why = continue_reply(turn_id, continue_llm, continued)
+                        if why is None:
+                            log.warning("turn %s: its LLM replica stopped; another one continues it", turn_id)
+                            progress = time.monotonic()
+                            continue
+                    elif not msgs and continue_llm is not None:
+                        why = (f"it was continued {continued} times, the limit (bus.llm_continuations)" if continued
+                               else "continuing is off (bus.llm_continuations: 0)")
                     if not msgs:
                         msgs = [StreamEntry("", "", TurnError(
                             turn_id=turn_id, stage="llm", code=Status.UNAVAILABLE,
                             message="the LLM replica generating this turn stopped before the end (it died or "
-                                    "was shut down); what you received stays, the session is ready: send the "
-                                    "turn again"))]
+                                    f"was shut down) and the reply cannot be continued ({why}); what you received "
+                                    "stays, the session is ready: send the turn again"))]
         except Exception as e:  # noqa: BLE001 - Redis away: wait for it, up to OUTAGE_S
             if not unreachable(e):
                 raise
@@ -218,6 +264,7 @@ def produce(bus: Bus, merger, turn_id: str, *, interrupted: Callable[[], bool],
         for m in msgs:
             if m.stream:
                 last[m.stream] = m.id
+                llm_began = True
             if isinstance(m.entry, TurnEnd):
                 out.history, out.reply_codes = m.entry.tokens.numpy().tolist(), m.entry.codes.numpy()
             for ev in merger.feed(m.entry):
@@ -262,13 +309,15 @@ def finish(bus: Bus, turn_id: str, outcome: "TurnOutcome | None", retry_s: float
 
 def run(bus: Bus, merger, turn_id: str, *, interrupted: Callable[[], bool],
         record: Callable[["TurnOutcome | None"], None], sent: Sent | None = None,
-        owns: Callable[[], bool] = lambda: True) -> "TurnOutcome | None":
+        owns: Callable[[], bool] = lambda: True, continue_llm: ContinueLLM | None = None,
+        max_continuations: int = 0) -> "TurnOutcome | None":
     """The producer of one turn: produce, `record(outcome)` (the history, before the caller
     hears the end), send the end, free the turn's stage streams. outcome None: the
     orchestrator failed. A full Redis ends the turn with RESOURCE_EXHAUSTED."""
     outcome = None
     try:
-        outcome = produce(bus, merger, turn_id, interrupted=interrupted, sent=sent, owns=owns)
+        outcome = produce(bus, merger, turn_id, interrupted=interrupted, sent=sent, owns=owns,
+                          continue_llm=continue_llm, max_continuations=max_continuations)
     except LostTurn as e:
         log.warning("%s; this replica stops producing it", e)
         return None
@@ -289,7 +338,7 @@ def run(bus: Bus, merger, turn_id: str, *, interrupted: Callable[[], bool],
                   "the stall timeout", turn_id, REFUSED_RETRY_S)
     try:
         bus.end_turn(turn_id)
-        bus.redis.delete(setup_key(turn_id))
+        bus.redis.delete(setup_key(turn_id), reply_record_key(turn_id))
     except Exception:  # noqa: BLE001 - Redis unreachable: the streams expire with their TTL
         log.warning("turn %s: could not free its streams now; they expire", turn_id)
     return outcome

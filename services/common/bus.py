@@ -542,3 +542,33 @@ class Bus:
             meta = {_s(k): _s(v) for k, v in fields.items() if _s(k).startswith("dead_")}
             out.append((StreamEntry(self.dead_letter_stream(stream), _s(eid), decode_entry(fields)), meta))
         return out
+
+
+def reply_record_key(turn_id: str) -> str:
+    """The list of what a turn's LLM stage published of the reply (services/llm/continuation.py)."""
+    return f"turn:{turn_id}:reply"
+
+
+def add_recorded(bus: Bus, turn_id: str, stream: str, entry: Entry, item: bytes) -> None:
+    """Add `entry` to a turn stream (capped, expiring) or a work stream (`submit`'s backlog
+    check), and `item` to the turn's reply record, in one transaction: the record holds
+    exactly what was published, whenever the publisher dies."""
+    ttl, maxlen = bus._policy(stream)
+    fields = entry.with_trace().encode()
+    key = reply_record_key(turn_id)
+    pipe = bus.redis.pipeline(transaction=True)
+    if ttl:
+        pipe.xadd(stream, fields, maxlen=maxlen or None, approximate=True)
+        pipe.expire(stream, ttl)
+    else:
+        bus._submit(keys=[stream], args=[bus.job_max_backlog, *_flat(fields)], client=pipe)
+    pipe.rpush(key, item)
+    pipe.expire(key, bus.turn_ttl_s)
+    try:
+        with _writing():
+            pipe.execute()
+    except redis.ResponseError as e:
+        if str(e).startswith("BACKLOG"):
+            raise BacklogFull(f"{stream} already holds {bus.job_max_backlog} jobs "
+                              f"(bus.job_max_backlog); the stage is not keeping up") from None
+        raise

@@ -249,6 +249,8 @@ class BusSettings(_Section):
     reclaim_interval_ms: Annotated[int, Positive] = 5000     # how often a worker looks for stale jobs
     lease_ttl_s: Annotated[float, Positive] = 10.0            # a turn whose producer or LLM replica stopped renewing
                                                               # its lease this long is known dead (renewed every third)
+    llm_continuations: Annotated[int, NonNegative] = 2        # a turn whose LLM replica died is continued by another
+                                                              # this many times at most (0: it ends with UNAVAILABLE)
 
 
 class TelemetrySettings(_Section):

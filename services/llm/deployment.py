@@ -22,7 +22,7 @@ from ray import serve
 
 from baichuan_audio.v1 import conversation_pb2, stages_pb2
 from services.common.auth import Authenticator
-from services.common.bus import Bus, RedisFull, unreachable
+from services.common.bus import Bus, RedisFull, add_recorded, reply_record_key, unreachable
 from services.common.entries import DECODER_JOBS, TurnError, lanes
 from services.common.errors import Status
 from services.common.grpc_status import grpc_errors
@@ -30,6 +30,7 @@ from services.common.leases import Leases
 from services.common.runtime import device_and_dtype, open_checkpoint, start_replica
 from services.common.telemetry import start_span
 from services.common.text_tokenizer import load_text_tokenizer
+from services.llm.continuation import continuation_seed, decisions, decode_items
 from services.llm.engine import Engine, EngineConfig, EngineError, Request
 from services.llm.kv_cache import KVCache
 from services.llm.model import AudioLLM
@@ -99,12 +100,12 @@ class LLMDeployment:
     def __del__(self):
         """Serve's graceful shutdown (a redeploy, a scale-down): no new turn comes here any more;
         let the running ones end (up to DRAIN_S), then stop the engine. A turn cut off then
-        loses its lease, and its caller gets UNAVAILABLE at once (orchestrator/turns.py)."""
+        loses its lease, and another replica continues it (orchestrator/turns.py)."""
         deadline = time.monotonic() + DRAIN_S
         while getattr(self, "turns", None) and time.monotonic() < deadline:
             time.sleep(0.05)
         if getattr(self, "turns", None):
-            log.warning("LLM replica stopping with %d turns still running: they end with UNAVAILABLE",
+            log.warning("LLM replica stopping with %d turns still running: other replicas continue them",
                         len(self.turns))
         engine = getattr(self, "engine", None)
         if engine is not None:
@@ -124,16 +125,24 @@ class LLMDeployment:
         return self.engine.submit(dataclasses.replace(request, **self.limits))
 
     # ---------------------------------------------------------------- handle API
-    async def generate(self, request: Request, low_latency: bool = False, trace: dict | None = None) -> str:
+    async def generate(self, request: Request, low_latency: bool = False, trace: dict | None = None,
+                       continuation: int = 0) -> str:
         """Start a turn (request.request_id is its turn id); its events go to Redis (publisher.py),
         low_latency: chunk the first audio segment's decode jobs; trace: the caller's trace
-        context. Returns the turn id once the engine accepted the request."""
+        context. Returns the turn id once the engine accepted the request.
+
+        continuation n >= 1: the turn's LLM replica died; `request` is the turn's original one,
+        and this replica continues the reply after what was published of it (continuation.py),
+        the sampler seeded with continuation_seed."""
         sid = serve.get_multiplexed_model_id()
         if sid:
             await self._session(sid)
         turn_id = request.request_id
         if not turn_id:
             raise ValueError("the LLM request has no request_id: it is the turn id its stream entries carry")
+        seed, skip = request.seed, 0     # the decoder's noise seeds stay the original request's
+        if continuation:
+            request, skip = self._continued(request, continuation)
         await self._supersede(request.session_id)
         self.leases.hold(turn_id, LEASE)        # before the caller starts watching for it
         try:
@@ -142,7 +151,8 @@ class LLMDeployment:
             self.leases.release(turn_id, LEASE)
             raise
         pub = TurnPublisher(turn_id, request.session_id or "", self._emit(turn_id),
-                            chunks=self.low_latency if low_latency else ChunkPolicy(), seed=request.seed)
+                            chunks=self.low_latency if low_latency else ChunkPolicy(), seed=seed,
+                            recorded=self._recorded(turn_id) if request.session_id else None, skip=skip)
         with self._lock:
             self.turns[turn_id] = handle
             if request.session_id:
@@ -164,6 +174,24 @@ class LLMDeployment:
         deadline = time.monotonic() + SUPERSEDE_WAIT_S
         while old.done is None and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
+
+    def _continued(self, request: Request, n: int) -> tuple[Request, int]:
+        """The n-th continuation of a turn whose replica died: its request replaying what was
+        published of the reply (continuation.py), with a new sampler seed; and how many recorded
+        entries that replay publishes again."""
+        rules = self.engine.rules
+        so_far = decisions(decode_items(self.bus.redis.lrange(reply_record_key(request.request_id), 0, -1)),
+                           rules.eoa, rules.num_codebooks)
+        log.warning("turn %s: continuing its reply (continuation %d) after %d decisions already published",
+                    request.request_id, n, len(so_far.decisions))
+        return dataclasses.replace(request, replay=so_far.decisions,
+                                   seed=continuation_seed(request.request_id, request.seed, n)), so_far.items
+
+    def _recorded(self, turn_id: str):
+        def recorded(target: str, entry, item: bytes) -> None:
+            stream = target if target in lanes(DECODER_JOBS) else self.bus.turn_stream(turn_id, target)
+            add_recorded(self.bus, turn_id, stream, entry, item)
+        return recorded
 
     def _emit(self, turn_id: str):
         def emit(target: str, entry) -> None:

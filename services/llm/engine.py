@@ -34,7 +34,7 @@ from services.llm.prompts import ProtocolTokens
 from services.llm.runner import DecodeRow, DecodeRunner
 from services.llm.kv_cache import KVCache
 from services.llm.kv_slots import BlockPool, SessionTable
-from services.llm.protocol import (AudioFrame, Done, EngineError, Event, Mode, ProtocolRules, ProtocolConfig,
+from services.llm.protocol import (AudioFrame, Done, EngineError, Event, Mode, Phase, ProtocolRules, ProtocolConfig,
                                    Request, SegmentEnd, SegmentStart, Sequence, TextToken,
                                    UnknownSessionError)
 from services.llm.scheduler import Scheduler
@@ -210,6 +210,10 @@ class Engine:
         """Validate and queue a request. Errors (EngineError) name what is wrong."""
         with self._lock:
             seq = self._make_sequence(request)
+            if seq.done is not None:               # a continued reply whose replay ended it
+                h = Handle(self, seq.id)
+                self._deliver(seq, h)
+                return h
             if request.session_id is not None:
                 self.sessions.reserve(request.session_id)
             h = Handle(self, seq.id)
@@ -393,9 +397,13 @@ class Engine:
 
     def _setup(self, seq: Sequence) -> None:
         """A newly admitted sequence: its text history is the whole prompt, its code history
-        empty (a TTS prompt's first frame is decided in the step that ends the prefill)."""
+        empty (a TTS prompt's first frame is decided in the step that ends the prefill), or
+        for a continued reply the open audio segment's frames so far."""
         self.counts.reset(seq.slot, seq.tokens)
-        self.codes.clear(torch.tensor([seq.slot], device=self.device))
+        slot = torch.tensor([seq.slot], device=self.device)
+        self.codes.clear(slot)
+        if seq.phase == Phase.AUDIO and seq.frames:     # a continued audio segment's frames so far
+            self.codes.add(slot.expand(len(seq.frames)), torch.tensor(seq.frames, device=self.device))
         seq.effects.clear()
 
     def _run(self, work) -> None:
@@ -507,10 +515,10 @@ class Engine:
         if code_rows:
             self.codes.add(torch.tensor(code_slots, device=dev), torch.tensor(code_rows, device=dev))
 
-    def _deliver(self, seq: Sequence) -> None:
+    def _deliver(self, seq: Sequence, h: Optional[Handle] = None) -> None:
         if not seq.events:
             return
-        h = self.handles.get(seq.id)
+        h = h or self.handles.get(seq.id)
         evs, seq.events = seq.events, []
         for ev in evs:
             if h is not None:

@@ -116,6 +116,9 @@ class Request:
     # per-request sampling overrides of the §11.3 table: keys text_temperature, text_top_k,
     # text_top_p (every text phase) and audio_temperature, audio_top_k, audio_top_p
     sampling: Optional[dict] = None
+    # a reply another replica began (continuation.py): its decisions so far, ("text", id) or
+    # ("audio", codes), replayed onto the prompt before the first new decision
+    replay: Seq[tuple[str, object]] = ()
 
 
 @dataclass(frozen=True)
@@ -287,6 +290,24 @@ class Sequence:
         self.phase = Phase.PREFILL
         self.spec: PhaseSpec = self._specs["first"]
         self.stops: StopStrings | None = None
+        if request.replay:
+            self._replay(request.replay)
+
+    def _replay(self, decisions: Seq[tuple[str, object]]) -> None:
+        """Make the decisions a dead replica made of this reply, as it made them: the sequence
+        holds the reply so far in the protocol's layout (host writes included), in the phase,
+        segment and counts after the last one; its prefill forwards the prompt and that reply.
+        Their events come first, for the publisher to skip what was published of them."""
+        self._begin(self.first_phase)
+        for kind, x in decisions:
+            due = "audio" if self.phase == Phase.AUDIO else "text"
+            if self.phase == Phase.DONE or kind != due:
+                raise EngineError(f"request {self.id}: the reply to continue has a {kind} decision where the "
+                                  f"protocol is {self.phase.value}")
+            if kind == "text":
+                self.on_text(int(x))
+            else:
+                self.on_frame(x)
 
     # ------------------------------------------------------------------ KV bookkeeping
     @property

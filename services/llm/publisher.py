@@ -7,6 +7,11 @@ chunks, each job carrying the segment's prefix so the decoder sees the whole his
 services/decoder/deployment.py). Audio codes travel only in the decode jobs and, for the
 history, once in the end entry: nobody else needs them frame by frame.
 
+With a `recorded(target, entry, item)` sink, each text delta, decode job and segment boundary
+also records what it adds to the reply so far (continuation.py), so that another replica can
+continue the turn after it if this one dies; that replica's publisher skips the first `skip`
+of them (its replay of the decisions publishes them again).
+
 Plain Python over an abstract `emit(stream_kind_or_jobs, entry)` sink, so it is tested without
 Redis; the deployment plugs the bus in."""
 from __future__ import annotations
@@ -20,11 +25,14 @@ import numpy as np
 from services.common import entries
 from services.common.chunking import chunk_plan
 from services.common.errors import Status
+from services.llm import continuation
 from services.llm.protocol import AudioFrame, Done, Event, SegmentEnd, SegmentStart, TextToken
 
 # emit(target, entry): target is "llm" (the turn's LLM stream) or one of entries.lanes(DECODER_JOBS):
 # the turn's first decode job goes to the urgent lane (its first audio), the others to the stream
 Emit = Callable[[str, entries.Entry], None]
+# recorded(target, entry, item): emit `entry` and record `item` (continuation.item) with it, atomically
+Recorded = Callable[[str, entries.Entry, bytes], None]
 
 
 def segment_seed(turn_id: str, segment: int, seed: int | None) -> int:
@@ -61,14 +69,25 @@ class TurnPublisher:
     _sent_tokens: int = 0          # frames of the current segment covered by those jobs
     _audio_segment: int = -1
     _jobs: int = 0                 # decode jobs sent for the turn
+    recorded: Recorded | None = None
+    skip: int = 0                  # recorded entries already published (a continued reply's replay)
+
+    def _out(self, target: str, entry: entries.Entry, item: bytes) -> None:
+        if self.skip > 0:
+            self.skip -= 1
+        elif self.recorded is not None:
+            self.recorded(target, entry, item)
+        else:
+            self.emit(target, entry)
 
     def _job(self, segment: int, chunk: int, start: int, end: int, final: bool) -> None:
         codes = np.asarray(self._frames[:end], dtype=np.int32)
         lane = entries.urgent_lane(entries.DECODER_JOBS) if self._jobs == 0 else entries.DECODER_JOBS
         self._jobs += 1
-        self.emit(lane, entries.DecodeJob.from_codes(
+        self._out(lane, entries.DecodeJob.from_codes(
             self.turn_id, segment, chunk, codes, final=final, context_frames=start,
-            seed=segment_seed(self.turn_id, segment, self.seed), session_id=self.session_id))
+            seed=segment_seed(self.turn_id, segment, self.seed), session_id=self.session_id),
+            continuation.item("a", segment, c=chunk, f=[list(f) for f in self._frames[self._sent_tokens:end]]))
         self._sent_chunks += 1
         self._sent_tokens = end
 
@@ -84,8 +103,9 @@ class TurnPublisher:
                 # the ids travel with the text they show, so a reader knows the tokens of the text
                 # it delivered (an interrupted turn's history keeps exactly those)
                 self.text.append(ev.text)
-                self.emit("llm", entries.TextDelta(turn_id=t, segment=ev.segment, text=ev.text,
-                                                   tokens=entries.Array.of(self._text_ids, entries.INT32)))
+                self._out("llm", entries.TextDelta(turn_id=t, segment=ev.segment, text=ev.text,
+                                                   tokens=entries.Array.of(self._text_ids, entries.INT32)),
+                          continuation.item("t", ev.segment, ids=self._text_ids))
                 self._text_ids = []
         elif isinstance(ev, SegmentStart) and ev.kind == "audio":
             self._audio_segment = ev.segment
@@ -103,7 +123,8 @@ class TurnPublisher:
         elif isinstance(ev, SegmentEnd):
             if ev.kind == "text":
                 self._text_ids = []             # tokens that show nothing (EOS, stripped specials)
-                self.emit("llm", entries.SegmentBoundary(turn_id=t, segment=ev.segment, kind="text"))
+                self._out("llm", entries.SegmentBoundary(turn_id=t, segment=ev.segment, kind="text"),
+                          continuation.item("te", ev.segment, ids=list(ev.token_ids), r=ev.reason))
             else:
                 if ev.segment != self._audio_segment:   # a 0-frame segment has no SegmentStart
                     self._audio_segment = ev.segment
@@ -111,8 +132,9 @@ class TurnPublisher:
                 n = len(self._frames)
                 if n > self._sent_tokens:       # the rest of the segment (all of it when faithful)
                     self._job(ev.segment, self._sent_chunks, self._sent_tokens, n, final=True)
-                self.emit("llm", entries.SegmentBoundary(turn_id=t, segment=ev.segment, kind="audio",
-                                                     audio_frames=n, chunks=self._sent_chunks))
+                self._out("llm", entries.SegmentBoundary(turn_id=t, segment=ev.segment, kind="audio",
+                                                     audio_frames=n, chunks=self._sent_chunks),
+                          continuation.item("ae", ev.segment, n=n, r=ev.reason, e=list(ev.end_codes)))
         elif isinstance(ev, Done):
             if ev.reason == "error":
                 self.emit("llm", entries.TurnError(turn_id=t, stage="llm", code=Status.INTERNAL,

@@ -352,3 +352,41 @@ def test_forget_idle_sessions_keeps_busy_and_cached_ones(protocol_env):
     eng.sessions.reserve("s2")                                         # s2 runs a turn
     assert eng.forget_idle_sessions(keep=3) == 3
     assert {s for s in ("s0", "s1", "s2", "s3", "s4", "s5") if eng.has_session(s)} == {"s1", "s2", "s5"}
+
+
+@pytest.mark.parametrize("run", ["spoken", "text"])
+def test_a_reply_continued_from_what_was_published_is_the_same_reply(protocol_env, run):
+    """A greedy reply whose replica died after any of its published entries, continued on a
+    fresh engine from the record (continuation.py: the decisions replayed on the prompt, one
+    prefill of prompt and reply so far), decides exactly what it would have: the fixture's run,
+    events and all. The record whole: the replay ends the reply, and the engine says Done at once."""
+    import json
+
+    from services.llm.continuation import decisions
+    from services.llm.publisher import ChunkPolicy, TurnPublisher
+
+    env = protocol_env
+    eng = env.engine(num_slots=1)
+    h = eng.submit(env.request(run))
+    eng.run_until_idle()
+    events = h.drain()
+    items = []
+    pub = TurnPublisher("t", "s", lambda *_: None, chunks=ChunkPolicy(2, 2.0, 8),
+                        recorded=lambda _t, _e, item: items.append(json.loads(item)))
+    for ev in events:
+        pub.feed(ev)
+    rules = eng.rules
+    cuts = sorted({0, 1, len(items) // 3, len(items) // 2, len(items) - 1, len(items)})
+    for cut in cuts:
+        so_far = decisions(items[:cut], rules.eoa, rules.num_codebooks)
+        fresh = env.engine(num_slots=1)
+        h2 = fresh.submit(env.request(run, replay=so_far.decisions, seed=99))
+        if h2.done is None:
+            fresh.run_until_idle()
+            check_run(env, run, h2.drain())
+            continue
+        # the replay ended the reply (the record whole, or its last decision out but not its end)
+        assert cut >= len(items) - 1 and not fresh.has_work()       # nothing was forwarded
+        done, want = h2.drain()[-1], events[-1]
+        assert (done.final_sequence, done.host_writes, done.history, done.reply_codes) == \
+            (want.final_sequence, want.host_writes, want.history, want.reply_codes)
