@@ -30,11 +30,13 @@ import grpc
 
 from baichuan_audio.v1 import conversation_pb2 as pb
 from baichuan_audio.v1 import conversation_pb2_grpc as pb_grpc
+from orchestrator.client import RESUMABLE, RESUME_BACKOFF_S
 from services.common.errors import Status
 
 SAMPLE = Path(__file__).resolve().parent / "samples" / "question.wav"
 REFUSED = grpc.StatusCode.RESOURCE_EXHAUSTED
 MAX_BACKOFF = 8      # a refused call waits the server's retry delay x 1, 2, 4, 8, 8, ...
+RESUME_WITHIN_S = 120.0   # how long a broken turn is resumed while its replica comes back
 
 
 def _event_key(event_id: str) -> tuple[int, int]:
@@ -96,6 +98,8 @@ class LoadReport:
     chunks: int = 0
     wall_s: float = 0.0
     running: int = 0                   # sessions working now (progress)
+    resumed: int = 0                   # turns whose stream broke and was resumed
+    retried: Counter = field(default_factory=Counter)       # "call STATUS" -> tries again after no answer
     timed_out: bool = False
 
     @property
@@ -118,6 +122,8 @@ class LoadReport:
             f"real-time factor     p50 {pct(self.rtf, .5)}  p95 {pct(self.rtf, .95)}  "
             f"({self.chunks} audio chunks, {self.audio_s:.1f} s of audio)",
             f"refused (RESOURCE_EXHAUSTED, retried): {dict(self.refused) or 0}",
+            f"streams broken mid-turn and resumed: {self.resumed}; calls tried again after "
+            f"{'/'.join(c.name for c in RESUMABLE)}: {dict(self.retried) or 0}",
             f"errors by status: {dict(self.errors) or 0}",
         ]
         lines += [f"  {d}" for d in self.details]
@@ -136,19 +142,31 @@ def retry_after_s(err: grpc.aio.AioRpcError, default: float = 1.0) -> float:
 
 class LoadGenerator:
     def __init__(self, stub, metadata, *, audio: bytes | None, text: str | None, spoken: bool = True,
-                 low_latency: bool = False, max_refusals: int = 100, turn_timeout_s: float = 300.0):
+                 low_latency: bool = False, max_refusals: int = 100, turn_timeout_s: float = 300.0,
+                 session_settings: dict | None = None):
         self.stub, self.metadata = stub, metadata
+        self.session_settings = session_settings or {}     # more SessionSettings fields (sampling, ...)
         self.audio, self.text, self.spoken, self.low_latency = audio, text, spoken, low_latency
         self.max_refusals = max_refusals
         self.turn_timeout_s = turn_timeout_s
         self.report = LoadReport()
 
     async def _refusable(self, what: str, call):
-        """call() until it is not refused (at most max_refusals times); None if it never was."""
-        for attempt in range(self.max_refusals + 1):
+        """call() until it is not refused (at most max_refusals times); None if it never was.
+        A call that fails before any answer with a resumable status (a replica died or is
+        restarting) is tried again too, for up to RESUME_WITHIN_S, as a client should."""
+        attempt, away_since = 0, None
+        while attempt <= self.max_refusals:
             try:
                 return await call()
             except grpc.aio.AioRpcError as e:
+                if e.code() in RESUMABLE:
+                    away_since = away_since or time.monotonic()
+                    if time.monotonic() - away_since > RESUME_WITHIN_S:
+                        raise
+                    self.report.retried[f"{what} {e.code().name}"] += 1
+                    await asyncio.sleep(RESUME_BACKOFF_S * random.uniform(1.0, 2.0))
+                    continue
                 if e.code() != REFUSED:
                     raise
                 self.report.refused[what] += 1
@@ -156,6 +174,7 @@ class LoadGenerator:
                 # costs the stack a request) and spread out so the refused do not return at once
                 backoff = retry_after_s(e) * min(2 ** attempt, MAX_BACKOFF)
                 await asyncio.sleep(backoff * random.uniform(0.5, 1.5))
+                attempt += 1
         self.report.errors["RESOURCE_EXHAUSTED (refused every retry)"] += 1
         return None
 
@@ -179,9 +198,13 @@ class LoadGenerator:
                         marks[kind] = time.perf_counter() - t0
                     events.append(ev)
             except grpc.aio.AioRpcError as e:
-                if events:              # a failure mid-turn (a refusal too) is an error, never retried
+                if not events:
+                    raise
+                if e.code() not in RESUMABLE:     # a failure mid-turn (a refusal too) is an error
                     return events, marks, e
-                raise
+                # the replica streaming the turn died: resume as a client does (orchestrator.client)
+                failed = await self._resume(sid, events, marks, t0)
+                return events, marks, failed
             return events, marks, None
 
         got = await self._refusable("Converse", one)
@@ -217,10 +240,32 @@ class LoadGenerator:
         r.audio_s += last.end.audio_seconds
         r.chunks += sum(e.HasField("audio") for e in events)
 
+    async def _resume(self, sid: str, events: list, marks: dict, t0: float):
+        """Converse with resume_turn_id after the last event got, again while the stream breaks
+        with a resumable status (the replica restarting) for up to RESUME_WITHIN_S; the events
+        join `events` (check_turn then sees any chunk lost or sent twice). The failure, or None."""
+        self.report.resumed += 1
+        deadline = time.monotonic() + RESUME_WITHIN_S
+        while True:
+            req = pb.ConverseRequest(session_id=sid, resume_turn_id=events[-1].turn_id,
+                                     after_event_id=events[-1].event_id)
+            try:
+                async for ev in self.stub.Converse(req, metadata=self.metadata, timeout=self.turn_timeout_s):
+                    kind = ev.WhichOneof("event")
+                    if kind in ("audio", "text") and kind not in marks:
+                        marks[kind] = time.perf_counter() - t0
+                    events.append(ev)
+                return None
+            except grpc.aio.AioRpcError as e:
+                if e.code() not in RESUMABLE or time.monotonic() > deadline:
+                    return e
+                await asyncio.sleep(RESUME_BACKOFF_S)
+
     async def session(self, turns: int) -> None:
         r = self.report
         settings = pb.SessionSettings(low_latency_audio=self.low_latency,
-                                      reply_mode=pb.REPLY_MODE_SPOKEN if self.spoken else pb.REPLY_MODE_TEXT)
+                                      reply_mode=pb.REPLY_MODE_SPOKEN if self.spoken else pb.REPLY_MODE_TEXT,
+                                      **self.session_settings)
         r.running += 1
         try:
             sess = await self._refusable("CreateSession", lambda: self.stub.CreateSession(
@@ -230,8 +275,13 @@ class LoadGenerator:
             r.sessions += 1
             for _ in range(turns):
                 await self._turn(sess.session_id)
-            await self.stub.DeleteSession(pb.DeleteSessionRequest(session_id=sess.session_id),
-                                          metadata=self.metadata, timeout=30)
+            tries = sum(r.retried.values())
+            try:
+                await self._refusable("DeleteSession", lambda: self.stub.DeleteSession(
+                    pb.DeleteSessionRequest(session_id=sess.session_id), metadata=self.metadata, timeout=30))
+            except grpc.aio.AioRpcError as e:     # NOT_FOUND after a try that got no answer: it did it
+                if e.code() != grpc.StatusCode.NOT_FOUND or sum(r.retried.values()) == tries:
+                    raise
         except grpc.aio.AioRpcError as e:
             r.errors[e.code().name] += 1
             if len(r.details) < 10:
@@ -244,7 +294,7 @@ async def run_load(address: str, *, sessions: int, turns: int, api_key: str | No
                    text: str | None = None, spoken: bool = True, low_latency: bool = False,
                    duration_s: float = 0.0, deadline_s: float = 600.0, progress_s: float = 5.0,
                    credentials: grpc.ChannelCredentials | None = None, turn_timeout_s: float = 300.0,
-                   out=sys.stderr) -> LoadReport:
+                   session_settings: dict | None = None, out=sys.stderr) -> LoadReport:
     """Hold `sessions` concurrent sessions of `turns` turns each (with duration_s > 0: start a
     new session whenever one finishes until duration_s has passed); stop at deadline_s whatever
     is left. Progress lines go to `out` (None: silent)."""
@@ -255,7 +305,7 @@ async def run_load(address: str, *, sessions: int, turns: int, api_key: str | No
                else grpc.aio.insecure_channel(address, options=options))
     md = (("application", "conversation"),) + ((("authorization", f"Bearer {api_key}"),) if api_key else ())
     gen = LoadGenerator(pb_grpc.ConversationServiceStub(channel), md, audio=audio, text=text, spoken=spoken,
-                        low_latency=low_latency, turn_timeout_s=turn_timeout_s)
+                        low_latency=low_latency, turn_timeout_s=turn_timeout_s, session_settings=session_settings)
     r = gen.report
     t0 = time.monotonic()
 

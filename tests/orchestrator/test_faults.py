@@ -253,6 +253,36 @@ def test_a_conversation_replica_killed_mid_turn_resumes_without_loss(stub, serve
           f"{time.monotonic() - t0:.1f} s after the break")
 
 
+def test_load_through_a_conversation_replica_kill_loses_no_turn(stub, serve_stack, long_settings):
+    """`baichuan-audio load` while the conversation replica streaming its turns is killed: the
+    broken streams are resumed (as orchestrator.client does) and calls that got no answer while
+    the replica restarted are tried again, so every turn completes with every chunk once."""
+    import asyncio
+
+    from orchestrator.load import run_load
+    from orchestrator.quotas import RUNNING_KEY
+    from tests.conftest import TEST_KEYS
+
+    settings, _ = long_settings
+    r = redis.Redis.from_url(serve_stack.redis_url)
+    out: dict = {}
+    load = threading.Thread(daemon=True, target=lambda: out.update(report=asyncio.run(run_load(
+        serve_stack.address, sessions=3, turns=1, api_key=TEST_KEYS["bob"], text="Hello",
+        session_settings=settings, deadline_s=240, out=None))))
+    load.start()
+    deadline = time.monotonic() + 120            # until a turn is well under way
+    while not any(r.xlen(f"turn:{t.decode()}:events") >= 3 for t in r.zrange(RUNNING_KEY, 0, -1)):
+        assert time.monotonic() < deadline and load.is_alive(), \
+            f"no turn got under way: {out['report'].summary() if 'report' in out else 'load still running'}"
+        time.sleep(0.05)
+    pid = kill("conversation")
+    load.join(300)
+    report = out["report"]
+    print(f"\nconversation {pid} killed under load:\n{report.summary()}")
+    assert report.error_count == 0 and report.problems == [], report.summary()
+    assert report.turns == 3 and report.resumed >= 1, report.summary()
+
+
 def test_resume_after_the_end_or_with_a_bad_event_id_answers_at_once(stub):
     sid = session(stub)
     events = converse(stub, sid, text="Hello")
