@@ -177,12 +177,23 @@ return {1, id}
 
 # Add a job unless the work stream already holds ARGV[1] entries (waiting + in flight): a
 # clear error is better than trimming jobs nobody has done (MAXLEN would drop them silently).
+# With KEYS[2] (a record list), also RPUSH ARGV[2] to it and expire it in ARGV[3] s, only if
+# the job went in. ARGV[4...]: the job's fields.
 _SUBMIT = """
 if redis.call('XLEN', KEYS[1]) >= tonumber(ARGV[1]) then
   return redis.error_reply('BACKLOG ' .. KEYS[1] .. ' holds ' .. ARGV[1] .. ' jobs')
 end
-return redis.call('XADD', KEYS[1], '*', unpack(ARGV, 2))
+local id = redis.call('XADD', KEYS[1], '*', unpack(ARGV, 4))
+if KEYS[2] then
+  redis.call('RPUSH', KEYS[2], ARGV[2])
+  redis.call('EXPIRE', KEYS[2], ARGV[3])
+end
+return id
 """
+
+
+# (list key, item): what a write also pushes to a list in the same transaction (Bus.add)
+Record = tuple[str, bytes]
 
 
 def _flat(fields: Mapping[bytes, bytes]) -> list[bytes]:
@@ -295,41 +306,54 @@ class Bus:
 
     # ---- writing
 
-    def add(self, stream: str, entry: Entry, maxlen: int | None = None, ttl_s: int | None = None) -> str:
+    def add(self, stream: str, entry: Entry, maxlen: int | None = None, ttl_s: int | None = None,
+            record: Record | None = None) -> str:
         """XADD `entry` (with the current trace context if it has none); returns the entry id.
 
         maxlen: approximate cap (MAXLEN ~); ttl_s: (re)set the stream's expiry. Both default to
-        the stream's policy: turn streams get `turn_maxlen` and `turn_ttl_s`, others neither."""
+        the stream's policy: turn streams get `turn_maxlen` and `turn_ttl_s`, others neither.
+        record: (list key, item) RPUSHed in the same transaction, the list expiring with the
+        turn's TTL (a turn's reply record, services/llm/continuation.py)."""
         default_ttl, default_maxlen = self._policy(stream)
         maxlen = default_maxlen if maxlen is None else maxlen
         ttl_s = default_ttl if ttl_s is None else ttl_s
         fields = entry.with_trace().encode()
         with _writing():
-            if not ttl_s:
+            if not ttl_s and record is None:
                 return _s(self.redis.xadd(stream, fields, maxlen=maxlen or None, approximate=True))
             pipe = self.redis.pipeline(transaction=True)  # the entry never exists without an expiry
             pipe.xadd(stream, fields, maxlen=maxlen or None, approximate=True)
-            pipe.expire(stream, ttl_s)
+            if ttl_s:
+                pipe.expire(stream, ttl_s)
+            if record is not None:
+                pipe.rpush(record[0], record[1])
+                pipe.expire(record[0], self.turn_ttl_s)
             return _s(pipe.execute()[0])
 
-    def publish(self, turn_id: str, kind: str, entry: Entry, retry_full_s: float = 0.0) -> str:
+    def publish(self, turn_id: str, kind: str, entry: Entry, retry_full_s: float = 0.0,
+                record: Record | None = None) -> str:
         """Add `entry` to the turn stream `turn:{turn_id}:{kind}` (capped, expiry refreshed).
         retry_full_s: while Redis is full, try again for this long (a turn's end or error,
-        which its reader must get once Redis takes writes again) before raising RedisFull."""
+        which its reader must get once Redis takes writes again) before raising RedisFull.
+        record: as for `add`."""
         deadline = time.monotonic() + retry_full_s
         while True:
             try:
-                return self.add(self.turn_stream(turn_id, kind), entry)
+                return self.add(self.turn_stream(turn_id, kind), entry, record=record)
             except RedisFull:
                 if time.monotonic() >= deadline:
                     raise
                 time.sleep(FULL_RETRY_INTERVAL_S)
 
-    def submit(self, stream: str, job: Entry) -> str:
-        """Add a job to a work stream; BacklogFull if it already holds `job_max_backlog` jobs."""
+    def submit(self, stream: str, job: Entry, record: Record | None = None) -> str:
+        """Add a job to a work stream; BacklogFull if it already holds `job_max_backlog` jobs.
+        record: as for `add`, pushed only if the job went in (one script)."""
+        keys, head = [stream], [self.job_max_backlog, b"", 0]
+        if record is not None:
+            keys, head = [stream, record[0]], [self.job_max_backlog, record[1], self.turn_ttl_s]
         try:
             with _writing():
-                return _s(self._submit(keys=[stream], args=[self.job_max_backlog, *_flat(job.with_trace().encode())]))
+                return _s(self._submit(keys=keys, args=[*head, *_flat(job.with_trace().encode())]))
         except redis.ResponseError as e:
             if str(e).startswith("BACKLOG"):
                 raise BacklogFull(f"{stream} already holds {self.job_max_backlog} jobs "
@@ -547,28 +571,3 @@ class Bus:
 def reply_record_key(turn_id: str) -> str:
     """The list of what a turn's LLM stage published of the reply (services/llm/continuation.py)."""
     return f"turn:{turn_id}:reply"
-
-
-def add_recorded(bus: Bus, turn_id: str, stream: str, entry: Entry, item: bytes) -> None:
-    """Add `entry` to a turn stream (capped, expiring) or a work stream (`submit`'s backlog
-    check), and `item` to the turn's reply record, in one transaction: the record holds
-    exactly what was published, whenever the publisher dies."""
-    ttl, maxlen = bus._policy(stream)
-    fields = entry.with_trace().encode()
-    key = reply_record_key(turn_id)
-    pipe = bus.redis.pipeline(transaction=True)
-    if ttl:
-        pipe.xadd(stream, fields, maxlen=maxlen or None, approximate=True)
-        pipe.expire(stream, ttl)
-    else:
-        bus._submit(keys=[stream], args=[bus.job_max_backlog, *_flat(fields)], client=pipe)
-    pipe.rpush(key, item)
-    pipe.expire(key, bus.turn_ttl_s)
-    try:
-        with _writing():
-            pipe.execute()
-    except redis.ResponseError as e:
-        if str(e).startswith("BACKLOG"):
-            raise BacklogFull(f"{stream} already holds {bus.job_max_backlog} jobs "
-                              f"(bus.job_max_backlog); the stage is not keeping up") from None
-        raise

@@ -22,7 +22,7 @@ from ray import serve
 
 from baichuan_audio.v1 import conversation_pb2, stages_pb2
 from services.common.auth import Authenticator
-from services.common.bus import Bus, RedisFull, add_recorded, reply_record_key, unreachable
+from services.common.bus import Bus, RedisFull, reply_record_key, unreachable
 from services.common.entries import DECODER_JOBS, TurnError, lanes
 from services.common.errors import Status
 from services.common.grpc_status import grpc_errors
@@ -150,9 +150,10 @@ class LLMDeployment:
         except BaseException:
             self.leases.release(turn_id, LEASE)
             raise
-        pub = TurnPublisher(turn_id, request.session_id or "", self._emit(turn_id),
+        emit = self._emit(turn_id)
+        pub = TurnPublisher(turn_id, request.session_id or "", emit,
                             chunks=self.low_latency if low_latency else ChunkPolicy(), seed=seed,
-                            recorded=self._recorded(turn_id) if request.session_id else None, skip=skip)
+                            recorded=emit if request.session_id else None, skip=skip)
         with self._lock:
             self.turns[turn_id] = handle
             if request.session_id:
@@ -187,18 +188,17 @@ class LLMDeployment:
         return dataclasses.replace(request, replay=so_far.decisions,
                                    seed=continuation_seed(request.request_id, request.seed, n)), so_far.items
 
-    def _recorded(self, turn_id: str):
-        def recorded(target: str, entry, item: bytes) -> None:
-            stream = target if target in lanes(DECODER_JOBS) else self.bus.turn_stream(turn_id, target)
-            add_recorded(self.bus, turn_id, stream, entry, item)
-        return recorded
-
     def _emit(self, turn_id: str):
-        def emit(target: str, entry) -> None:
+        """The publisher's sink: decode jobs to their lane of jobs:decoder, the rest to the turn's
+        stream; with an item, that goes to the turn's reply record in the same write."""
+        key = reply_record_key(turn_id)
+
+        def emit(target: str, entry, item: bytes | None = None) -> None:
+            record = (key, item) if item is not None else None
             if target in lanes(DECODER_JOBS):
-                self.bus.submit(target, entry)
+                self.bus.submit(target, entry, record=record)
             else:
-                self.bus.publish(turn_id, target, entry)
+                self.bus.publish(turn_id, target, entry, record=record)
         return emit
 
     def _forward(self, turn_id: str, handle, pub: TurnPublisher, trace: dict | None) -> None:

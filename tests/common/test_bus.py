@@ -281,6 +281,21 @@ def test_submit_refuses_past_the_backlog(bus, uid):
         bus.submit(stream, decode_job(uid, 100))
 
 
+def test_a_record_goes_in_with_its_entry_and_only_then(bus, uid):
+    """A reply record's item is written with the entry it describes (turn stream or job), in
+    one transaction, and not when the job is refused: the record holds what was published."""
+    key, stream = f"turn:{uid}:reply", f"jobs:{uid}"
+    bus.publish(uid, "llm", TextDelta(uid, 0, "a"), record=(key, b"t0"))
+    bus.submit(stream, decode_job(uid, 0), record=(key, b"a0"))
+    assert bus.redis.lrange(key, 0, -1) == [b"t0", b"a0"] and 0 < bus.redis.ttl(key) <= bus.turn_ttl_s
+    assert bus.redis.xlen(bus.turn_stream(uid, "llm")) == 1 and bus.redis.xlen(stream) == 1
+    for s in range(1, bus.job_max_backlog):
+        bus.submit(stream, decode_job(uid, s))
+    with pytest.raises(BacklogFull):
+        bus.submit(stream, decode_job(uid, bus.job_max_backlog), record=(key, b"refused"))
+    assert bus.redis.lrange(key, 0, -1) == [b"t0", b"a0"]
+
+
 def test_a_stopping_consumer_hands_its_jobs_back_at_once(bus, uid):
     """Graceful drain: jobs a consumer still holds when it stops are claimable by another at
     its next reclaim, not only after the visibility timeout (here a minute)."""
