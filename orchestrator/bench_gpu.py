@@ -34,6 +34,7 @@ import argparse
 import queue
 import random
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -155,15 +156,15 @@ def run_level(stack: Stack, C: int, rate: float, question_s: float, reply: str, 
     for tr in turns:
         tr.arrival += t0
     deadline = time.perf_counter() + timeout_s
-    pending, finished = list(turns), 0
+    pending, finished = deque(enumerate(turns)), 0
     while finished < C:
         now = time.perf_counter()
-        while pending and pending[0].arrival <= now:      # the request ends: the client's question is in
-            tr = pending.pop(0)
-            stack.inboxes["tokenizer"].put((tr.id, seed * 100_003 + turns.index(tr)))
+        while pending and pending[0][1].arrival <= now:   # the request ends: the client's question is in
+            i, tr = pending.popleft()
+            stack.inboxes["tokenizer"].put((tr.id, seed * 100_003 + i))
             tr.arrival = time.perf_counter()
         try:
-            m = stack.marks.get(timeout=max(0.0005, min(0.01, pending[0].arrival - now)) if pending else 0.05)
+            m = stack.marks.get(timeout=max(0.0005, min(0.01, pending[0][1].arrival - now)) if pending else 0.05)
         except queue.Empty:
             if time.perf_counter() > deadline:
                 break
