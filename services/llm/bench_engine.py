@@ -125,31 +125,32 @@ def bench_engine(preset: str = "cpu", batch_sizes=(1, 8), device: str = "cpu", d
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tok = make_tokenizer(cfg, Path(tmp))
+        n_check = min(4, max(batch_sizes))
+
+        def greedy(graphs: bool, backend: str | None = None) -> list[list]:
+            """Each of n_check sequences' greedy decisions over 16 audio steps."""
+            eng = new_engine(model, tok, n_check, context, 24, graphs, backend)
+            return decisions(run_engine(eng, n_check, context, "audio", 16, 0, seed=7, greedy=True)[1])
+
+        def agreement(a: list[list], b: list[list]) -> tuple[int, int]:
+            """(decisions equal, decisions) position by position."""
+            fa, fb = [x for d in a for x in d], [x for d in b for x in d]
+            return sum(x == y for x, y in zip(fa, fb)), len(fa)
+
         if check and graphs_possible:
             check_head(model, print_fn=print_fn)
-            B = min(4, max(batch_sizes))
-            out = {}
-            for graphs in (True, False):
-                eng = new_engine(model, tok, B, context, 24, graphs)
-                out[graphs] = decisions(run_engine(eng, B, context, "audio", 16, 0, seed=7, greedy=True)[1])
-                del eng
-            flat = [[x for d in out[g] for x in d] for g in (True, False)]
-            agree = sum(a == b for a, b in zip(*flat))
-            same = out[True] == out[False]
-            print_fn(f"# check: graphed vs eager engine, greedy, {B} sequences, {len(flat[0])} decisions: "
-                     f"{'identical' if same else f'DIFFERENT ({agree} equal)'}")
+            a, b = greedy(True), greedy(False)
+            agree, n = agreement(a, b)
+            print_fn(f"# check: graphed vs eager engine, greedy, {n_check} sequences, {n} decisions: "
+                     f"{'identical' if a == b else f'DIFFERENT ({agree} equal)'}")
             # SDPA picks another kernel under capture (1 bf16 ulp in the hidden state, README
             # "Benchmarks"), so only the math attention must agree exactly
-            if not same and attn == "math":
+            if a != b and attn == "math":
                 raise SystemExit("graphed and eager engines disagree with math attention")
         if check and compile_backend:               # fused kernels round differently: report, not fail
-            B = min(4, max(batch_sizes))
-            got = [decisions(run_engine(new_engine(model, tok, B, context, 24, graphs_possible, be), B, context,
-                                        "audio", 16, 0, seed=7, greedy=True)[1]) for be in (None, compile_backend)]
-            flat = [[x for d in g for x in d] for g in got]
-            agree = sum(a == b for a, b in zip(*flat))
-            print_fn(f"# check: compiled ({compile_backend}) vs plain engine, greedy, {B} sequences: "
-                     f"{agree} of {len(flat[0])} decisions equal")
+            agree, n = agreement(greedy(graphs_possible), greedy(graphs_possible, compile_backend))
+            print_fn(f"# check: compiled ({compile_backend}) vs plain engine, greedy, {n_check} sequences: "
+                     f"{agree} of {n} decisions equal")
         print_fn(f"{'kind':>5} {'batch':>5} | {'graphs p50 ms':>13} {'p95':>7} | {'eager p50 ms':>12} {'p95':>7} | "
                  f"{'x':>5} | {'reference ms':>12} {'x':>6} | {'per stream vs real time':>23}"
                  + (f" | {'compiled p50 ms':>15} {'p95':>7} {'x':>5}" if compile_backend else ""))
