@@ -76,7 +76,7 @@ def decisions(items: Iterable[dict], eoa: int, num_codebooks: int) -> Continuati
             in_text = 0 if k == "te" else in_text + len(ids)
             audio_due = k == "te"
         elif k == "a":
-            if not audio_due and not any(d == "audio" for d, _ in out[-1:]):
+            if not audio_due and not (out and out[-1][0] == "audio"):   # neither a new round nor its rest
                 raise ValueError(f"the reply record has audio segment {it['s']} without a text segment before it")
             audio_due = False
             out += [("audio", tuple(int(c) for c in f)) for f in it["f"]]
